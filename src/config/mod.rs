@@ -1,0 +1,628 @@
+//! Configuration: a TOML file plus one secret from the environment.
+//!
+//! [`Config::load`] reads the file, [`Config::from_toml`] validates it and
+//! returns either a complete, typed config or a [`ConfigError`] listing every
+//! problem as `key: reason`. Nothing else in the crate parses configuration.
+
+mod reader;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use http::Uri;
+use serde::Serialize;
+
+use reader::Section;
+
+/// The environment variable holding the cookie-signing secret.
+pub const COOKIE_SECRET_ENV: &str = "SESSION_ROUTER_COOKIE_SECRET";
+/// The issuer every IAP token carries.
+pub const IAP_ISSUER: &str = "https://cloud.google.com/iap";
+const MIN_SECRET_BYTES: usize = 32;
+
+/// The validated configuration of one router process.
+#[derive(Debug, Clone, Serialize)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub auth: AuthConfig,
+    pub session: SessionConfig,
+    pub backend: BackendConfig,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    /// How long a shutdown waits for in-flight requests and open streams.
+    #[serde(serialize_with = "as_duration")]
+    pub drain_timeout: Duration,
+    /// How long an idle keep-alive connection (and a request head being
+    /// read) may take. Must exceed the Google load balancer's 600 s.
+    #[serde(serialize_with = "as_duration")]
+    pub keepalive_timeout: Duration,
+    /// Extra origins (scheme://host[:port]) allowed to open WebSockets and
+    /// post to `/_router/*`, besides the request's own origin.
+    pub allowed_origins: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// Production: every request carries a Cloud IAP JWT, verified here.
+    Iap,
+    /// Local demos: a sign-in page asks for a name. Loopback only.
+    Dev,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AuthConfig {
+    pub mode: AuthMode,
+    pub audiences: Vec<String>,
+    pub jwks_url: String,
+    #[serde(serialize_with = "as_duration")]
+    pub leeway: Duration,
+    /// Lower-cased exact addresses; empty = no restriction by address.
+    pub allowed_emails: Vec<String>,
+    /// Lower-cased domains; empty = no restriction by domain.
+    pub allowed_domains: Vec<String>,
+    /// Minimum spacing of JWKS refetches triggered by an unknown `kid`.
+    #[serde(serialize_with = "as_duration")]
+    pub jwks_refetch_interval: Duration,
+    /// How many verified tokens are remembered (each until its `exp`).
+    pub token_cache_entries: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SessionConfig {
+    pub cookie_name: String,
+    #[serde(serialize_with = "as_duration")]
+    pub idle_timeout: Duration,
+    pub activity_ignore_paths: Vec<String>,
+    /// Hard cap on one allocation's life; zero = off.
+    #[serde(serialize_with = "as_duration")]
+    pub max_lifetime: Duration,
+    /// How long a pinning cookie stays valid after it is issued.
+    #[serde(serialize_with = "as_duration")]
+    pub cookie_ttl: Duration,
+    /// The `Retry-After` sent with the waiting page.
+    #[serde(serialize_with = "as_duration")]
+    pub retry_after: Duration,
+    /// The cookie-signing key, from [`COOKIE_SECRET_ENV`]. Never printed.
+    #[serde(serialize_with = "redacted")]
+    pub cookie_secret: Secret,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BackendConfig {
+    pub kind: BackendKind,
+    #[serde(serialize_with = "as_duration")]
+    pub connect_timeout: Duration,
+    #[serde(rename = "static")]
+    pub static_pool: StaticConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    Static,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StaticConfig {
+    #[serde(serialize_with = "as_uris")]
+    pub upstreams: Vec<Uri>,
+}
+
+/// Key material that must never reach a log line or `check-config` output.
+#[derive(Clone)]
+pub struct Secret(Vec<u8>);
+
+impl Secret {
+    pub fn new(bytes: Vec<u8>) -> Self {
+        Secret(bytes)
+    }
+
+    /// A fresh random secret, for `dev` mode when none is configured:
+    /// cookies then die with the process, which is what a demo wants.
+    pub fn random() -> Self {
+        use rand::RngCore;
+        let mut bytes = vec![0u8; 32];
+        rand::thread_rng().fill_bytes(&mut bytes);
+        Secret(bytes)
+    }
+
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Secret(<{} bytes redacted>)", self.0.len())
+    }
+}
+
+/// One thing wrong with the configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub key: String,
+    pub reason: String,
+}
+
+impl Problem {
+    fn new(key: &str, reason: String) -> Self {
+        Problem {
+            key: key.to_string(),
+            reason,
+        }
+    }
+}
+
+/// Every problem found in a configuration, printed one `key: reason` a line.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}", render_problems(.0))]
+    Invalid(Vec<Problem>),
+}
+
+fn render_problems(problems: &[Problem]) -> String {
+    problems
+        .iter()
+        .map(|p| format!("{}: {}", p.key, p.reason))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+impl Config {
+    /// Reads and validates `path`, taking the secret from the process
+    /// environment.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let secret = std::env::var_os(COOKIE_SECRET_ENV).map(|v| v.into_encoded_bytes());
+        Config::from_toml(&text, secret)
+    }
+
+    /// Validates a config text. `cookie_secret` is the raw value of
+    /// [`COOKIE_SECRET_ENV`], passed in so tests never touch the environment.
+    pub fn from_toml(text: &str, cookie_secret: Option<Vec<u8>>) -> Result<Config, ConfigError> {
+        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            ConfigError::Invalid(vec![Problem::new(
+                "(file)",
+                format!("not valid TOML: {}", e.message()),
+            )])
+        })?;
+        let mut problems = Vec::new();
+        let mut root = Section::root(&table);
+
+        let mut server = root.section("server", &mut problems);
+        let listen_key = server.key("listen");
+        let listen_text = server.string("listen", "0.0.0.0:8080", &mut problems);
+        let listen = listen_text.parse::<SocketAddr>().unwrap_or_else(|_| {
+            problems.push(Problem::new(
+                &listen_key,
+                format!("{listen_text:?} is not an address:port such as \"0.0.0.0:8080\""),
+            ));
+            SocketAddr::from(([127, 0, 0, 1], 0))
+        });
+        let drain_timeout =
+            server.duration("drain_timeout", Duration::from_secs(30), &mut problems);
+        let keepalive_timeout =
+            server.duration("keepalive_timeout", Duration::from_secs(620), &mut problems);
+        let allowed_origins = read_origins(&mut server, &mut problems);
+        server.finish(&mut problems);
+        let server = ServerConfig {
+            listen,
+            drain_timeout,
+            keepalive_timeout,
+            allowed_origins,
+        };
+
+        let auth = read_auth(&mut root, &mut problems);
+        if auth.mode == AuthMode::Dev && !server.listen.ip().is_loopback() {
+            problems.push(Problem::new(
+                "server.listen",
+                format!(
+                    "{} is not a loopback address; auth.mode = \"dev\" trusts any name typed in and may only listen on 127.0.0.1 or [::1]",
+                    server.listen
+                ),
+            ));
+        }
+        let session = read_session(&mut root, auth.mode, cookie_secret, &mut problems);
+        let backend = read_backend(&mut root, &mut problems);
+        root.finish(&mut problems);
+
+        if problems.is_empty() {
+            Ok(Config {
+                server,
+                auth,
+                session,
+                backend,
+            })
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+
+    /// The effective configuration as TOML, secrets redacted, for
+    /// `check-config`.
+    pub fn render(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}"))
+    }
+}
+
+fn read_origins(server: &mut Section<'_>, problems: &mut Vec<Problem>) -> Vec<String> {
+    let key = server.key("allowed_origins");
+    let origins = server.strings("allowed_origins", problems);
+    for (i, origin) in origins.iter().enumerate() {
+        let valid = origin.parse::<Uri>().ok().filter(|u| {
+            u.scheme().is_some()
+                && u.authority().is_some()
+                && u.path() == "/"
+                && !origin.ends_with('/')
+        });
+        if valid.is_none() {
+            problems.push(Problem::new(
+                &format!("{key}[{i}]"),
+                format!("{origin:?} is not an origin such as \"https://sd.example.com\""),
+            ));
+        }
+    }
+    origins
+        .into_iter()
+        .map(|o| o.to_ascii_lowercase())
+        .collect()
+}
+
+fn read_auth(root: &mut Section<'_>, problems: &mut Vec<Problem>) -> AuthConfig {
+    let mut auth = root.section("auth", problems);
+    let mode_key = auth.key("mode");
+    let mode = match auth.string("mode", "iap", problems).as_str() {
+        "iap" => AuthMode::Iap,
+        "dev" => AuthMode::Dev,
+        other => {
+            problems.push(Problem::new(
+                &mode_key,
+                format!("{other:?} is not one of \"iap\", \"dev\""),
+            ));
+            AuthMode::Iap
+        }
+    };
+    let audiences_key = auth.key("audiences");
+    let audiences = auth.strings("audiences", problems);
+    if mode == AuthMode::Iap && audiences.is_empty() {
+        problems.push(Problem::new(
+            &audiences_key,
+            "required in iap mode: the backend service's audience, e.g. \"/projects/123/global/backendServices/456\"".into(),
+        ));
+    }
+    for (i, aud) in audiences.iter().enumerate() {
+        if !aud.starts_with("/projects/") {
+            problems.push(Problem::new(
+                &format!("{audiences_key}[{i}]"),
+                format!("{aud:?} does not look like an IAP audience (\"/projects/NUMBER/global/backendServices/ID\" or \"/projects/NUMBER/apps/ID\")"),
+            ));
+        }
+    }
+    let jwks_key = auth.key("jwks_url");
+    let jwks_url = auth.string(
+        "jwks_url",
+        "https://www.gstatic.com/iap/verify/public_key-jwk",
+        problems,
+    );
+    match jwks_url.parse::<Uri>() {
+        Ok(u) if matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some() => {}
+        _ => problems.push(Problem::new(
+            &jwks_key,
+            format!("{jwks_url:?} is not an http(s) URL"),
+        )),
+    }
+    let leeway = auth.duration("leeway", Duration::from_secs(30), problems);
+    let leeway_key = auth.key("leeway");
+    if leeway > Duration::from_secs(300) {
+        problems.push(Problem::new(
+            &leeway_key,
+            "more than 5m would accept long-expired tokens".into(),
+        ));
+    }
+    let allowed_emails = auth
+        .strings("allowed_emails", problems)
+        .into_iter()
+        .map(|e| e.trim().to_ascii_lowercase())
+        .collect();
+    let allowed_domains = auth
+        .strings("allowed_domains", problems)
+        .into_iter()
+        .map(|d| d.trim().trim_start_matches('@').to_ascii_lowercase())
+        .collect();
+    let jwks_refetch_interval =
+        auth.duration("jwks_refetch_interval", Duration::from_secs(30), problems);
+    let cache_key = auth.key("token_cache_entries");
+    let token_cache_entries = auth.integer("token_cache_entries", 10_000, problems) as usize;
+    if token_cache_entries > 1_000_000 {
+        problems.push(Problem::new(&cache_key, "at most 1000000".into()));
+    }
+    auth.finish(problems);
+    AuthConfig {
+        mode,
+        audiences,
+        jwks_url,
+        leeway,
+        allowed_emails,
+        allowed_domains,
+        jwks_refetch_interval,
+        token_cache_entries,
+    }
+}
+
+fn read_session(
+    root: &mut Section<'_>,
+    mode: AuthMode,
+    cookie_secret: Option<Vec<u8>>,
+    problems: &mut Vec<Problem>,
+) -> SessionConfig {
+    let mut session = root.section("session", problems);
+    let cookie_key = session.key("cookie_name");
+    let cookie_name = session.string("cookie_name", "session_router", problems);
+    if cookie_name.is_empty()
+        || !cookie_name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        problems.push(Problem::new(
+            &cookie_key,
+            format!("{cookie_name:?} must be non-empty and use only letters, digits, '_' and '-'"),
+        ));
+    }
+    let idle_key = session.key("idle_timeout");
+    let idle_timeout = session.duration("idle_timeout", Duration::from_secs(15 * 60), problems);
+    if idle_timeout < Duration::from_secs(1) {
+        problems.push(Problem::new(&idle_key, "must be at least 1s".into()));
+    }
+    let paths_key = session.key("activity_ignore_paths");
+    let activity_ignore_paths = session.strings("activity_ignore_paths", problems);
+    for (i, p) in activity_ignore_paths.iter().enumerate() {
+        if !p.starts_with('/') {
+            problems.push(Problem::new(
+                &format!("{paths_key}[{i}]"),
+                format!("{p:?} must start with '/'"),
+            ));
+        }
+    }
+    let max_lifetime = session.duration("max_lifetime", Duration::ZERO, problems);
+    let cookie_ttl = session.duration("cookie_ttl", Duration::from_secs(12 * 3600), problems);
+    let retry_after = session.duration("retry_after", Duration::from_secs(5), problems);
+    session.finish(problems);
+
+    let cookie_secret = match (cookie_secret, mode) {
+        (Some(bytes), _) if bytes.len() >= MIN_SECRET_BYTES => Secret::new(bytes),
+        (Some(bytes), _) => {
+            problems.push(Problem::new(
+                COOKIE_SECRET_ENV,
+                format!(
+                    "must be at least {MIN_SECRET_BYTES} bytes (got {})",
+                    bytes.len()
+                ),
+            ));
+            Secret::random()
+        }
+        (None, AuthMode::Dev) => Secret::random(),
+        (None, AuthMode::Iap) => {
+            problems.push(Problem::new(
+                COOKIE_SECRET_ENV,
+                format!("required in iap mode: set it to at least {MIN_SECRET_BYTES} random bytes (e.g. `openssl rand -base64 48`), the same on every replica"),
+            ));
+            Secret::random()
+        }
+    };
+    SessionConfig {
+        cookie_name,
+        idle_timeout,
+        activity_ignore_paths,
+        max_lifetime,
+        cookie_ttl,
+        retry_after,
+        cookie_secret,
+    }
+}
+
+fn read_backend(root: &mut Section<'_>, problems: &mut Vec<Problem>) -> BackendConfig {
+    let mut backend = root.section("backend", problems);
+    let kind_key = backend.key("kind");
+    let kind = match backend.string("kind", "static", problems).as_str() {
+        "static" => BackendKind::Static,
+        other => {
+            problems.push(Problem::new(
+                &kind_key,
+                format!("{other:?} is not a supported backend (\"static\")"),
+            ));
+            BackendKind::Static
+        }
+    };
+    let connect_timeout = backend.duration("connect_timeout", Duration::from_secs(5), problems);
+    let mut pool = backend.section("static", problems);
+    let upstreams_key = pool.key("upstreams");
+    let pool_present = pool.is_present("upstreams");
+    let mut upstreams = Vec::new();
+    for (i, text) in pool.strings("upstreams", problems).into_iter().enumerate() {
+        match parse_upstream(&text) {
+            Ok(uri) if upstreams.contains(&uri) => problems.push(Problem::new(
+                &format!("{upstreams_key}[{i}]"),
+                format!("{text:?} is listed twice; each upstream serves one user"),
+            )),
+            Ok(uri) => upstreams.push(uri),
+            Err(reason) => problems.push(Problem::new(&format!("{upstreams_key}[{i}]"), reason)),
+        }
+    }
+    if kind == BackendKind::Static
+        && upstreams.is_empty()
+        && !problems.iter().any(|p| p.key.starts_with(&upstreams_key))
+    {
+        let reason = if pool_present {
+            "must list at least one upstream"
+        } else {
+            "required when backend.kind = \"static\""
+        };
+        problems.push(Problem::new(&upstreams_key, reason.into()));
+    }
+    pool.finish(problems);
+    backend.finish(problems);
+    BackendConfig {
+        kind,
+        connect_timeout,
+        static_pool: StaticConfig { upstreams },
+    }
+}
+
+/// An upstream is `http://host:port` with nothing after the authority: the
+/// router forwards each request's own path.
+fn parse_upstream(text: &str) -> Result<Uri, String> {
+    let uri: Uri = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a URL such as \"http://10.0.0.5:7860\""))?;
+    if uri.scheme_str() != Some("http") {
+        return Err(format!("{text:?}: only http:// upstreams are supported"));
+    }
+    if uri.host().is_none() {
+        return Err(format!("{text:?} has no host"));
+    }
+    if uri.path() != "/" || uri.query().is_some() {
+        return Err(format!("{text:?} must not have a path or query"));
+    }
+    Ok(uri)
+}
+
+fn as_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&humantime::format_duration(*d).to_string())
+}
+
+fn as_uris<S: serde::Serializer>(uris: &[Uri], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(
+        uris.iter()
+            .map(|u| u.to_string().trim_end_matches('/').to_string()),
+    )
+}
+
+fn redacted<S: serde::Serializer>(secret: &Secret, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format!(
+        "<redacted: {} bytes from {COOKIE_SECRET_ENV}>",
+        secret.expose().len()
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
+
+    fn problems(text: &str, secret: Option<&[u8]>) -> Vec<String> {
+        match Config::from_toml(text, secret.map(<[u8]>::to_vec)) {
+            Ok(_) => Vec::new(),
+            Err(ConfigError::Invalid(p)) => p
+                .into_iter()
+                .map(|p| format!("{}: {}", p.key, p.reason))
+                .collect(),
+            Err(e) => vec![e.to_string()],
+        }
+    }
+
+    const MINIMAL_IAP: &str = r#"
+        [auth]
+        audiences = ["/projects/1/global/backendServices/2"]
+        [backend.static]
+        upstreams = ["http://127.0.0.1:7860"]
+    "#;
+
+    #[test]
+    fn minimal_iap_config_gets_documented_defaults() {
+        let c = Config::from_toml(MINIMAL_IAP, Some(SECRET.to_vec())).unwrap();
+        assert_eq!(c.server.listen, "0.0.0.0:8080".parse().unwrap());
+        assert_eq!(c.auth.mode, AuthMode::Iap);
+        assert_eq!(c.auth.leeway, Duration::from_secs(30));
+        assert_eq!(c.session.idle_timeout, Duration::from_secs(900));
+        assert_eq!(c.session.cookie_name, "session_router");
+        assert_eq!(c.backend.static_pool.upstreams.len(), 1);
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_key() {
+        let text = r#"
+            [server]
+            listen = "nowhere"
+            colour = "blue"
+            [auth]
+            mode = "trust-me"
+            leeway = "soon"
+            [session]
+            idle_timeout = 15
+            [backend.static]
+            upstreams = ["https://a:1", "http://b:2/path"]
+        "#;
+        let found = problems(text, Some(SECRET));
+        for key in [
+            "server.listen: ",
+            "server.colour: unknown key",
+            "auth.mode: ",
+            "auth.leeway: ",
+            "session.idle_timeout: expected a duration",
+            "backend.static.upstreams[0]: ",
+            "backend.static.upstreams[1]: ",
+        ] {
+            assert!(
+                found.iter().any(|p| p.starts_with(key)),
+                "missing {key:?} in {found:#?}"
+            );
+        }
+    }
+
+    #[test]
+    fn iap_mode_refuses_to_start_without_a_long_enough_secret() {
+        assert!(problems(MINIMAL_IAP, None)
+            .iter()
+            .any(|p| p.starts_with("SESSION_ROUTER_COOKIE_SECRET: required")));
+        assert!(problems(MINIMAL_IAP, Some(b"short"))
+            .iter()
+            .any(|p| p.contains("at least 32 bytes")));
+    }
+
+    #[test]
+    fn dev_mode_refuses_a_non_loopback_listener() {
+        let text = r#"
+            [server]
+            listen = "0.0.0.0:8080"
+            [auth]
+            mode = "dev"
+            [backend.static]
+            upstreams = ["http://127.0.0.1:7860"]
+        "#;
+        assert!(problems(text, None)
+            .iter()
+            .any(|p| p.starts_with("server.listen: ") && p.contains("loopback")));
+        let loopback = text.replace("0.0.0.0", "127.0.0.1");
+        assert_eq!(problems(&loopback, None), Vec::<String>::new());
+    }
+
+    #[test]
+    fn rendered_config_never_contains_the_secret() {
+        let c = Config::from_toml(
+            MINIMAL_IAP,
+            Some(b"super-secret-value-that-is-long-enough".to_vec()),
+        )
+        .unwrap();
+        let text = c.render();
+        assert!(!text.contains("super-secret"), "{text}");
+        assert!(text.contains("redacted"));
+        assert!(text.contains("idle_timeout = \"15m\""), "{text}");
+        assert!(!format!("{c:?}").contains("super-secret"));
+    }
+}

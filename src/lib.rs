@@ -1,0 +1,59 @@
+//! session-router: one dedicated GPU backend per signed-in user, behind
+//! Cloud IAP.
+//!
+//! A request's path: [`server`] accepts it → [`auth`] verifies the IAP JWT
+//! (or the dev sign-in) → [`session`] finds the user's backend, allocating
+//! one through an [`allocator::Allocator`] on first use → [`proxy`] streams
+//! it there and back → [`reaper`] gives the backend back once the user has
+//! been idle. Failures become pages in one place, [`error`].
+//!
+//! # Layout
+//!
+//! | module | concern |
+//! |---|---|
+//! | [`config`] | TOML + environment → a validated [`config::Config`]; every problem named by key |
+//! | [`auth`] | IAP JWT verification (`iap`, `jwks`), dev sign-in, allowlists, origin checks |
+//! | [`session`] | the session table (single-flight allocation), signed pinning cookie, activity |
+//! | [`allocator`] | the `Allocator` trait and its backends (`static` pool) |
+//! | [`proxy`] | streaming forwarder, header rules, WebSocket relay |
+//! | [`reaper`] | idle and max-lifetime release |
+//! | [`routes`] | request handlers: the proxy path and `/_router/*`, `/healthz`, `/readyz` |
+//! | [`server`] | shared state, route table and layers, accept loop, drain |
+//! | [`error`] | `RouterError` and its single mapping to HTTP |
+//! | [`pages`] | the HTML/JSON pages the router serves itself |
+//! | [`demo`] | stand-in WebUI pods and the one-command demo |
+
+pub mod allocator;
+pub mod auth;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod pages;
+pub mod proxy;
+pub mod reaper;
+pub mod routes;
+pub mod server;
+pub mod session;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+
+use crate::allocator::{Allocator, StaticPool};
+use crate::config::{BackendKind, Config};
+use crate::server::AppState;
+
+/// Runs the router described by `config` on an already bound `listener`
+/// until `shutdown` resolves, then drains.
+pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Output = ()>) {
+    let allocator: Arc<dyn Allocator> = match config.backend.kind {
+        BackendKind::Static => Arc::new(StaticPool::new(&config.backend.static_pool.upstreams)),
+    };
+    server::serve(
+        listener,
+        Arc::new(AppState::new(config, allocator)),
+        shutdown,
+    )
+    .await
+}

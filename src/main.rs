@@ -1,0 +1,152 @@
+//! The `session-router` binary: command line, logging, signals. Everything
+//! else is in the library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use session_router::config::{Config, ConfigError};
+use session_router::demo::{self, DemoOptions};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "One dedicated GPU backend per signed-in user, behind Cloud IAP."
+)]
+struct Cli {
+    /// Log format: `json` (one object a line, for Cloud Logging) or `text`.
+    #[arg(long, global = true, default_value = "text", value_parser = ["json", "text"])]
+    log_format: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the router (production).
+    Serve {
+        #[arg(long, default_value = "/etc/session-router/config.toml")]
+        config: PathBuf,
+    },
+    /// Validate a config file and print the effective configuration.
+    CheckConfig {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Run a local demo: dev sign-in and stand-in WebUI pods on loopback.
+    Demo {
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// Number of stand-in pods.
+        #[arg(long, default_value_t = 2)]
+        pods: usize,
+        /// Idle time after which a pod is given back, e.g. "60s".
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        idle_timeout: Duration,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log_format);
+    match cli.command {
+        Command::CheckConfig { config } => check_config(&config),
+        Command::Serve { config } => exit(serve(&config)),
+        Command::Demo {
+            listen,
+            pods,
+            idle_timeout,
+        } => exit(run_demo(DemoOptions {
+            listen,
+            pods: pods.max(1),
+            idle_timeout,
+        })),
+    }
+}
+
+fn check_config(path: &std::path::Path) -> ExitCode {
+    match Config::load(path) {
+        Ok(config) => {
+            println!("# {}: valid\n{}", path.display(), config.render());
+            ExitCode::SUCCESS
+        }
+        Err(e @ ConfigError::Read { .. }) | Err(e @ ConfigError::Invalid(_)) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(path: &std::path::Path) -> anyhow::Result<()> {
+    let config = Config::load(path)
+        .map_err(|e| anyhow::anyhow!("invalid configuration {}:\n{e}", path.display()))?;
+    runtime()?.block_on(async {
+        let listener = tokio::net::TcpListener::bind(config.server.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.server.listen))?;
+        tracing::info!(listen = %config.server.listen, auth = ?config.auth.mode, backend = ?config.backend.kind, "session-router started");
+        session_router::run(listener, config, shutdown_signal()).await;
+        Ok(())
+    })
+}
+
+fn run_demo(options: DemoOptions) -> anyhow::Result<()> {
+    runtime()?.block_on(demo::run(options, shutdown_signal()))?;
+    Ok(())
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn exit(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("session-router: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Resolves on SIGTERM (Kubernetes) or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = terminate => {}
+    }
+    tracing::info!("shutdown requested");
+}
+
+fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().flatten_event(true).init();
+    } else {
+        builder.init();
+    }
+}

@@ -1,0 +1,244 @@
+//! The pages the router itself serves: waiting, errors, the session status
+//! page and the dev sign-in. Browsers (`Accept: text/html`) get small HTML
+//! pages that reload themselves (no script: IAP would turn a fetch() into a
+//! CORS failure once its session expires); everyone else gets JSON.
+
+use std::time::Duration;
+
+use axum::response::{Html, IntoResponse, Response};
+use axum::Json;
+use http::header::{HeaderValue, ACCEPT, CACHE_CONTROL, LOCATION, RETRY_AFTER};
+use http::{HeaderMap, StatusCode, Uri};
+use serde_json::json;
+
+/// True when the client prefers an HTML page to JSON.
+pub fn wants_html(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("text/html"))
+}
+
+/// Escapes text for HTML element content and attribute values.
+pub fn escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// A complete HTML document; `refresh` makes the browser reload it.
+pub fn document(title: &str, body: &str, refresh: Option<Duration>) -> String {
+    let refresh = refresh
+        .map(|d| {
+            format!(
+                r#"<meta http-equiv="refresh" content="{}">"#,
+                d.as_secs().max(1)
+            )
+        })
+        .unwrap_or_default();
+    format!(
+        r#"<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+{refresh}<title>{title}</title>
+<style>
+body{{font-family:system-ui,sans-serif;max-width:36rem;margin:4rem auto;padding:0 1rem;color:#222;line-height:1.5}}
+h1{{font-size:1.4rem}} .muted{{color:#666;font-size:.9rem}} dt{{font-weight:600}} dd{{margin:0 0 .5rem 0}}
+button,input{{font:inherit;padding:.4rem .8rem}}
+</style></head>
+<body>
+<h1>{title}</h1>
+{body}
+</body></html>
+"#,
+        title = escape(title),
+    )
+}
+
+fn html(status: StatusCode, title: &str, body: &str, refresh: Option<Duration>) -> Response {
+    let mut response = (status, Html(document(title, body, refresh))).into_response();
+    response
+        .headers_mut()
+        .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+fn json_error(status: StatusCode, error: &str, message: &str) -> Response {
+    let mut response =
+        (status, Json(json!({ "error": error, "message": message }))).into_response();
+    response
+        .headers_mut()
+        .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+fn with_retry_after(mut response: Response, retry: Duration) -> Response {
+    response
+        .headers_mut()
+        .insert(RETRY_AFTER, HeaderValue::from(retry.as_secs().max(1)));
+    response
+}
+
+/// 503 while no backend is free: never a 200, always a `Retry-After`.
+pub fn waiting(wants_html: bool, retry: Duration) -> Response {
+    let response = if wants_html {
+        html(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Waiting for a free GPU",
+            &format!(
+                "<p>All GPUs are in use right now. This page tries again every {} seconds and \
+                 opens your WebUI as soon as one is free.</p>\
+                 <p class=\"muted\">GPUs are given back when their users have been idle for a while.</p>",
+                retry.as_secs().max(1)
+            ),
+            Some(retry),
+        )
+    } else {
+        json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_capacity",
+            "no backend is free; retry after the Retry-After delay",
+        )
+    };
+    with_retry_after(response, retry)
+}
+
+/// 503 until the signing keys are loaded.
+pub fn starting_up(wants_html: bool, retry: Duration) -> Response {
+    let response = if wants_html {
+        html(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Starting up",
+            "<p>The router is still starting. This page reloads by itself.</p>",
+            Some(retry),
+        )
+    } else {
+        json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "starting",
+            "the router is not ready yet",
+        )
+    };
+    with_retry_after(response, retry)
+}
+
+/// 502 when the user's backend does not answer. The session is kept, so the
+/// reload reaches the same backend once it is back.
+pub fn bad_gateway(wants_html: bool, retry: Duration) -> Response {
+    let response = if wants_html {
+        html(
+            StatusCode::BAD_GATEWAY,
+            "Your WebUI is not answering",
+            "<p>Your GPU server did not answer. It may still be starting, or restarting. \
+             Your session is kept; this page tries again by itself.</p>\
+             <p class=\"muted\"><a href=\"/_router/status\">Session status</a></p>",
+            Some(retry),
+        )
+    } else {
+        json_error(
+            StatusCode::BAD_GATEWAY,
+            "upstream_unavailable",
+            "your backend did not answer; the session is kept",
+        )
+    };
+    with_retry_after(response, retry)
+}
+
+/// 401 with nothing that says why.
+pub fn unauthorized() -> Response {
+    let mut response = (StatusCode::UNAUTHORIZED, "Unauthorized\n").into_response();
+    response
+        .headers_mut()
+        .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+pub fn forbidden(wants_html: bool, message: &str) -> Response {
+    if wants_html {
+        html(
+            StatusCode::FORBIDDEN,
+            "Not allowed",
+            &format!("<p>{}</p>", escape(message)),
+            None,
+        )
+    } else {
+        json_error(StatusCode::FORBIDDEN, "forbidden", message)
+    }
+}
+
+pub fn not_found(wants_html: bool) -> Response {
+    if wants_html {
+        html(
+            StatusCode::NOT_FOUND,
+            "Not found",
+            "<p>No such router page.</p>",
+            None,
+        )
+    } else {
+        json_error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no such router endpoint",
+        )
+    }
+}
+
+/// Sends a browser that is not signed in (dev mode) to the sign-in form,
+/// remembering where it was going.
+pub fn sign_in_redirect(uri: &Uri) -> Response {
+    let next = uri.path_and_query().map_or("/", |p| p.as_str());
+    let location = format!("/_router/dev/login?next={}", percent_encode(next));
+    redirect(&location)
+}
+
+/// A 303 to a local path.
+pub fn redirect(location: &str) -> Response {
+    let mut response = StatusCode::SEE_OTHER.into_response();
+    if let Ok(value) = HeaderValue::from_str(location) {
+        response.headers_mut().insert(LOCATION, value);
+    }
+    response
+}
+
+pub fn percent_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b'/') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn html_is_escaped() {
+        assert_eq!(
+            escape("<a href=\"x\">&'"),
+            "&lt;a href=&quot;x&quot;&gt;&amp;&#39;"
+        );
+    }
+
+    #[test]
+    fn the_waiting_page_is_a_503_with_retry_after_in_both_forms() {
+        for html in [true, false] {
+            let r = waiting(html, Duration::from_secs(7));
+            assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+            assert_eq!(r.headers()[RETRY_AFTER], "7");
+        }
+    }
+}

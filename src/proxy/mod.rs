@@ -1,0 +1,218 @@
+//! Forwarding one request to the user's backend: streaming both ways,
+//! never buffering, with WebSocket (any `Upgrade`) relayed as raw bytes.
+//!
+//! - [`headers`]: hop-by-hop removal, identity and `X-Forwarded-*` headers.
+//! - [`activity_io`]: body and socket wrappers that report activity.
+
+pub mod activity_io;
+pub mod headers;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use http::{Request, Response, StatusCode, Uri};
+use hyper::upgrade::OnUpgrade;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::session::cookie::remove_cookies;
+use crate::session::Session;
+use activity_io::{ActivityBody, ActivityIo};
+use headers::Forwarded;
+
+/// Per-direction buffer of a WebSocket relay. Two of these live as long as
+/// the socket, so they dominate the memory of many idle sockets.
+const RELAY_BUFFER_BYTES: usize = 8 * 1024;
+/// Pooled upstream connections idle longer than this are closed.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// Nothing was sent: the upstream could not be reached.
+    #[error("cannot connect to upstream {upstream}: {source}")]
+    Connect {
+        upstream: String,
+        #[source]
+        source: hyper_util::client::legacy::Error,
+    },
+    /// The exchange failed after the request was (partly) sent.
+    #[error("upstream {upstream} failed: {source}")]
+    Exchange {
+        upstream: String,
+        #[source]
+        source: hyper_util::client::legacy::Error,
+    },
+    #[error("upstream {upstream} switched protocols without being asked")]
+    UnrequestedUpgrade { upstream: String },
+    #[error("cannot build an upstream URI: {0}")]
+    Uri(#[from] http::Error),
+}
+
+/// The request-independent part of forwarding: the pooled client, and the
+/// relays of upgraded connections (which the HTTP server no longer tracks).
+pub struct Forwarder {
+    client: Client<HttpConnector, Body>,
+    relays: TaskTracker,
+    /// Cancelled at the end of a drain: every relay still open closes.
+    stop_relays: CancellationToken,
+    strip_cookies: Vec<String>,
+}
+
+/// What the caller knows about the request being forwarded.
+pub struct Exchange<'a> {
+    pub session: &'a Arc<Session>,
+    pub client_ip: IpAddr,
+    /// Whether bytes of this exchange count as user activity.
+    pub counts_as_activity: bool,
+}
+
+impl Forwarder {
+    /// `strip_cookies` are the router's own cookie names, never forwarded.
+    pub fn new(connect_timeout: Duration, strip_cookies: Vec<String>) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(connect_timeout));
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .build(connector);
+        Forwarder {
+            client,
+            relays: TaskTracker::new(),
+            stop_relays: CancellationToken::new(),
+            strip_cookies,
+        }
+    }
+
+    /// Open WebSocket (and other upgraded) relays.
+    pub fn open_relays(&self) -> usize {
+        self.relays.len()
+    }
+
+    /// Waits for relays to end by themselves for up to `grace`, then closes
+    /// the rest.
+    pub async fn drain_relays(&self, grace: Duration) {
+        self.relays.close();
+        if tokio::time::timeout(grace, self.relays.wait())
+            .await
+            .is_err()
+        {
+            tracing::info!(
+                open = self.relays.len(),
+                "closing relays still open after the drain period"
+            );
+            self.stop_relays.cancel();
+            self.relays.wait().await;
+        }
+    }
+
+    pub async fn forward(
+        &self,
+        mut request: Request<Body>,
+        exchange: Exchange<'_>,
+    ) -> Result<Response<Body>, ProxyError> {
+        let session = exchange.session;
+        let upstream = &session.lease.upstream;
+        let wants_upgrade = headers::is_upgrade(request.headers());
+        let client_upgrade = wants_upgrade.then(|| hyper::upgrade::on(&mut request));
+
+        let (mut parts, body) = request.into_parts();
+        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        parts.uri = Uri::builder()
+            .scheme("http")
+            .authority(upstream.clone())
+            .path_and_query(path)
+            .build()?;
+        parts.version = http::Version::HTTP_11;
+        headers::to_upstream(
+            &mut parts.headers,
+            &Forwarded {
+                client_ip: exchange.client_ip,
+                identity: &session.identity,
+            },
+        );
+        let names: Vec<&str> = self.strip_cookies.iter().map(String::as_str).collect();
+        remove_cookies(&mut parts.headers, &names);
+        let body = if exchange.counts_as_activity {
+            Body::new(ActivityBody::new(body, session.clone()))
+        } else {
+            body
+        };
+
+        let in_flight = exchange
+            .counts_as_activity
+            .then(|| crate::session::Activity::begin(session));
+        let result = self.client.request(Request::from_parts(parts, body)).await;
+        drop(in_flight);
+        let mut response = result.map_err(|source| {
+            let upstream = upstream.to_string();
+            if source.is_connect() {
+                ProxyError::Connect { upstream, source }
+            } else {
+                ProxyError::Exchange { upstream, source }
+            }
+        })?;
+
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+            let Some(client_upgrade) = client_upgrade else {
+                return Err(ProxyError::UnrequestedUpgrade {
+                    upstream: upstream.to_string(),
+                });
+            };
+            let upstream_upgrade = hyper::upgrade::on(&mut response);
+            self.relays.spawn(relay(
+                client_upgrade,
+                upstream_upgrade,
+                session.clone(),
+                self.stop_relays.clone(),
+            ));
+            let (mut parts, _) = response.into_parts();
+            headers::to_client(&mut parts.headers, true);
+            return Ok(Response::from_parts(parts, Body::empty()));
+        }
+
+        let (mut parts, body) = response.into_parts();
+        headers::to_client(&mut parts.headers, false);
+        let body = if exchange.counts_as_activity {
+            Body::new(ActivityBody::new(body, session.clone()))
+        } else {
+            Body::new(body)
+        };
+        Ok(Response::from_parts(parts, body))
+    }
+}
+
+/// Copies bytes both ways between the client and the upstream after a 101,
+/// until either side closes, the session's backend is released, or the
+/// drain period ends. Bytes are copied as they come: no framing, no size cap.
+async fn relay(
+    client: OnUpgrade,
+    upstream: OnUpgrade,
+    session: Arc<Session>,
+    stop: CancellationToken,
+) {
+    let (client, upstream) = match tokio::try_join!(client, upstream) {
+        Ok(pair) => pair,
+        Err(e) => {
+            tracing::debug!(error = %e, "upgrade did not complete");
+            return;
+        }
+    };
+    let mut client = ActivityIo::new(TokioIo::new(client), session.clone());
+    let mut upstream = ActivityIo::new(TokioIo::new(upstream), session.clone());
+    tokio::select! {
+        copied = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, RELAY_BUFFER_BYTES, RELAY_BUFFER_BYTES) => {
+            if let Err(e) = copied {
+                tracing::debug!(error = %e, backend = %session.lease, "relay ended with an error");
+            }
+        }
+        _ = session.closed() => {
+            tracing::debug!(backend = %session.lease, "relay closed: backend released");
+        }
+        _ = stop.cancelled() => {}
+    }
+}

@@ -1,0 +1,276 @@
+//! Request handlers: the proxy path and the router's own endpoints.
+//!
+//! Every handler that needs a user starts from [`AppState::identify`]; none
+//! reads an identity header directly.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use axum::extract::{Query, Request, State};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Form, Json};
+use http::header::SET_COOKIE;
+use http::{HeaderMap, StatusCode};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::auth::{origin, Identity};
+use crate::error::RouterError;
+use crate::pages::{self, escape};
+use crate::proxy::{headers::is_upgrade, Exchange};
+use crate::server::{AppState, ClientAddr};
+use crate::session::cookie::{set_cookie, unix};
+use crate::session::Session;
+
+type Shared = State<Arc<AppState>>;
+
+/// Everything not claimed by a router endpoint goes to the user's backend.
+pub async fn proxy(
+    State(state): Shared,
+    Extension(ClientAddr(client)): Extension<ClientAddr>,
+    request: Request,
+) -> Result<Response, RouterError> {
+    let identity = state.identify(request.headers()).await?;
+    if is_upgrade(request.headers()) {
+        check_origin(&state, request.headers())?;
+    }
+    let now = SystemTime::now();
+    let pin = state.cookies.read(request.headers(), &identity.sub, now);
+    let session = state
+        .registry
+        .get_or_allocate(&identity, pin.as_ref())
+        .await?;
+    let counts_as_activity = state.counts_as_activity(request.uri().path());
+    let mut response = state
+        .forwarder
+        .forward(
+            request,
+            Exchange {
+                session: &session,
+                client_ip: client.ip(),
+                counts_as_activity,
+            },
+        )
+        .await?;
+    let fresh = pin.is_some_and(|p| {
+        *p.backend == *session.lease.backend
+            && p.expires > unix(now) + state.config.session.cookie_ttl.as_secs() / 2
+    });
+    if !fresh {
+        let cookie = state.cookies.issue(
+            &identity.sub,
+            &session.lease.backend,
+            session.lease.upstream.as_str(),
+            session.allocated_at,
+            now,
+        );
+        response.headers_mut().append(SET_COOKIE, cookie);
+    }
+    Ok(response)
+}
+
+/// Load-balancer and kubelet liveness: no token, no detail.
+pub async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+/// Ready once tokens can be verified and the backend can be asked.
+pub async fn readyz(State(state): Shared) -> Response {
+    if state.auth.is_ready() && state.registry.allocator().is_ready() {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()
+    }
+}
+
+/// The signed-in user's session, as JSON or as a small page.
+pub async fn status(State(state): Shared, headers: HeaderMap) -> Result<Response, RouterError> {
+    let identity = state.identify(&headers).await?;
+    let session = state.registry.get(&identity.sub);
+    let idle_timeout = state.config.session.idle_timeout.as_secs();
+    if !pages::wants_html(&headers) {
+        let session = session.map(|s| {
+            json!({
+                "backend": &*s.lease.backend,
+                "upstream": s.lease.upstream.as_str(),
+                "allocated_at": humantime::format_rfc3339_seconds(s.allocated_at).to_string(),
+                "idle_seconds": s.activity.idle_for().as_secs(),
+                "idle_timeout_seconds": idle_timeout,
+            })
+        });
+        return Ok(Json(json!({ "user": &*identity.email, "session": session })).into_response());
+    }
+    Ok(status_page(&identity, session.as_deref(), idle_timeout).into_response())
+}
+
+fn status_page(
+    identity: &Identity,
+    session: Option<&Session>,
+    idle_timeout: u64,
+) -> axum::response::Html<String> {
+    let user = escape(&identity.email);
+    let body = match session {
+        Some(s) => format!(
+            r#"<p>Signed in as <strong>{user}</strong>.</p>
+<dl><dt>Backend</dt><dd>{backend}</dd>
+<dt>Allocated at</dt><dd>{allocated}</dd>
+<dt>Idle for</dt><dd>{idle} s (released after {idle_timeout} s idle)</dd></dl>
+<form method="post" action="/_router/release"><button type="submit">Release my GPU now</button></form>
+<p><a href="/">Back to the WebUI</a></p>"#,
+            backend = escape(&s.lease.to_string()),
+            allocated = humantime::format_rfc3339_seconds(s.allocated_at),
+            idle = s.activity.idle_for().as_secs(),
+        ),
+        None => format!(
+            r#"<p>Signed in as <strong>{user}</strong>. You hold no GPU right now.</p>
+<p><a href="/">Open the WebUI</a> to get one.</p>"#
+        ),
+    };
+    axum::response::Html(pages::document(
+        "Your session",
+        &body,
+        Some(std::time::Duration::from_secs(30)),
+    ))
+}
+
+/// Gives the user's backend back now and forgets the pinning cookie.
+pub async fn release(State(state): Shared, headers: HeaderMap) -> Result<Response, RouterError> {
+    check_origin(&state, &headers)?;
+    let identity = state.identify(&headers).await?;
+    let released = match state.registry.get(&identity.sub) {
+        Some(session) => state.registry.release(&session, "user").await?,
+        None => false,
+    };
+    let mut response = if pages::wants_html(&headers) {
+        pages::redirect("/_router/status")
+    } else {
+        Json(json!({ "released": released })).into_response()
+    };
+    response
+        .headers_mut()
+        .append(SET_COOKIE, state.cookies.clear());
+    Ok(response)
+}
+
+/// Any other `/_router/…` path: reserved, never proxied.
+pub async fn not_found() -> RouterError {
+    RouterError::NotFound
+}
+
+#[derive(Deserialize)]
+pub struct SignInQuery {
+    next: Option<String>,
+}
+
+#[derive(Deserialize)]
+pub struct SignInForm {
+    name: String,
+    next: Option<String>,
+}
+
+/// Dev mode: the sign-in form.
+pub async fn dev_sign_in_form(State(state): Shared, Query(query): Query<SignInQuery>) -> Response {
+    if state.auth.dev().is_none() {
+        return RouterError::NotFound.into_response();
+    }
+    sign_in_page(StatusCode::OK, &safe_next(query.next.as_deref()), None)
+}
+
+/// Dev mode: signs the typed name in and goes on to where the browser was
+/// heading.
+pub async fn dev_sign_in(
+    State(state): Shared,
+    headers: HeaderMap,
+    Form(form): Form<SignInForm>,
+) -> Result<Response, RouterError> {
+    let Some(dev) = state.auth.dev() else {
+        return Err(RouterError::NotFound);
+    };
+    check_origin(&state, &headers)?;
+    let next = safe_next(form.next.as_deref());
+    let Some(value) = dev.sign_in(&form.name) else {
+        return Ok(sign_in_page(
+            StatusCode::BAD_REQUEST,
+            &next,
+            Some("Use 1 to 64 letters, digits or . - _ @ +"),
+        ));
+    };
+    let mut response = pages::redirect(&next);
+    let cookie = set_cookie(
+        dev.cookie_name(),
+        &value,
+        Some(state.config.session.cookie_ttl),
+    );
+    response.headers_mut().append(SET_COOKIE, cookie);
+    Ok(response)
+}
+
+/// Dev mode: forgets the signed-in name (the backend stays until idle).
+pub async fn dev_sign_out(
+    State(state): Shared,
+    headers: HeaderMap,
+) -> Result<Response, RouterError> {
+    let Some(dev) = state.auth.dev() else {
+        return Err(RouterError::NotFound);
+    };
+    check_origin(&state, &headers)?;
+    let mut response = pages::redirect("/_router/dev/login");
+    response.headers_mut().append(
+        SET_COOKIE,
+        set_cookie(dev.cookie_name(), "", Some(std::time::Duration::ZERO)),
+    );
+    Ok(response)
+}
+
+fn sign_in_page(status: StatusCode, next: &str, error: Option<&str>) -> Response {
+    let error = error
+        .map(|e| format!(r#"<p style="color:#b00">{}</p>"#, escape(e)))
+        .unwrap_or_default();
+    let body = format!(
+        r#"<p>Demo sign-in: type any name. Each name gets its own backend.</p>{error}
+<form method="post" action="/_router/dev/login">
+<input type="hidden" name="next" value="{next}">
+<input name="name" autofocus required maxlength="64" placeholder="alice">
+<button type="submit">Sign in</button></form>
+<p class="muted">This page exists only in <code>auth.mode = "dev"</code>. In production, Cloud IAP signs users in.</p>"#,
+        next = escape(next),
+    );
+    (
+        status,
+        axum::response::Html(pages::document("Sign in", &body, None)),
+    )
+        .into_response()
+}
+
+/// Only a local absolute path may be a redirect target (no `//host`).
+fn safe_next(next: Option<&str>) -> String {
+    match next {
+        Some(n)
+            if n.starts_with('/')
+                && !n.starts_with("//")
+                && !n.starts_with("/\\")
+                && !n.contains(['\r', '\n']) =>
+        {
+            n.to_string()
+        }
+        _ => "/".to_string(),
+    }
+}
+
+fn check_origin(state: &AppState, headers: &HeaderMap) -> Result<(), RouterError> {
+    origin::check(headers, &state.config.server.allowed_origins).map_err(RouterError::CrossOrigin)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redirects_after_sign_in_stay_on_this_site() {
+        assert_eq!(safe_next(Some("/queue?x=1")), "/queue?x=1");
+        assert_eq!(safe_next(Some("//evil.example/")), "/");
+        assert_eq!(safe_next(Some("https://evil.example/")), "/");
+        assert_eq!(safe_next(Some("/\\evil.example")), "/");
+        assert_eq!(safe_next(None), "/");
+    }
+}

@@ -1,0 +1,333 @@
+//! The pinning cookie: which backend a browser was given, signed with HMAC and
+//! bound to the verified user, so that a cookie is worthless to anyone else.
+//!
+//! Wire form: `v1.<base64url(json lease)>.<base64url(hmac)>`. The MAC covers
+//! a context label, the user's `sub` and the payload, each length-prefixed so
+//! no two inputs can produce the same MAC input. The `sub` itself is not in
+//! the cookie. Anything that does not verify is simply ignored: the request is
+//! then routed by the verified identity alone.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use base64::Engine;
+use hmac::{Hmac, Mac};
+use http::{HeaderMap, HeaderValue};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+
+use crate::config::Secret;
+
+/// Browsers cap a cookie near 4 KiB; a longer value is not ours.
+const MAX_COOKIE_BYTES: usize = 4096;
+const VERSION: &str = "v1";
+
+/// HMAC-SHA256 with the router's secret. Verification is constant-time.
+#[derive(Clone)]
+pub struct Signer {
+    key: Hmac<Sha256>,
+}
+
+impl Signer {
+    pub fn new(secret: &Secret) -> Self {
+        Signer {
+            key: Hmac::new_from_slice(secret.expose()).expect("HMAC takes any key length"),
+        }
+    }
+
+    fn mac(&self, context: &str, subject: &str, payload: &[u8]) -> Hmac<Sha256> {
+        let mut mac = self.key.clone();
+        for part in [context.as_bytes(), subject.as_bytes(), payload] {
+            mac.update(&(part.len() as u64).to_be_bytes());
+            mac.update(part);
+        }
+        mac
+    }
+
+    /// `payload.tag`, both base64url.
+    pub fn seal(&self, context: &str, subject: &str, payload: &[u8]) -> String {
+        let tag = self.mac(context, subject, payload).finalize().into_bytes();
+        format!("{}.{}", B64.encode(payload), B64.encode(tag))
+    }
+
+    /// The payload of a value made by [`Signer::seal`] with the same context
+    /// and subject, or `None`.
+    pub fn open(&self, context: &str, subject: &str, sealed: &str) -> Option<Vec<u8>> {
+        if sealed.len() > MAX_COOKIE_BYTES {
+            return None;
+        }
+        let (payload, tag) = sealed.split_once('.')?;
+        let payload = B64.decode(payload).ok()?;
+        let tag = B64.decode(tag).ok()?;
+        self.mac(context, subject, &payload)
+            .verify_slice(&tag)
+            .ok()?;
+        Some(payload)
+    }
+}
+
+/// What the pinning cookie remembers about a user's backend.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PinnedBackend {
+    /// The backend's id (a static slot or a GameServer name).
+    #[serde(rename = "b")]
+    pub backend: String,
+    /// `host:port` the backend was reached at.
+    #[serde(rename = "u")]
+    pub upstream: String,
+    /// Unix seconds when the backend was allocated.
+    #[serde(rename = "a")]
+    pub allocated_at: u64,
+    /// Unix seconds after which the cookie is ignored.
+    #[serde(rename = "e")]
+    pub expires: u64,
+}
+
+/// Issues and reads the pinning cookie.
+#[derive(Clone)]
+pub struct CookieCodec {
+    signer: Signer,
+    name: String,
+    ttl: Duration,
+}
+
+const CONTEXT: &str = "session-router/pin/v1";
+
+impl CookieCodec {
+    pub fn new(signer: Signer, name: String, ttl: Duration) -> Self {
+        CookieCodec { signer, name, ttl }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// A `Set-Cookie` value pinning `subject` to `backend`, issued at `now`.
+    pub fn issue(
+        &self,
+        subject: &str,
+        backend: &str,
+        upstream: &str,
+        allocated_at: SystemTime,
+        now: SystemTime,
+    ) -> HeaderValue {
+        let pin = PinnedBackend {
+            backend: backend.to_string(),
+            upstream: upstream.to_string(),
+            allocated_at: unix(allocated_at),
+            expires: unix(now) + self.ttl.as_secs(),
+        };
+        let payload = serde_json::to_vec(&pin).expect("plain struct serialises");
+        let value = format!("{VERSION}.{}", self.signer.seal(CONTEXT, subject, &payload));
+        set_cookie(&self.name, &value, Some(self.ttl))
+    }
+
+    /// A `Set-Cookie` value that deletes the cookie.
+    pub fn clear(&self) -> HeaderValue {
+        set_cookie(&self.name, "", Some(Duration::ZERO))
+    }
+
+    /// The pin in the request's cookie, if there is exactly one such cookie
+    /// and it verifies for `subject` and has not expired at `now`.
+    pub fn read(
+        &self,
+        headers: &HeaderMap,
+        subject: &str,
+        now: SystemTime,
+    ) -> Option<PinnedBackend> {
+        let value = match find_cookie(headers, &self.name) {
+            Lookup::One(value) => value,
+            Lookup::None | Lookup::Ambiguous => return None,
+        };
+        let sealed = value.strip_prefix(VERSION)?.strip_prefix('.')?;
+        let payload = self.signer.open(CONTEXT, subject, sealed)?;
+        let pin: PinnedBackend = serde_json::from_slice(&payload).ok()?;
+        (pin.expires > unix(now)).then_some(pin)
+    }
+}
+
+/// A `Set-Cookie` header value with the attributes every router cookie gets.
+pub fn set_cookie(name: &str, value: &str, max_age: Option<Duration>) -> HeaderValue {
+    let mut text = format!("{name}={value}; Path=/; HttpOnly; Secure; SameSite=Lax");
+    if let Some(age) = max_age {
+        text.push_str(&format!("; Max-Age={}", age.as_secs()));
+    }
+    HeaderValue::from_str(&text).expect("cookie names and values are validated ASCII")
+}
+
+pub fn unix(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The result of looking a cookie name up across all `Cookie` headers.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Lookup<'a> {
+    None,
+    One(&'a str),
+    /// The name appears more than once: which one is meant is unknowable, so
+    /// none is trusted.
+    Ambiguous,
+}
+
+pub fn find_cookie<'a>(headers: &'a HeaderMap, name: &str) -> Lookup<'a> {
+    let mut found = Lookup::None;
+    for (key, value) in cookie_pairs(headers) {
+        if key == name {
+            found = match found {
+                Lookup::None => Lookup::One(value),
+                _ => return Lookup::Ambiguous,
+            };
+        }
+    }
+    found
+}
+
+fn cookie_pairs(headers: &HeaderMap) -> impl Iterator<Item = (&str, &str)> {
+    headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|line| line.split(';'))
+        .filter_map(|pair| {
+            let (k, v) = pair.split_once('=')?;
+            Some((k.trim(), v.trim()))
+        })
+}
+
+/// Rewrites the `Cookie` headers without the named cookies, so the router's
+/// own cookies never reach a backend. Leaves no `Cookie` header if nothing
+/// remains.
+pub fn remove_cookies(headers: &mut HeaderMap, names: &[&str]) {
+    if !cookie_pairs(headers).any(|(k, _)| names.contains(&k)) {
+        return;
+    }
+    let kept: Vec<String> = headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|line| line.split(';'))
+        .filter(|pair| {
+            let key = pair.split_once('=').map_or(pair.trim(), |(k, _)| k.trim());
+            !key.is_empty() && !names.contains(&key)
+        })
+        .map(|pair| pair.trim().to_string())
+        .collect();
+    headers.remove(http::header::COOKIE);
+    if !kept.is_empty() {
+        if let Ok(value) = HeaderValue::from_str(&kept.join("; ")) {
+            headers.insert(http::header::COOKIE, value);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn codec() -> CookieCodec {
+        let secret = Secret::new(b"0123456789abcdef0123456789abcdef".to_vec());
+        CookieCodec::new(
+            Signer::new(&secret),
+            "session_router".into(),
+            Duration::from_secs(3600),
+        )
+    }
+
+    fn request_with(cookie: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(http::header::COOKIE, HeaderValue::from_str(cookie).unwrap());
+        headers
+    }
+
+    fn issued_value(codec: &CookieCodec, subject: &str, now: SystemTime) -> String {
+        let header = codec.issue(subject, "static-0", "127.0.0.1:7860", now, now);
+        let text = header.to_str().unwrap();
+        text.split(';').next().unwrap().to_string()
+    }
+
+    #[test]
+    fn a_cookie_opens_for_the_user_it_was_issued_to() {
+        let codec = codec();
+        let now = SystemTime::now();
+        let cookie = issued_value(&codec, "alice", now);
+        let pin = codec.read(&request_with(&cookie), "alice", now).unwrap();
+        assert_eq!(pin.backend, "static-0");
+        assert_eq!(pin.upstream, "127.0.0.1:7860");
+    }
+
+    #[test]
+    fn another_users_cookie_is_ignored() {
+        let codec = codec();
+        let now = SystemTime::now();
+        let cookie = issued_value(&codec, "alice", now);
+        assert_eq!(codec.read(&request_with(&cookie), "bob", now), None);
+    }
+
+    #[test]
+    fn a_tampered_cookie_is_ignored() {
+        let codec = codec();
+        let now = SystemTime::now();
+        let cookie = issued_value(&codec, "alice", now);
+        let (prefix, rest) = cookie.split_once("v1.").unwrap();
+        let (payload, tag) = rest.split_once('.').unwrap();
+        let forged_payload = B64.encode(
+            String::from_utf8(B64.decode(payload).unwrap())
+                .unwrap()
+                .replace("static-0", "static-1"),
+        );
+        let forged = format!("{prefix}v1.{forged_payload}.{tag}");
+        assert_eq!(codec.read(&request_with(&forged), "alice", now), None);
+        let mut flipped = cookie.clone().into_bytes();
+        let last = flipped.len() - 2;
+        flipped[last] = if flipped[last] == b'A' { b'B' } else { b'A' };
+        assert_eq!(
+            codec.read(
+                &request_with(&String::from_utf8(flipped).unwrap()),
+                "alice",
+                now
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn an_expired_cookie_is_ignored() {
+        let codec = codec();
+        let then = SystemTime::now() - Duration::from_secs(7200);
+        let cookie = issued_value(&codec, "alice", then);
+        assert_eq!(
+            codec.read(&request_with(&cookie), "alice", SystemTime::now()),
+            None
+        );
+    }
+
+    #[test]
+    fn a_duplicated_or_oversized_cookie_is_ignored() {
+        let codec = codec();
+        let now = SystemTime::now();
+        let cookie = issued_value(&codec, "alice", now);
+        assert_eq!(
+            codec.read(&request_with(&format!("{cookie}; {cookie}")), "alice", now),
+            None
+        );
+        let huge = format!("session_router=v1.{}.AAAA", "A".repeat(10_000));
+        assert_eq!(codec.read(&request_with(&huge), "alice", now), None);
+    }
+
+    #[test]
+    fn removing_the_router_cookie_keeps_the_others() {
+        let mut headers = request_with("a=1; session_router=xyz; b=2");
+        headers.append(
+            http::header::COOKIE,
+            HeaderValue::from_static("session_router_dev=q"),
+        );
+        remove_cookies(&mut headers, &["session_router", "session_router_dev"]);
+        assert_eq!(headers.get_all(http::header::COOKIE).iter().count(), 1);
+        assert_eq!(headers.get(http::header::COOKIE).unwrap(), "a=1; b=2");
+        let mut only_ours = request_with("session_router=xyz");
+        remove_cookies(&mut only_ours, &["session_router"]);
+        assert!(only_ours.get(http::header::COOKIE).is_none());
+    }
+}

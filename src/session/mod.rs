@@ -1,0 +1,57 @@
+//! Sessions: which user holds which backend, since when, and whether they
+//! are still using it.
+//!
+//! - [`registry`]: the table of sessions, single-flight allocation per user.
+//! - [`cookie`]: the signed pinning cookie.
+//! - [`activity`]: last-activity tracking shared by the proxy and the reaper.
+
+pub mod activity;
+pub mod cookie;
+pub mod registry;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::SystemTime;
+
+use tokio_util::sync::CancellationToken;
+
+pub use activity::{Activity, InFlight};
+pub use registry::{Registry, SessionError};
+
+use crate::allocator::Lease;
+use crate::auth::Identity;
+
+/// One user's hold on one backend.
+pub struct Session {
+    pub identity: Identity,
+    pub lease: Lease,
+    pub allocated_at: SystemTime,
+    pub activity: Activity,
+    /// Cancelled once the backend is released, so relays still open to it
+    /// close instead of leaking into the next user's session.
+    closed: CancellationToken,
+    /// Set while a release is in progress: the session is no longer handed
+    /// to requests, but stays in the table until the release is confirmed.
+    releasing: AtomicBool,
+}
+
+impl Session {
+    pub fn new(identity: Identity, lease: Lease, allocated_at: SystemTime) -> Self {
+        Session {
+            identity,
+            lease,
+            allocated_at,
+            activity: Activity::new(),
+            closed: CancellationToken::new(),
+            releasing: AtomicBool::new(false),
+        }
+    }
+
+    /// Resolves when the session's backend has been released.
+    pub fn closed(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
+        self.closed.cancelled()
+    }
+
+    pub fn is_releasing(&self) -> bool {
+        self.releasing.load(Ordering::Acquire)
+    }
+}

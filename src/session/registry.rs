@@ -1,0 +1,251 @@
+//! The session table: `sub` → the user's [`Session`].
+//!
+//! Lookups for a known user are one `DashMap` read. The first request of a
+//! user inserts a per-user `OnceCell` and runs the allocation inside it,
+//! outside any map guard, so ten concurrent first requests cause one
+//! allocation and nobody holds a lock across the network call.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use dashmap::DashMap;
+use tokio::sync::OnceCell;
+
+use super::cookie::PinnedBackend;
+use super::Session;
+use crate::allocator::{AllocError, Allocator};
+use crate::auth::Identity;
+
+type Slot = Arc<OnceCell<Arc<Session>>>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error(transparent)]
+    Alloc(#[from] AllocError),
+    /// The user's backend is being given back right now.
+    #[error("session is being released")]
+    Releasing,
+}
+
+pub struct Registry {
+    sessions: DashMap<Arc<str>, Slot>,
+    allocator: Arc<dyn Allocator>,
+}
+
+impl Registry {
+    pub fn new(allocator: Arc<dyn Allocator>) -> Self {
+        Registry {
+            sessions: DashMap::new(),
+            allocator,
+        }
+    }
+
+    pub fn allocator(&self) -> &Arc<dyn Allocator> {
+        &self.allocator
+    }
+
+    /// The user's live session, without allocating.
+    pub fn get(&self, sub: &str) -> Option<Arc<Session>> {
+        let slot = self.sessions.get(sub)?.value().clone();
+        slot.get().cloned()
+    }
+
+    /// The user's session, re-attaching the backend their cookie names or
+    /// allocating one if they have none.
+    pub async fn get_or_allocate(
+        &self,
+        identity: &Identity,
+        pin: Option<&PinnedBackend>,
+    ) -> Result<Arc<Session>, SessionError> {
+        let slot = self
+            .sessions
+            .entry(identity.sub.clone())
+            .or_insert_with(|| Arc::new(OnceCell::new()))
+            .value()
+            .clone();
+        let result = slot
+            .get_or_try_init(|| async {
+                let lease = match pin.and_then(|pin| self.allocator.adopt(identity, pin)) {
+                    Some(lease) => {
+                        tracing::info!(user = %identity.email, backend = %lease, "re-attached backend from cookie");
+                        lease
+                    }
+                    None => {
+                        let lease = self.allocator.allocate(identity).await?;
+                        tracing::info!(user = %identity.email, backend = %lease, "allocated backend");
+                        lease
+                    }
+                };
+                Ok::<_, SessionError>(Arc::new(Session::new(identity.clone(), lease, SystemTime::now())))
+            })
+            .await;
+        match result {
+            Ok(session) if session.is_releasing() => Err(SessionError::Releasing),
+            Ok(session) => Ok(session.clone()),
+            Err(e) => {
+                // Leave no empty slot behind, unless a concurrent request
+                // has meanwhile filled it.
+                self.sessions.remove_if(&identity.sub, |_, s| {
+                    Arc::ptr_eq(s, &slot) && s.get().is_none()
+                });
+                Err(e)
+            }
+        }
+    }
+
+    /// Releases the session's backend, and only once that is confirmed
+    /// drops the record and closes the session's open streams. Returns
+    /// `false` if another release of this session is already running.
+    pub async fn release(
+        &self,
+        session: &Arc<Session>,
+        reason: &'static str,
+    ) -> Result<bool, SessionError> {
+        if session.releasing.swap(true, Ordering::AcqRel) {
+            return Ok(false);
+        }
+        if let Err(e) = self
+            .allocator
+            .release(&session.identity, &session.lease)
+            .await
+        {
+            session.releasing.store(false, Ordering::Release);
+            tracing::warn!(user = %session.identity.email, backend = %session.lease, reason, error = %e, "release failed; will retry");
+            return Err(e.into());
+        }
+        self.sessions.remove_if(&session.identity.sub, |_, slot| {
+            slot.get().is_some_and(|s| Arc::ptr_eq(s, session))
+        });
+        session.closed.cancel();
+        tracing::info!(user = %session.identity.email, backend = %session.lease, reason, "released backend");
+        Ok(true)
+    }
+
+    /// A snapshot of every live session (for the reaper and admin views).
+    pub fn sessions(&self) -> Vec<Arc<Session>> {
+        self.sessions
+            .iter()
+            .filter_map(|entry| entry.value().get().cloned())
+            .collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.sessions.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sessions.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+    use std::time::Duration;
+
+    use async_trait::async_trait;
+
+    use super::*;
+    use crate::allocator::{Lease, StaticPool};
+
+    /// A real static pool that also counts calls and is slow to allocate,
+    /// so concurrent first requests really overlap.
+    struct SlowCountingPool {
+        pool: StaticPool,
+        allocations: AtomicUsize,
+        fail_releases: std::sync::atomic::AtomicBool,
+    }
+
+    #[async_trait]
+    impl Allocator for SlowCountingPool {
+        async fn allocate(&self, user: &Identity) -> Result<Lease, AllocError> {
+            self.allocations.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            self.pool.allocate(user).await
+        }
+        fn adopt(&self, user: &Identity, pin: &PinnedBackend) -> Option<Lease> {
+            self.pool.adopt(user, pin)
+        }
+        async fn release(&self, user: &Identity, lease: &Lease) -> Result<(), AllocError> {
+            if self.fail_releases.load(Ordering::SeqCst) {
+                return Err(AllocError::Backend {
+                    backend: "test",
+                    message: "release refused".into(),
+                });
+            }
+            self.pool.release(user, lease).await
+        }
+    }
+
+    fn registry(n: usize) -> (Registry, Arc<SlowCountingPool>) {
+        let uris: Vec<http::Uri> = (0..n)
+            .map(|i| format!("http://127.0.0.1:{}", 9000 + i).parse().unwrap())
+            .collect();
+        let pool = Arc::new(SlowCountingPool {
+            pool: StaticPool::new(&uris),
+            allocations: AtomicUsize::new(0),
+            fail_releases: false.into(),
+        });
+        (Registry::new(pool.clone()), pool)
+    }
+
+    fn user(name: &str) -> Identity {
+        Identity::new(name, &format!("{name}@example.com"), None)
+    }
+
+    #[tokio::test]
+    async fn ten_concurrent_first_requests_cause_one_allocation() {
+        let (registry, pool) = registry(3);
+        let registry = Arc::new(registry);
+        let tasks: Vec<_> = (0..10)
+            .map(|_| {
+                let registry = registry.clone();
+                tokio::spawn(async move {
+                    registry
+                        .get_or_allocate(&user("alice"), None)
+                        .await
+                        .unwrap()
+                })
+            })
+            .collect();
+        let mut backends = Vec::new();
+        for task in tasks {
+            backends.push(task.await.unwrap().lease.backend.clone());
+        }
+        assert_eq!(pool.allocations.load(Ordering::SeqCst), 1);
+        assert!(backends.iter().all(|b| *b == backends[0]));
+        assert_eq!(pool.pool.free(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_failed_allocation_leaves_no_record_and_can_be_retried() {
+        let (registry, _) = registry(1);
+        registry.get_or_allocate(&user("a"), None).await.unwrap();
+        assert!(matches!(
+            registry.get_or_allocate(&user("b"), None).await,
+            Err(SessionError::Alloc(AllocError::NoCapacity))
+        ));
+        assert_eq!(registry.len(), 1);
+        let a = registry.get("a").unwrap();
+        assert!(registry.release(&a, "test").await.unwrap());
+        registry.get_or_allocate(&user("b"), None).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_record_is_kept_until_its_release_is_confirmed() {
+        let (registry, pool) = registry(1);
+        let a = registry.get_or_allocate(&user("a"), None).await.unwrap();
+        pool.fail_releases.store(true, Ordering::SeqCst);
+        assert!(registry.release(&a, "test").await.is_err());
+        assert!(
+            registry.get("a").is_some(),
+            "record survives a failed release"
+        );
+        assert!(!a.is_releasing());
+        pool.fail_releases.store(false, Ordering::SeqCst);
+        assert!(registry.release(&a, "test").await.unwrap());
+        assert!(registry.get("a").is_none());
+        assert!(a.closed.is_cancelled());
+    }
+}
