@@ -1,0 +1,171 @@
+//! Test fixtures: a router on port 0, a real IAP-like token issuer with a
+//! JWKS endpoint, stand-in pods and a client that keeps cookies only when
+//! asked to.
+#![allow(dead_code)]
+
+pub mod iap;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use session_router::allocator::StaticPool;
+use session_router::config::Config;
+use session_router::demo::DemoPod;
+use session_router::server::{serve, AppState};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+
+pub use iap::IapIssuer;
+
+pub const SECRET: &[u8] = b"test-secret-test-secret-test-secret!!";
+pub const AUDIENCE: &str = "/projects/123/global/backendServices/456";
+
+/// A router running in this process on an ephemeral loopback port.
+pub struct TestRouter {
+    pub addr: SocketAddr,
+    pub state: Arc<AppState>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestRouter {
+    /// Starts a router in `iap` mode against `issuer`, with the given pods as
+    /// its static pool. `extra` is appended to the config (its own sections).
+    pub async fn iap(issuer: &IapIssuer, pods: &[&DemoPod], session: &str) -> TestRouter {
+        let text = format!(
+            r#"
+[server]
+listen = "127.0.0.1:0"
+drain_timeout = "1s"
+[auth]
+mode = "iap"
+audiences = ["{AUDIENCE}"]
+jwks_url = "{jwks}"
+jwks_refetch_interval = "200ms"
+[session]
+retry_after = "2s"
+{session}
+[backend.static]
+upstreams = [{upstreams}]
+"#,
+            jwks = issuer.jwks_url(),
+            upstreams = upstream_list(pods),
+        );
+        TestRouter::start(&text).await
+    }
+
+    pub async fn start(text: &str) -> TestRouter {
+        let config = Config::from_toml(text, Some(SECRET.to_vec()))
+            .unwrap_or_else(|e| panic!("test config invalid:\n{e}"));
+        let listener = TcpListener::bind(config.server.listen).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let allocator = Arc::new(StaticPool::new(&config.backend.static_pool.upstreams));
+        let state = Arc::new(AppState::new(config, allocator));
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(serve(listener, state.clone(), async move {
+            let _ = stopped.await;
+        }));
+        let router = TestRouter {
+            addr,
+            state,
+            stop: Some(stop),
+            task: Some(task),
+        };
+        router.wait_ready().await;
+        router
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn ws_url(&self, path: &str) -> String {
+        format!("ws://{}{}", self.addr, path)
+    }
+
+    async fn wait_ready(&self) {
+        let client = client();
+        for _ in 0..100 {
+            if let Ok(r) = client.get(self.url("/readyz")).send().await {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("router never became ready");
+    }
+
+    /// Stops the router and waits for its drain to finish.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for TestRouter {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+pub fn upstream_list(pods: &[&DemoPod]) -> String {
+    pods.iter()
+        .map(|p| format!("{:?}", p.url()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Starts `n` stand-in pods named `pod-1` … `pod-n`.
+pub async fn pods(n: usize) -> Vec<DemoPod> {
+    let mut pods = Vec::new();
+    for i in 1..=n {
+        pods.push(DemoPod::start(&format!("pod-{i}")).await.unwrap());
+    }
+    pods
+}
+
+/// An HTTP client that never follows redirects and keeps no cookies.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+/// The `name=value` part of the router's `Set-Cookie`, if the response set it.
+pub fn set_cookie(response: &reqwest::Response, name: &str) -> Option<String> {
+    response
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(|v| v.split(';').next().unwrap_or("").to_string())
+        .find(|pair| pair.starts_with(&format!("{name}=")))
+}
+
+/// Polls `check` every 50 ms until it holds or `within` passes.
+pub async fn eventually<F, Fut>(within: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if check().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
