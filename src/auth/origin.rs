@@ -16,7 +16,7 @@ pub fn check(headers: &HeaderMap, allowed: &[String]) -> Result<(), String> {
         .to_str()
         .unwrap_or("<not ascii>")
         .to_ascii_lowercase();
-    if allowed.iter().any(|a| *a == origin) {
+    if allowed.contains(&origin) {
         return Ok(());
     }
     let host = headers
