@@ -87,7 +87,8 @@ fn serve(path: &std::path::Path) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(config.server.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.server.listen))?;
-        tracing::info!(listen = %config.server.listen, auth = ?config.auth.mode, backend = ?config.backend.kind, "session-router started");
+        let bound = listener.local_addr().context("cannot read the bound address")?;
+        tracing::info!(listen = %bound, auth = ?config.auth.mode, backend = ?config.backend.kind, "session-router listening");
         session_router::run(listener, config, shutdown_signal()).await;
         Ok(())
     })
