@@ -389,7 +389,13 @@ fn read_session(
         problems.push(Problem::new(&idle_key, "must be at least 1s".into()));
     }
     let paths_key = session.key("activity_ignore_paths");
-    let activity_ignore_paths = session.strings("activity_ignore_paths", problems);
+    // The WebUI's own liveness probe is never a person: ignored unless the
+    // operator lists the paths themselves.
+    let activity_ignore_paths = if session.is_present("activity_ignore_paths") {
+        session.strings("activity_ignore_paths", problems)
+    } else {
+        vec!["/internal/ping".to_string()]
+    };
     for (i, p) in activity_ignore_paths.iter().enumerate() {
         if !p.starts_with('/') {
             problems.push(Problem::new(
@@ -551,6 +557,10 @@ mod tests {
         assert_eq!(c.auth.leeway, Duration::from_secs(30));
         assert_eq!(c.session.idle_timeout, Duration::from_secs(900));
         assert_eq!(c.session.cookie_name, "session_router");
+        assert_eq!(
+            c.session.activity_ignore_paths,
+            vec!["/internal/ping".to_string()]
+        );
         assert_eq!(c.backend.static_pool.upstreams.len(), 1);
     }
 

@@ -3,6 +3,7 @@
 //! asked to.
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod iap;
 
 use std::net::SocketAddr;
