@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -36,6 +36,8 @@ struct Shared {
     /// Console messages, browser log entries and uncaught exceptions, as
     /// one line each: printed when a test fails.
     log: Mutex<Vec<String>>,
+    /// Whether a failure message already carried the log.
+    reported: AtomicBool,
 }
 
 /// A running headless Chromium with one page attached.
@@ -170,11 +172,8 @@ impl Browser {
                 self.diagnostics()
             );
         }
-        self.wait_for(
-            "document.readyState === 'complete'",
-            Duration::from_secs(15),
-        )
-        .await;
+        self.wait_for("document.readyState === 'complete'", Duration::from_secs(15))
+            .await;
     }
 
     /// The value of the JavaScript expression `js` (promises awaited), or
@@ -190,10 +189,7 @@ impl Browser {
         if let Some(exception) = result.get("exceptionDetails") {
             return Err(format!("`{js}` threw: {exception}"));
         }
-        Ok(result
-            .pointer("/result/value")
-            .cloned()
-            .unwrap_or(Value::Null))
+        Ok(result.pointer("/result/value").cloned().unwrap_or(Value::Null))
     }
 
     /// Like [`Browser::try_eval`], failing the test on an error.
@@ -220,13 +216,12 @@ impl Browser {
     /// (the page is being replaced, say) count as "not yet".
     pub async fn wait_for(&self, js: &str, within: Duration) {
         let deadline = tokio::time::Instant::now() + within;
-        let mut last = String::from("never evaluated");
         loop {
-            match self.try_eval(&format!("!!({js})")).await {
+            let last = match self.try_eval(&format!("!!({js})")).await {
                 Ok(Value::Bool(true)) => return,
-                Ok(other) => last = format!("evaluated to {other}"),
-                Err(e) => last = e,
-            }
+                Ok(other) => format!("evaluated to {other}"),
+                Err(e) => e,
+            };
             if tokio::time::Instant::now() >= deadline {
                 let page = self.describe_page().await;
                 panic!(
@@ -241,9 +236,7 @@ impl Browser {
 
     /// The current page as PNG bytes.
     pub async fn screenshot_png(&self) -> Vec<u8> {
-        let result = self
-            .call("Page.captureScreenshot", json!({ "format": "png" }))
-            .await;
+        let result = self.call("Page.captureScreenshot", json!({ "format": "png" })).await;
         let data = result["data"].as_str().expect("screenshot data");
         B64.decode(data).expect("screenshot is base64")
     }
@@ -268,7 +261,9 @@ impl Browser {
         self.shared.log.lock().unwrap().clone()
     }
 
+    /// The log, for a failure message.
     fn diagnostics(&self) -> String {
+        self.shared.reported.store(true, Ordering::Relaxed);
         let log = self.log();
         if log.is_empty() {
             format!("{}: nothing in the browser console", self.name)
@@ -280,7 +275,7 @@ impl Browser {
 
 impl Drop for Browser {
     fn drop(&mut self) {
-        if std::thread::panicking() {
+        if std::thread::panicking() && !self.shared.reported.load(Ordering::Relaxed) {
             eprintln!("{}", self.diagnostics());
         }
         self.reader.abort();
@@ -349,10 +344,7 @@ fn dispatch(shared: &Shared, message: Value) {
             )
         }
         Some("Page.frameNavigated") if params["frame"]["parentId"].is_null() => {
-            format!(
-                "navigated to {}",
-                params["frame"]["url"].as_str().unwrap_or("?")
-            )
+            format!("navigated to {}", params["frame"]["url"].as_str().unwrap_or("?"))
         }
         _ => return,
     };

@@ -57,8 +57,8 @@ upstreams = [{upstreams}]
     }
 
     pub async fn start(text: &str) -> TestRouter {
-        let config = Config::from_toml(text, Some(SECRET.to_vec()))
-            .unwrap_or_else(|e| panic!("test config invalid:\n{e}"));
+        let config =
+            Config::from_toml(text, Some(SECRET.to_vec())).unwrap_or_else(|e| panic!("test config invalid:\n{e}"));
         let listener = TcpListener::bind(config.server.listen).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let allocator = Arc::new(StaticPool::new(&config.backend.static_pool.upstreams));

@@ -1,0 +1,227 @@
+//! `session-router demo` as people see it: the real binary, in real headless
+//! Chromium browsers, one per person so that nobody shares cookies.
+//!
+//! Needs Debian's `chromium` package. Without it the test is skipped, except
+//! on CI (`CI` set), where it fails.
+
+mod support;
+
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use support::browser::{chromium_available, Browser, CHROMIUM};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+const ECHO: &str = "echoed: hello from the browser";
+
+/// The `session-router demo` process, with what it printed kept for failure
+/// messages.
+struct Demo {
+    url: String,
+    output: Arc<Mutex<Vec<String>>>,
+    _child: Child,
+}
+
+impl Demo {
+    /// Starts the demo with two pods and a 3 s idle timeout and waits for
+    /// it to say where to go.
+    async fn start() -> Demo {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_session-router"))
+            .args(["demo", "--listen", "127.0.0.1:0", "--pods", "2", "--idle-timeout", "3s"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start session-router demo");
+        let output = Arc::new(Mutex::new(Vec::new()));
+        let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+        let stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+        tokio::spawn(keep_lines(stderr, output.clone()));
+
+        let url = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Ok(Some(line)) = stdout.next_line().await {
+                output.lock().unwrap().push(line.clone());
+                let url = line
+                    .strip_prefix("Open ")
+                    .and_then(|rest| rest.split_whitespace().next());
+                if let Some(url) = url {
+                    return Some(url.to_string());
+                }
+            }
+            None
+        })
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| {
+            panic!(
+                "the demo never printed its address; it printed:\n{}",
+                output.lock().unwrap().join("\n")
+            )
+        });
+        tokio::spawn(keep_lines(stdout, output.clone()));
+        assert!(url.starts_with("http://127.0.0.1:"), "demo address {url}");
+        Demo {
+            url,
+            output,
+            _child: child,
+        }
+    }
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "session-router demo output:\n  {}",
+                self.output.lock().unwrap().join("\n  ")
+            );
+        }
+    }
+}
+
+async fn keep_lines<R: tokio::io::AsyncBufRead + Unpin>(mut lines: tokio::io::Lines<R>, into: Arc<Mutex<Vec<String>>>) {
+    while let Ok(Some(line)) = lines.next_line().await {
+        into.lock().unwrap().push(line);
+    }
+}
+
+/// Opens the demo, lands on the sign-in form, types `name` and submits it,
+/// then waits for whatever page the router sends the browser on to.
+async fn sign_in(browser: &Browser, demo: &Demo, name: &str) {
+    browser.goto(&demo.url).await;
+    // Not signed in: the router sends the browser to its sign-in form,
+    // remembering where it was heading.
+    browser
+        .wait_for(
+            "location.pathname === '/_router/dev/login' \
+             && new URLSearchParams(location.search).get('next') === '/' \
+             && document.querySelector('input[name=name]')",
+            Duration::from_secs(10),
+        )
+        .await;
+    browser
+        .eval("document.querySelector('input[name=name]').focus(); true")
+        .await;
+    browser.call("Input.insertText", json!({ "text": name })).await;
+    browser
+        .eval(
+            "document.querySelector('form[action=\"/_router/dev/login\"] button[type=submit]')\
+             .click(); true",
+        )
+        .await;
+    browser
+        .wait_for(
+            "location.pathname === '/' && document.readyState === 'complete'",
+            Duration::from_secs(10),
+        )
+        .await;
+}
+
+/// The HTTP status the current page was served with.
+async fn status(browser: &Browser) -> u64 {
+    browser
+        .eval("performance.getEntriesByType('navigation')[0].responseStatus")
+        .await
+        .as_u64()
+        .unwrap_or(0)
+}
+
+/// Checks the browser shows a pod page for `name` whose WebSocket echoed
+/// through the router, and returns the pod's name.
+async fn assert_on_own_pod(browser: &Browser, name: &str) -> String {
+    browser
+        .wait_for("document.querySelector('#pod')", Duration::from_secs(10))
+        .await;
+    assert_eq!(status(browser).await, 200, "{name}'s pod page status");
+    let pod = browser.text("#pod").await.unwrap_or_default();
+    assert!(pod.starts_with("demo-pod-"), "{name} is on {pod:?}");
+    assert_eq!(
+        browser.text("#user").await.as_deref(),
+        Some(format!("{name}@dev.localhost").as_str()),
+        "the pod says whom the router told it it serves"
+    );
+    browser
+        .wait_for(
+            &format!("document.querySelector('#ws').textContent === {}", json!(ECHO)),
+            Duration::from_secs(10),
+        )
+        .await;
+    pod
+}
+
+/// Keeps the page busy like a person at work: a message over its WebSocket
+/// every half second, so its pod is not idle.
+async fn keep_busy(browser: &Browser) {
+    browser
+        .eval("setInterval(() => ws.send('still here'), 500); true")
+        .await;
+}
+
+#[tokio::test]
+async fn demo_routes_each_signed_in_person_to_their_own_pod_in_a_real_browser() {
+    if !chromium_available() {
+        if std::env::var_os("CI").is_some() {
+            panic!("{CHROMIUM} is missing; CI must install the `chromium` package");
+        }
+        eprintln!("SKIPPED: {CHROMIUM} not found; `apt-get install chromium` to run this test");
+        return;
+    }
+    let demo = Demo::start().await;
+    let (alice, bob, carol) = tokio::join!(
+        Browser::launch("alice"),
+        Browser::launch("bob"),
+        Browser::launch("carol"),
+    );
+
+    sign_in(&alice, &demo, "alice").await;
+    let alice_pod = assert_on_own_pod(&alice, "alice").await;
+    keep_busy(&alice).await;
+    let screenshot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("browser_demo_alice.png");
+    std::fs::write(&screenshot, alice.screenshot_png().await).unwrap();
+    println!("alice's pod page: {}", screenshot.display());
+
+    sign_in(&bob, &demo, "bob").await;
+    let bob_pod = assert_on_own_pod(&bob, "bob").await;
+    keep_busy(&bob).await;
+    assert_ne!(alice_pod, bob_pod, "alice and bob share a pod");
+
+    // Both pods are taken: carol waits, on a page that refreshes itself.
+    sign_in(&carol, &demo, "carol").await;
+    assert_eq!(
+        carol.eval("document.title").await,
+        Value::from("Waiting for a free GPU")
+    );
+    assert_eq!(carol.text("h1").await.as_deref(), Some("Waiting for a free GPU"));
+    assert_eq!(status(&carol).await, 503, "the waiting page's status");
+    assert!(
+        carol.eval("!!document.querySelector('meta[http-equiv=refresh]')").await == Value::Bool(true),
+        "the waiting page refreshes itself"
+    );
+    assert_eq!(
+        alice.text("#user").await.as_deref(),
+        Some("alice@dev.localhost"),
+        "alice keeps her pod while carol waits"
+    );
+
+    // Alice and bob leave. Once their pods have been idle for 3 s, carol's
+    // next automatic refresh gets one; nobody touches her browser.
+    drop(alice);
+    drop(bob);
+    carol
+        .wait_for(
+            "document.querySelector('#user') \
+             && document.querySelector('#user').textContent === 'carol@dev.localhost'",
+            Duration::from_secs(15),
+        )
+        .await;
+    let carol_pod = assert_on_own_pod(&carol, "carol").await;
+    assert!(
+        carol_pod == alice_pod || carol_pod == bob_pod,
+        "carol got {carol_pod}, not one of the demo's pods"
+    );
+}
