@@ -41,9 +41,7 @@ struct Failure(Arc<RouterError>);
 impl RouterError {
     pub fn status(&self) -> StatusCode {
         match self {
-            RouterError::Auth(AuthError::NotAllowed(_)) | RouterError::CrossOrigin(_) => {
-                StatusCode::FORBIDDEN
-            }
+            RouterError::Auth(AuthError::NotAllowed(_)) | RouterError::CrossOrigin(_) => StatusCode::FORBIDDEN,
             RouterError::Auth(AuthError::KeysUnavailable) => StatusCode::SERVICE_UNAVAILABLE,
             RouterError::Auth(AuthError::SignInRequired) => StatusCode::SEE_OTHER,
             RouterError::Auth(_) => StatusCode::UNAUTHORIZED,
@@ -69,11 +67,7 @@ pub struct ErrorPages {
 }
 
 /// Logs and renders every [`RouterError`] returned below this layer.
-pub async fn render_errors(
-    State(settings): State<ErrorPages>,
-    request: Request,
-    next: Next,
-) -> Response {
+pub async fn render_errors(State(settings): State<ErrorPages>, request: Request, next: Next) -> Response {
     let wants_html = pages::wants_html(request.headers());
     let uri = request.uri().clone();
     let mut response = next.run(request).await;
@@ -81,8 +75,7 @@ pub async fn render_errors(
         return response;
     };
     match &*error {
-        RouterError::Proxy(_)
-        | RouterError::Session(SessionError::Alloc(AllocError::Backend { .. })) => {
+        RouterError::Proxy(_) | RouterError::Session(SessionError::Alloc(AllocError::Backend { .. })) => {
             tracing::warn!(path = uri.path(), error = %error, "request failed")
         }
         RouterError::Auth(e) => {
@@ -93,13 +86,10 @@ pub async fn render_errors(
     let retry = settings.retry_after;
     let mut page = match &*error {
         RouterError::Auth(AuthError::SignInRequired) if wants_html => pages::sign_in_redirect(&uri),
-        RouterError::Auth(AuthError::NotAllowed(_)) => pages::forbidden(
-            wants_html,
-            "Your account is not allowed to use this service.",
-        ),
-        RouterError::CrossOrigin(_) => {
-            pages::forbidden(wants_html, "Cross-site requests are not allowed.")
+        RouterError::Auth(AuthError::NotAllowed(_)) => {
+            pages::forbidden(wants_html, "Your account is not allowed to use this service.")
         }
+        RouterError::CrossOrigin(_) => pages::forbidden(wants_html, "Cross-site requests are not allowed."),
         RouterError::Auth(AuthError::KeysUnavailable) => pages::starting_up(wants_html, retry),
         RouterError::Auth(_) => pages::unauthorized(),
         RouterError::Session(_) => pages::waiting(wants_html, retry),
@@ -108,8 +98,7 @@ pub async fn render_errors(
     };
     // Keep any cookie the handler already set.
     for value in response.headers().get_all(http::header::SET_COOKIE) {
-        page.headers_mut()
-            .append(http::header::SET_COOKIE, value.clone());
+        page.headers_mut().append(http::header::SET_COOKIE, value.clone());
     }
     page
 }

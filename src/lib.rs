@@ -14,7 +14,7 @@
 //! | [`config`] | TOML + environment → a validated [`config::Config`]; every problem named by key |
 //! | [`auth`] | IAP JWT verification (`iap`, `jwks`), dev sign-in, allowlists, origin checks |
 //! | [`session`] | the session table (single-flight allocation), signed pinning cookie, activity |
-//! | [`allocator`] | the `Allocator` trait and its backends (`static` pool) |
+//! | [`allocator`] | the `Allocator` trait and its backends: `static` pool, Agones (Kubernetes API or allocator service) |
 //! | [`proxy`] | streaming forwarder, header rules, WebSocket relay |
 //! | [`reaper`] | idle and max-lifetime release |
 //! | [`routes`] | request handlers: the proxy path and `/_router/*`, `/healthz`, `/readyz` |
@@ -40,20 +40,25 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 
-use crate::allocator::{Allocator, StaticPool};
+use crate::allocator::agones::Agones;
+use crate::allocator::{AllocError, Allocator, StaticPool};
 use crate::config::{BackendKind, Config};
 use crate::server::AppState;
 
 /// Runs the router described by `config` on an already bound `listener`
 /// until `shutdown` resolves, then drains.
-pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Output = ()>) {
-    let allocator: Arc<dyn Allocator> = match config.backend.kind {
+pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Output = ()>) -> Result<(), AllocError> {
+    let allocator = connect_backend(&config).await?;
+    server::serve(listener, Arc::new(AppState::new(config, allocator)), shutdown).await;
+    Ok(())
+}
+
+/// The allocator `config.backend` describes, connected.
+pub async fn connect_backend(config: &Config) -> Result<Arc<dyn Allocator>, AllocError> {
+    Ok(match config.backend.kind {
         BackendKind::Static => Arc::new(StaticPool::new(&config.backend.static_pool.upstreams)),
-    };
-    server::serve(
-        listener,
-        Arc::new(AppState::new(config, allocator)),
-        shutdown,
-    )
-    .await
+        kind @ (BackendKind::Agones | BackendKind::AgonesAllocator) => {
+            Arc::new(Agones::connect(&config.backend.agones, kind).await?)
+        }
+    })
 }

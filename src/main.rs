@@ -12,10 +12,7 @@ use session_router::config::{Config, ConfigError};
 use session_router::demo::{self, DemoOptions};
 
 #[derive(Parser)]
-#[command(
-    version,
-    about = "One dedicated GPU backend per signed-in user, behind Cloud IAP."
-)]
+#[command(version, about = "One dedicated GPU backend per signed-in user, behind Cloud IAP.")]
 struct Cli {
     /// Log format: `json` (one object a line, for Cloud Logging) or `text`.
     #[arg(long, global = true, default_value = "text", value_parser = ["json", "text"])]
@@ -81,15 +78,14 @@ fn check_config(path: &std::path::Path) -> ExitCode {
 }
 
 fn serve(path: &std::path::Path) -> anyhow::Result<()> {
-    let config = Config::load(path)
-        .map_err(|e| anyhow::anyhow!("invalid configuration {}:\n{e}", path.display()))?;
+    let config = Config::load(path).map_err(|e| anyhow::anyhow!("invalid configuration {}:\n{e}", path.display()))?;
     runtime()?.block_on(async {
         let listener = tokio::net::TcpListener::bind(config.server.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.server.listen))?;
         let bound = listener.local_addr().context("cannot read the bound address")?;
         tracing::info!(listen = %bound, auth = ?config.auth.mode, backend = ?config.backend.kind, "session-router listening");
-        session_router::run(listener, config, shutdown_signal()).await;
+        session_router::run(listener, config, shutdown_signal()).await?;
         Ok(())
     })
 }

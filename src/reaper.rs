@@ -1,19 +1,32 @@
 //! Gives idle backends back. A session is due when nothing has moved for
-//! `idle_timeout` (and no request awaits a response), or when it has lived
-//! past `max_lifetime`. The registry confirms each release before it forgets
-//! the session; a failed release is retried on the next pass.
+//! `idle_timeout` here (and no request awaits a response) nor, as far as the
+//! backend records, on any other replica; or when it has lived past
+//! `max_lifetime`. The registry confirms each release before it forgets the
+//! session; a failed release is retried on the next pass.
+//!
+//! Each pass also shares this replica's recent activity with the others
+//! (at most once per `activity_sync_interval` per user) and lets the
+//! allocator sweep backends no replica holds.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
+
+use futures_util::StreamExt;
 
 use tokio_util::sync::CancellationToken;
 
 use crate::server::AppState;
 use crate::session::Session;
 
-/// Why a session is due for release, if it is.
+/// At most this many backend calls (activity records, releases) at once.
+const CONCURRENT_CALLS: usize = 8;
+
+/// Why a session is due for release, if it is. `elsewhere` is the newest
+/// activity other replicas recorded.
 fn due(
     session: &Session,
+    elsewhere: Option<SystemTime>,
     idle_timeout: Duration,
     max_lifetime: Duration,
     now: SystemTime,
@@ -22,7 +35,9 @@ fn due(
     if !max_lifetime.is_zero() && age >= max_lifetime {
         return Some("max_lifetime");
     }
-    (session.activity.idle_for() >= idle_timeout).then_some("idle")
+    let idle_here = session.activity.idle_for() >= idle_timeout;
+    let idle_elsewhere = elsewhere.is_none_or(|seen| now.duration_since(seen).unwrap_or_default() >= idle_timeout);
+    (idle_here && idle_elsewhere).then_some("idle")
 }
 
 /// How often sessions are checked: a tenth of the idle timeout, within
@@ -32,29 +47,50 @@ fn period(idle_timeout: Duration) -> Duration {
 }
 
 pub async fn run(state: Arc<AppState>, stop: CancellationToken) {
-    let session_config = &state.config.session;
-    let mut ticker = tokio::time::interval(period(session_config.idle_timeout));
+    let mut ticker = tokio::time::interval(period(state.config.session.idle_timeout));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
             _ = stop.cancelled() => return,
         }
-        let now = SystemTime::now();
-        for session in state.registry.sessions() {
-            let Some(reason) = due(
-                &session,
+        pass(&state).await;
+    }
+}
+
+async fn pass(state: &AppState) {
+    let session_config = &state.config.session;
+    let allocator = state.registry.allocator();
+    let sync_interval = state.config.backend.agones.activity_sync_interval;
+    let now = SystemTime::now();
+    let sessions = state.registry.sessions();
+    futures_util::stream::iter(&sessions)
+        .for_each_concurrent(CONCURRENT_CALLS, |session| async move {
+            let elsewhere = allocator.activity_elsewhere(&session.lease);
+            if let Some(reason) = due(
+                session,
+                elsewhere,
                 session_config.idle_timeout,
                 session_config.max_lifetime,
                 now,
-            ) else {
-                continue;
-            };
-            // Errors are logged by the registry; the session stays and the
-            // next pass retries.
-            let _ = state.registry.release(&session, reason).await;
-        }
-    }
+            ) {
+                // Errors are logged by the registry; the session stays and
+                // the next pass retries.
+                let _ = state.registry.release(session, reason).await;
+            } else if let Some(at) = session.activity.unshared(sync_interval) {
+                if let Err(e) = allocator.record_activity(&session.lease, at).await {
+                    tracing::warn!(backend = %session.lease, error = %e, "could not record activity");
+                }
+            }
+        })
+        .await;
+    let held_here: HashSet<Arc<str>> = state
+        .registry
+        .sessions()
+        .iter()
+        .map(|s| s.lease.backend.clone())
+        .collect();
+    allocator.sweep(session_config.idle_timeout, &held_here).await;
 }
 
 #[cfg(test)]
@@ -78,22 +114,12 @@ mod tests {
     async fn a_session_is_due_after_its_idle_timeout() {
         let s = session(SystemTime::now());
         assert_eq!(
-            due(
-                &s,
-                Duration::from_secs(60),
-                Duration::ZERO,
-                SystemTime::now()
-            ),
+            due(&s, None, Duration::from_secs(60), Duration::ZERO, SystemTime::now()),
             None
         );
         tokio::time::advance(Duration::from_secs(61)).await;
         assert_eq!(
-            due(
-                &s,
-                Duration::from_secs(60),
-                Duration::ZERO,
-                SystemTime::now()
-            ),
+            due(&s, None, Duration::from_secs(60), Duration::ZERO, SystemTime::now()),
             Some("idle")
         );
     }
@@ -103,22 +129,34 @@ mod tests {
         let s = session(SystemTime::now() - Duration::from_secs(7200));
         s.activity.touch();
         assert_eq!(
-            due(
-                &s,
-                Duration::from_secs(60),
-                Duration::ZERO,
-                SystemTime::now()
-            ),
+            due(&s, None, Duration::from_secs(60), Duration::ZERO, SystemTime::now()),
             None
         );
         assert_eq!(
             due(
                 &s,
+                None,
                 Duration::from_secs(60),
                 Duration::from_secs(3600),
                 SystemTime::now()
             ),
             Some("max_lifetime")
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn activity_on_another_replica_keeps_a_session() {
+        let s = session(SystemTime::now());
+        tokio::time::advance(Duration::from_secs(61)).await;
+        let now = SystemTime::now();
+        let minute = Duration::from_secs(60);
+        assert_eq!(
+            due(&s, Some(now - Duration::from_secs(10)), minute, Duration::ZERO, now),
+            None
+        );
+        assert_eq!(
+            due(&s, Some(now - Duration::from_secs(120)), minute, Duration::ZERO, now),
+            Some("idle")
         );
     }
 

@@ -10,14 +10,14 @@ use axum::extract::{Query, Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Form, Json};
 use http::header::SET_COOKIE;
-use http::{HeaderMap, StatusCode};
+use http::{HeaderMap, Method, StatusCode};
 use serde::Deserialize;
 use serde_json::json;
 
 use crate::auth::{origin, Identity};
 use crate::error::RouterError;
 use crate::pages::{self, escape};
-use crate::proxy::{headers::is_upgrade, Exchange};
+use crate::proxy::{headers::is_upgrade, Exchange, ProxyError};
 use crate::server::{AppState, ClientAddr};
 use crate::session::cookie::{set_cookie, unix};
 use crate::session::Session;
@@ -36,25 +36,37 @@ pub async fn proxy(
     }
     let now = SystemTime::now();
     let pin = state.cookies.read(request.headers(), &identity.sub, now);
-    let session = state
-        .registry
-        .get_or_allocate(&identity, pin.as_ref())
-        .await?;
+    let mut session = state.registry.get_or_allocate(&identity, pin.as_ref()).await?;
     let counts_as_activity = state.counts_as_activity(request.uri().path());
-    let mut response = state
-        .forwarder
-        .forward(
-            request,
-            Exchange {
+    // Backends that can be replaced (pods) are replaced when they refuse
+    // connections; a request that can be sent again is, once.
+    let replaceable = state.registry.allocator().replaces_unreachable();
+    let replay = if replaceable { replayable(&request) } else { None };
+    let exchange = Exchange {
+        session: &session,
+        client_ip: client.ip(),
+        counts_as_activity,
+    };
+    let first = state.forwarder.forward(request, exchange).await;
+    let mut response = match first {
+        Err(unreachable @ ProxyError::Connect { .. }) if replaceable => {
+            tracing::warn!(user = %identity.email, backend = %session.lease, error = %unreachable, "backend unreachable; replacing it");
+            state.registry.release(&session, "dead_pod").await?;
+            let Some(request) = replay else {
+                return Err(unreachable.into());
+            };
+            session = state.registry.get_or_allocate(&identity, None).await?;
+            let exchange = Exchange {
                 session: &session,
                 client_ip: client.ip(),
                 counts_as_activity,
-            },
-        )
-        .await?;
+            };
+            state.forwarder.forward(request, exchange).await?
+        }
+        result => result?,
+    };
     let fresh = pin.is_some_and(|p| {
-        *p.backend == *session.lease.backend
-            && p.expires > unix(now) + state.config.session.cookie_ttl.as_secs() / 2
+        *p.backend == *session.lease.backend && p.expires > unix(now) + state.config.session.cookie_ttl.as_secs() / 2
     });
     if !fresh {
         let cookie = state.cookies.issue(
@@ -67,6 +79,25 @@ pub async fn proxy(
         response.headers_mut().append(SET_COOKIE, cookie);
     }
     Ok(response)
+}
+
+/// A copy of the request to send again if the first attempt never reached
+/// the backend: only for idempotent methods without a body.
+fn replayable(request: &Request) -> Option<Request> {
+    let idempotent = matches!(
+        *request.method(),
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    );
+    if !idempotent || !http_body::Body::is_end_stream(request.body()) {
+        return None;
+    }
+    let mut copy = Request::new(axum::body::Body::empty());
+    *copy.method_mut() = request.method().clone();
+    *copy.uri_mut() = request.uri().clone();
+    *copy.version_mut() = request.version();
+    *copy.headers_mut() = request.headers().clone();
+    *copy.extensions_mut() = request.extensions().clone();
+    Some(copy)
 }
 
 /// Load-balancer and kubelet liveness: no token, no detail.
@@ -103,11 +134,7 @@ pub async fn status(State(state): Shared, headers: HeaderMap) -> Result<Response
     Ok(status_page(&identity, session.as_deref(), idle_timeout).into_response())
 }
 
-fn status_page(
-    identity: &Identity,
-    session: Option<&Session>,
-    idle_timeout: u64,
-) -> axum::response::Html<String> {
+fn status_page(identity: &Identity, session: Option<&Session>, idle_timeout: u64) -> axum::response::Html<String> {
     let user = escape(&identity.email);
     let body = match session {
         Some(s) => format!(
@@ -146,9 +173,7 @@ pub async fn release(State(state): Shared, headers: HeaderMap) -> Result<Respons
     } else {
         Json(json!({ "released": released })).into_response()
     };
-    response
-        .headers_mut()
-        .append(SET_COOKIE, state.cookies.clear());
+    response.headers_mut().append(SET_COOKIE, state.cookies.clear());
     Ok(response)
 }
 
@@ -196,20 +221,13 @@ pub async fn dev_sign_in(
         ));
     };
     let mut response = pages::redirect(&next);
-    let cookie = set_cookie(
-        dev.cookie_name(),
-        &value,
-        Some(state.config.session.cookie_ttl),
-    );
+    let cookie = set_cookie(dev.cookie_name(), &value, Some(state.config.session.cookie_ttl));
     response.headers_mut().append(SET_COOKIE, cookie);
     Ok(response)
 }
 
 /// Dev mode: forgets the signed-in name (the backend stays until idle).
-pub async fn dev_sign_out(
-    State(state): Shared,
-    headers: HeaderMap,
-) -> Result<Response, RouterError> {
+pub async fn dev_sign_out(State(state): Shared, headers: HeaderMap) -> Result<Response, RouterError> {
     let Some(dev) = state.auth.dev() else {
         return Err(RouterError::NotFound);
     };
@@ -235,22 +253,13 @@ fn sign_in_page(status: StatusCode, next: &str, error: Option<&str>) -> Response
 <p class="muted">This page exists only in <code>auth.mode = "dev"</code>. In production, Cloud IAP signs users in.</p>"#,
         next = escape(next),
     );
-    (
-        status,
-        axum::response::Html(pages::document("Sign in", &body, None)),
-    )
-        .into_response()
+    (status, axum::response::Html(pages::document("Sign in", &body, None))).into_response()
 }
 
 /// Only a local absolute path may be a redirect target (no `//host`).
 fn safe_next(next: Option<&str>) -> String {
     match next {
-        Some(n)
-            if n.starts_with('/')
-                && !n.starts_with("//")
-                && !n.starts_with("/\\")
-                && !n.contains(['\r', '\n']) =>
-        {
+        Some(n) if n.starts_with('/') && !n.starts_with("//") && !n.starts_with("/\\") && !n.contains(['\r', '\n']) => {
             n.to_string()
         }
         _ => "/".to_string(),

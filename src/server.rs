@@ -98,21 +98,14 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/_router/{*rest}", any(routes::not_found))
         .fallback(routes::proxy)
         // Outermost: turns every RouterError below into a logged, rendered page.
-        .layer(axum::middleware::from_fn_with_state(
-            error_pages,
-            render_errors,
-        ))
+        .layer(axum::middleware::from_fn_with_state(error_pages, render_errors))
         .with_state(state)
 }
 
 /// Runs the router on `listener` until `shutdown` resolves, then drains:
 /// stops accepting, lets in-flight requests and open streams finish for up
 /// to `server.drain_timeout`, and closes what is left.
-pub async fn serve(
-    listener: TcpListener,
-    state: Arc<AppState>,
-    shutdown: impl Future<Output = ()>,
-) {
+pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: impl Future<Output = ()>) {
     let background = CancellationToken::new();
     let tasks = TaskTracker::new();
     if let Some(keys) = state.auth.key_store() {
@@ -141,12 +134,10 @@ pub async fn serve(
             _ = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let service = app
-            .clone()
-            .map_request(move |mut request: http::Request<Incoming>| {
-                request.extensions_mut().insert(ClientAddr(peer));
-                request
-            });
+        let service = app.clone().map_request(move |mut request: http::Request<Incoming>| {
+            request.extensions_mut().insert(ClientAddr(peer));
+            request
+        });
         let drain = drain.clone();
         let force_close = force_close.clone();
         connections.spawn(async move {
@@ -188,10 +179,7 @@ pub async fn serve(
     drain.cancel();
     connections.close();
     let started = tokio::time::Instant::now();
-    if tokio::time::timeout(drain_timeout, connections.wait())
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(drain_timeout, connections.wait()).await.is_err() {
         tracing::warn!(
             open = connections.len(),
             "connections still open after the drain period; closing them"

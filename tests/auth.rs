@@ -42,13 +42,11 @@ async fn every_kind_of_bad_token_gets_the_same_bare_401() {
     let tampered = {
         let mut parts: Vec<String> = valid.split('.').map(String::from).collect();
         let payload = String::from_utf8(
-            base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, &parts[1])
-                .unwrap(),
+            base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, &parts[1]).unwrap(),
         )
         .unwrap()
         .replace("alice", "mallory");
-        parts[1] =
-            base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, payload);
+        parts[1] = base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, payload);
         parts.join(".")
     };
     let cases: Vec<(&str, String)> = vec![
@@ -70,28 +68,20 @@ async fn every_kind_of_bad_token_gets_the_same_bare_401() {
             alice().claim("iss", json!("https://evil.example")).sign(),
         ),
         ("alg none", alice().unsigned()),
-        (
-            "HS256 keyed with the public key",
-            alice().sign_hs256_with_public_key(),
-        ),
+        ("HS256 keyed with the public key", alice().sign_hs256_with_public_key()),
         ("unknown kid", alice().kid("no-such-key").sign()),
         (
             "signed by a stranger's key under a known kid",
             alice().signed_by(&stranger).sign(),
         ),
         ("tampered payload", tampered),
-        (
-            "issued in the future",
-            alice().claim("iat", json!(now() + 3600)).sign(),
-        ),
+        ("issued in the future", alice().claim("iat", json!(now() + 3600)).sign()),
         ("no exp", alice().without("exp").sign()),
         ("no iat", alice().without("iat").sign()),
         ("no aud", alice().without("aud").sign()),
         (
             "exp as a string",
-            alice()
-                .claim("exp", json!((now() + 600).to_string()))
-                .sign(),
+            alice().claim("exp", json!((now() + 600).to_string())).sign(),
         ),
         ("not a jwt", "garbage".to_string()),
     ];
@@ -108,10 +98,7 @@ async fn every_kind_of_bad_token_gets_the_same_bare_401() {
         bodies.iter().all(|b| *b == missing_body),
         "401 bodies differ, leaking the reason: {bodies:?}"
     );
-    assert!(
-        !missing_body.to_lowercase().contains("token"),
-        "{missing_body}"
-    );
+    assert!(!missing_body.to_lowercase().contains("token"), "{missing_body}");
     // And the valid one still works.
     assert_eq!(whoami(&router, Some(&valid)).await.status(), 200);
 }
@@ -175,11 +162,7 @@ async fn a_rotated_in_key_is_picked_up_without_a_restart() {
         .token("accounts.google.com:alice", "alice@example.com")
         .signed_by(&rotated)
         .sign();
-    assert_eq!(
-        whoami(&router, Some(&token)).await.status(),
-        401,
-        "not yet published"
-    );
+    assert_eq!(whoami(&router, Some(&token)).await.status(), 401, "not yet published");
     issuer.publish(&rotated);
     // The refetch for an unknown kid is rate-limited to one per 200 ms here.
     let ok = support::eventually(Duration::from_secs(5), || async {
@@ -225,9 +208,7 @@ async fn cached_keys_keep_working_when_the_jwks_endpoint_fails() {
         assert_eq!(whoami(&router, Some(&bogus)).await.status(), 401);
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    let fresh = issuer
-        .token("accounts.google.com:bob", "bob@example.com")
-        .sign();
+    let fresh = issuer.token("accounts.google.com:bob", "bob@example.com").sign();
     assert_eq!(whoami(&router, Some(&fresh)).await.status(), 200);
 }
 
@@ -251,13 +232,8 @@ upstreams = [{upstreams}]
         upstreams = support::upstream_list(&[&pods[0]]),
     );
     let router = TestRouter::start(&text).await;
-    assert_eq!(
-        whoami(&router, Some(&issuer.user("alice"))).await.status(),
-        200
-    );
-    let outsider = issuer
-        .token("accounts.google.com:9", "eve@elsewhere.org")
-        .sign();
+    assert_eq!(whoami(&router, Some(&issuer.user("alice"))).await.status(), 200);
+    let outsider = issuer.token("accounts.google.com:9", "eve@elsewhere.org").sign();
     assert_eq!(whoami(&router, Some(&outsider)).await.status(), 403);
 }
 
@@ -269,15 +245,7 @@ async fn health_answers_without_a_token_and_reveals_nothing() {
     let health = client().get(router.url("/healthz")).send().await.unwrap();
     assert_eq!(health.status(), 200);
     assert_eq!(health.text().await.unwrap(), "ok\n");
-    assert_eq!(
-        client()
-            .get(router.url("/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(client().get(router.url("/readyz")).send().await.unwrap().status(), 200);
     assert_eq!(
         client()
             .get(router.url("/_router/status"))
@@ -308,15 +276,10 @@ upstreams = [{upstreams}]
         jwks = issuer.jwks_url(),
         upstreams = support::upstream_list(&[&pods[0]]),
     );
-    let config =
-        session_router::config::Config::from_toml(&text, Some(support::SECRET.to_vec())).unwrap();
+    let config = session_router::config::Config::from_toml(&text, Some(support::SECRET.to_vec())).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let server = tokio::spawn(session_router::run(
-        listener,
-        config,
-        std::future::pending(),
-    ));
+    let server = tokio::spawn(session_router::run(listener, config, std::future::pending()));
     let readyz = format!("http://{addr}/readyz");
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(client().get(&readyz).send().await.unwrap().status(), 503);

@@ -25,8 +25,7 @@ mod tempfile_path {
     impl TempConfig {
         pub fn new(text: &str) -> Self {
             let n = NEXT.fetch_add(1, Ordering::SeqCst);
-            let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-                .join(format!("cli-{}-{n}.toml", std::process::id()));
+            let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("cli-{}-{n}.toml", std::process::id()));
             std::fs::write(&path, text).unwrap();
             TempConfig(path)
         }
@@ -46,11 +45,7 @@ fn check_config_prints_the_effective_config_with_the_secret_redacted() {
         .env(SECRET_ENV, SECRET)
         .output()
         .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(stdout.contains("idle_timeout = \"15m\""), "{stdout}");
     assert!(stdout.contains("redacted"), "{stdout}");
@@ -134,9 +129,7 @@ fn a_missing_config_file_is_a_clear_error() {
         .output()
         .unwrap();
     assert!(!output.status.success());
-    assert!(
-        String::from_utf8_lossy(&output.stderr).contains("cannot read /nonexistent/config.toml")
-    );
+    assert!(String::from_utf8_lossy(&output.stderr).contains("cannot read /nonexistent/config.toml"));
 }
 
 #[test]
@@ -163,18 +156,12 @@ upstreams = ["http://127.0.0.1:9"]
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         use std::io::BufRead;
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
             let _ = tx.send(line);
         }
     });
-    let listening = rx
-        .recv_timeout(Duration::from_secs(10))
-        .expect("no log line");
-    let log: serde_json::Value =
-        serde_json::from_str(&listening).unwrap_or_else(|_| panic!("not JSON: {listening}"));
+    let listening = rx.recv_timeout(Duration::from_secs(10)).expect("no log line");
+    let log: serde_json::Value = serde_json::from_str(&listening).unwrap_or_else(|_| panic!("not JSON: {listening}"));
     let addr = log["listen"].as_str().unwrap().to_string();
 
     let mut stream = std::net::TcpStream::connect(&addr).unwrap();
@@ -186,21 +173,14 @@ upstreams = ["http://127.0.0.1:9"]
     assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
 
     let pid = child.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         if let Some(status) = child.try_wait().unwrap() {
             assert!(status.success(), "exit status {status}");
             break;
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "did not stop after SIGTERM"
-        );
+        assert!(std::time::Instant::now() < deadline, "did not stop after SIGTERM");
         std::thread::sleep(Duration::from_millis(50));
     }
 }

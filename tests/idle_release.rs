@@ -41,11 +41,7 @@ async fn an_idle_backend_is_released_and_serves_the_next_user() {
     let alice = issuer.user("alice");
     let bob = issuer.user("bob");
     assert_eq!(pod_of(&router, &alice).await.status(), 200);
-    assert_eq!(
-        pod_of(&router, &bob).await.status(),
-        503,
-        "pool of one is taken"
-    );
+    assert_eq!(pod_of(&router, &bob).await.status(), 503, "pool of one is taken");
     let freed = eventually(Duration::from_secs(5), || async {
         pod_of(&router, &bob).await.status() == 200
     })
@@ -77,11 +73,7 @@ async fn ignored_paths_do_not_keep_a_backend_but_other_requests_do() {
     }
     // Only pings from now on: the session must be released meanwhile (a
     // ping after that allocates a fresh one, which is a different session).
-    let original = router
-        .state
-        .registry
-        .get("accounts.google.com:alice")
-        .unwrap();
+    let original = router.state.registry.get("accounts.google.com:alice").unwrap();
     for _ in 0..12 {
         tokio::time::sleep(Duration::from_millis(200)).await;
         let ping = client()
@@ -104,9 +96,7 @@ async fn socket(
     token: &str,
 ) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>> {
     let mut request = router.ws_url("/ws").into_client_request().unwrap();
-    request
-        .headers_mut()
-        .insert(ASSERTION, token.parse().unwrap());
+    request.headers_mut().insert(ASSERTION, token.parse().unwrap());
     tokio_tungstenite::connect_async(request).await.unwrap().0
 }
 
@@ -120,10 +110,7 @@ async fn traffic_on_an_open_websocket_keeps_the_backend() {
     for i in 0..10 {
         tokio::time::sleep(Duration::from_millis(300)).await;
         ws.send(Message::text(format!("tick {i}"))).await.unwrap();
-        assert_eq!(
-            ws.next().await.unwrap().unwrap(),
-            Message::text(format!("tick {i}"))
-        );
+        assert_eq!(ws.next().await.unwrap().unwrap(), Message::text(format!("tick {i}")));
     }
     assert_eq!(
         router.state.registry.len(),
@@ -138,10 +125,7 @@ async fn a_silent_open_websocket_does_not_keep_the_backend_and_is_closed_on_rele
     let pods = pods(1).await;
     let router = TestRouter::iap(&issuer, &[&pods[0]], "idle_timeout = \"1s\"").await;
     let mut ws = socket(&router, &issuer.user("alice")).await;
-    let released = eventually(Duration::from_secs(5), || async {
-        router.state.registry.is_empty()
-    })
-    .await;
+    let released = eventually(Duration::from_secs(5), || async { router.state.registry.is_empty() }).await;
     assert!(released, "an idle open socket kept the backend");
     let closed = tokio::time::timeout(Duration::from_secs(2), ws.next())
         .await

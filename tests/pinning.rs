@@ -9,12 +9,7 @@ use support::{client, pods, set_cookie, IapIssuer, TestRouter};
 const ASSERTION: &str = "x-goog-iap-jwt-assertion";
 const COOKIE: &str = "session_router";
 
-async fn get(
-    router: &TestRouter,
-    path: &str,
-    token: &str,
-    cookie: Option<&str>,
-) -> reqwest::Response {
+async fn get(router: &TestRouter, path: &str, token: &str, cookie: Option<&str>) -> reqwest::Response {
     let mut request = client().get(router.url(path)).header(ASSERTION, token);
     if let Some(cookie) = cookie {
         request = request.header("cookie", cookie);
@@ -80,10 +75,7 @@ async fn the_pinning_cookie_is_signed_http_only_secure_and_lax() {
         .find(|v| v.starts_with("session_router="))
         .expect("a pinning cookie");
     for attribute in ["HttpOnly", "Secure", "SameSite=Lax", "Path=/"] {
-        assert!(
-            header.contains(attribute),
-            "{attribute} missing in {header}"
-        );
+        assert!(header.contains(attribute), "{attribute} missing in {header}");
     }
     // A request that already carries a fresh cookie is not sent a new one.
     let cookie = set_cookie(&response, COOKIE).unwrap();
@@ -130,11 +122,7 @@ async fn tampered_duplicated_or_garbage_cookies_are_ignored_not_errors() {
         format!("{COOKIE}="),
     ];
     for case in &cases {
-        assert_eq!(
-            pod_of(&router, &alice, Some(case)).await,
-            home,
-            "cookie {case:.40}…"
-        );
+        assert_eq!(pod_of(&router, &alice, Some(case)).await, home, "cookie {case:.40}…");
     }
 }
 
@@ -176,9 +164,7 @@ async fn the_router_cookie_and_spoofable_headers_never_reach_the_backend() {
         &router,
         "/whoami",
         &token,
-        Some(&format!(
-            "theme=dark; {cookie}; session_router_dev=x; lang=en"
-        )),
+        Some(&format!("theme=dark; {cookie}; session_router_dev=x; lang=en")),
     )
     .await;
     let seen: Value = response.json().await.unwrap();

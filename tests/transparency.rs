@@ -23,13 +23,9 @@ async fn open_socket(
     tokio_tungstenite::tungstenite::Error,
 > {
     let mut request = router.ws_url("/ws").into_client_request().unwrap();
-    request
-        .headers_mut()
-        .insert(ASSERTION, token.parse().unwrap());
+    request.headers_mut().insert(ASSERTION, token.parse().unwrap());
     if let Some(origin) = origin {
-        request
-            .headers_mut()
-            .insert("origin", origin.parse().unwrap());
+        request.headers_mut().insert("origin", origin.parse().unwrap());
     }
     let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
         .max_message_size(None)
@@ -49,10 +45,7 @@ async fn a_websocket_echoes_small_and_one_mebibyte_messages_through_the_router()
         .await
         .unwrap();
     socket.send(Message::text("hello")).await.unwrap();
-    assert_eq!(
-        socket.next().await.unwrap().unwrap(),
-        Message::text("hello")
-    );
+    assert_eq!(socket.next().await.unwrap().unwrap(), Message::text("hello"));
     let big: Vec<u8> = (0..1024 * 1024).map(|i| (i % 251) as u8).collect();
     socket.send(Message::binary(big.clone())).await.unwrap();
     match socket.next().await.unwrap().unwrap() {
@@ -71,10 +64,7 @@ async fn a_cross_site_websocket_is_refused_with_403() {
         Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
             assert_eq!(response.status(), 403)
         }
-        other => panic!(
-            "cross-site upgrade was not refused: {:?}",
-            other.map(|_| "connected")
-        ),
+        other => panic!("cross-site upgrade was not refused: {:?}", other.map(|_| "connected")),
     }
 }
 
@@ -96,10 +86,7 @@ async fn an_upgrade_the_upstream_refuses_comes_back_as_an_ordinary_response() {
         .unwrap();
     assert_eq!(response.status(), 200);
     let seen: Value = response.json().await.unwrap();
-    assert_eq!(
-        seen["connection"], "upgrade",
-        "the upstream saw the upgrade request"
-    );
+    assert_eq!(seen["connection"], "upgrade", "the upstream saw the upgrade request");
 }
 
 #[tokio::test]
@@ -122,10 +109,7 @@ async fn an_sse_event_arrives_before_the_stream_ends() {
         .expect("first event held back by the proxy")
         .unwrap()
         .unwrap();
-    assert!(
-        String::from_utf8_lossy(&first).contains("data: event 0"),
-        "{first:?}"
-    );
+    assert!(String::from_utf8_lossy(&first).contains("data: event 0"), "{first:?}");
 }
 
 #[tokio::test]
@@ -139,13 +123,8 @@ async fn a_large_streamed_upload_arrives_intact() {
     for i in 0..CHUNKS {
         expected.update(chunk(i, CHUNK));
     }
-    let expected: String = expected
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    let body =
-        futures_util::stream::iter((0..CHUNKS).map(|i| Ok::<_, std::io::Error>(chunk(i, CHUNK))));
+    let expected: String = expected.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    let body = futures_util::stream::iter((0..CHUNKS).map(|i| Ok::<_, std::io::Error>(chunk(i, CHUNK))));
     let response = client()
         .post(router.url("/upload"))
         .header(ASSERTION, issuer.user("alice"))

@@ -2,10 +2,13 @@
 //! back. The proxy only sees [`Lease`]s; which [`Allocator`] made them is
 //! configuration.
 
+pub mod agones;
 mod static_pool;
 
+use std::collections::HashSet;
 use std::fmt;
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use http::uri::Authority;
@@ -31,10 +34,11 @@ pub enum AllocError {
     NoCapacity,
     /// The backend system failed; detail is in the source.
     #[error("backend {backend}: {message}")]
-    Backend {
-        backend: &'static str,
-        message: String,
-    },
+    Backend { backend: &'static str, message: String },
+    /// The backend changed since it was looked at (a precondition failed):
+    /// the operation was not done and should be reconsidered.
+    #[error("backend changed concurrently")]
+    Conflict,
 }
 
 /// Finds, hands out and takes back backends, one user per backend.
@@ -51,13 +55,44 @@ pub trait Allocator: Send + Sync + 'static {
     /// means: allocate normally.
     fn adopt(&self, user: &Identity, pin: &PinnedBackend) -> Option<Lease>;
 
-    /// Gives the backend back. `Ok` means the release is confirmed.
-    async fn release(&self, user: &Identity, lease: &Lease) -> Result<(), AllocError>;
+    /// Gives the backend back. `Ok` means the release is confirmed (or the
+    /// backend is already gone). `reason` is `user`, `idle`, `max_lifetime`,
+    /// `dead_pod`, …; an `idle` release must abort if the backend changed
+    /// since the idle decision (another replica saw activity).
+    async fn release(&self, user: &Identity, lease: &Lease, reason: &'static str) -> Result<(), AllocError>;
 
     /// Whether new allocations can currently be attempted.
     fn is_ready(&self) -> bool {
         true
     }
+
+    /// Whether the lease is still the user's, as far as is known without a
+    /// network call. `false` makes the session be forgotten and allocated
+    /// again (the backend was deleted or replaced elsewhere).
+    fn still_held(&self, _user: &Identity, _lease: &Lease) -> bool {
+        true
+    }
+
+    /// Whether a backend that refuses connections should be released and
+    /// replaced (a dead pod) rather than kept (a fixed host that may return).
+    fn replaces_unreachable(&self) -> bool {
+        false
+    }
+
+    /// The newest activity other replicas recorded for this lease.
+    fn activity_elsewhere(&self, _lease: &Lease) -> Option<SystemTime> {
+        None
+    }
+
+    /// Records this replica's latest activity on the lease, for the others.
+    async fn record_activity(&self, _lease: &Lease, _at: SystemTime) -> Result<(), AllocError> {
+        Ok(())
+    }
+
+    /// Releases backends no replica is using any more: idle ones whose
+    /// session lives on no replica here (`held_here` names this replica's),
+    /// and duplicates. Run by every replica's reaper.
+    async fn sweep(&self, _idle_timeout: Duration, _held_here: &HashSet<Arc<str>>) {}
 }
 
 impl fmt::Display for Lease {

@@ -73,7 +73,7 @@ impl Allocator for StaticPool {
         }
     }
 
-    async fn release(&self, user: &Identity, lease: &Lease) -> Result<(), AllocError> {
+    async fn release(&self, user: &Identity, lease: &Lease, _reason: &'static str) -> Result<(), AllocError> {
         let mut holders = self.holders();
         if let Some(index) = self.leases.iter().position(|l| l.backend == lease.backend) {
             if holders[index].as_deref() == Some(&*user.sub) {
@@ -115,11 +115,8 @@ mod tests {
         let b = pool.allocate(&user("b")).await.unwrap();
         assert_ne!(a.backend, b.backend);
         assert_eq!(pool.allocate(&user("a")).await.unwrap(), a);
-        assert!(matches!(
-            pool.allocate(&user("c")).await,
-            Err(AllocError::NoCapacity)
-        ));
-        pool.release(&user("a"), &a).await.unwrap();
+        assert!(matches!(pool.allocate(&user("c")).await, Err(AllocError::NoCapacity)));
+        pool.release(&user("a"), &a, "user").await.unwrap();
         assert_eq!(pool.allocate(&user("c")).await.unwrap(), a);
     }
 
@@ -135,7 +132,7 @@ mod tests {
     async fn releasing_someone_elses_lease_does_nothing() {
         let pool = pool(1);
         let a = pool.allocate(&user("a")).await.unwrap();
-        pool.release(&user("b"), &a).await.unwrap();
+        pool.release(&user("b"), &a, "user").await.unwrap();
         assert_eq!(pool.free(), 0);
     }
 }

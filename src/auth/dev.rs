@@ -18,10 +18,7 @@ pub struct DevSignIn {
 
 impl DevSignIn {
     pub fn new(signer: Signer, cookie_name: String) -> Self {
-        DevSignIn {
-            signer,
-            cookie_name,
-        }
+        DevSignIn { signer, cookie_name }
     }
 
     pub fn cookie_name(&self) -> &str {
@@ -83,10 +80,7 @@ mod tests {
         let dev = dev();
         let value = dev.sign_in(" Alice ").unwrap();
         let mut headers = HeaderMap::new();
-        headers.insert(
-            http::header::COOKIE,
-            format!("sr_dev={value}").parse().unwrap(),
-        );
+        headers.insert(http::header::COOKIE, format!("sr_dev={value}").parse().unwrap());
         let id = dev.identify(&headers).unwrap();
         assert_eq!(&*id.sub, "dev:alice");
         assert_eq!(&*id.email, "alice@dev.localhost");
@@ -98,10 +92,7 @@ mod tests {
         let value = dev.sign_in("alice").unwrap();
         let forged = value.replacen(&value[..4], "Ym9i", 1);
         let mut headers = HeaderMap::new();
-        headers.insert(
-            http::header::COOKIE,
-            format!("sr_dev={forged}").parse().unwrap(),
-        );
+        headers.insert(http::header::COOKIE, format!("sr_dev={forged}").parse().unwrap());
         assert!(dev.identify(&headers).is_err());
     }
 

@@ -78,8 +78,7 @@ impl IapVerifier {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(AuthError::Malformed("too long"));
         }
-        let header =
-            jsonwebtoken::decode_header(token).map_err(|_| AuthError::Malformed("bad header"))?;
+        let header = jsonwebtoken::decode_header(token).map_err(|_| AuthError::Malformed("bad header"))?;
         if header.alg != Algorithm::ES256 {
             return Err(AuthError::Algorithm(format!("{:?}", header.alg)));
         }

@@ -87,11 +87,7 @@ impl KeyStore {
     }
 
     pub fn cached(&self, kid: &str) -> Option<Arc<DecodingKey>> {
-        self.keys
-            .read()
-            .expect("key lock poisoned")
-            .get(kid)
-            .cloned()
+        self.keys.read().expect("key lock poisoned").get(kid).cloned()
     }
 
     /// The key for `kid`, refetching the set first if it is unknown and the
@@ -151,9 +147,7 @@ impl KeyStore {
         tracing::info!(kids = ?keys.keys().collect::<Vec<_>>(), "loaded IAP signing keys");
         *self.keys.write().expect("key lock poisoned") = Arc::new(keys);
         self.loaded.store(true, Ordering::Release);
-        Ok(max_age
-            .unwrap_or(DEFAULT_REFRESH)
-            .clamp(MIN_REFRESH, MAX_REFRESH))
+        Ok(max_age.unwrap_or(DEFAULT_REFRESH).clamp(MIN_REFRESH, MAX_REFRESH))
     }
 
     /// Keeps the cache fresh until `shutdown` fires: refetches when the
@@ -200,12 +194,7 @@ fn parse_max_age(header: &str) -> Option<Duration> {
     header.split(',').find_map(|directive| {
         let (name, value) = directive.trim().split_once('=')?;
         if name.trim().eq_ignore_ascii_case("max-age") {
-            value
-                .trim()
-                .trim_matches('"')
-                .parse()
-                .ok()
-                .map(Duration::from_secs)
+            value.trim().trim_matches('"').parse().ok().map(Duration::from_secs)
         } else {
             None
         }

@@ -106,10 +106,7 @@ impl Allowlist {
             return true;
         }
         let email_domain = email.rsplit_once('@').map(|(_, d)| d.to_string());
-        let hosted = identity
-            .hosted_domain
-            .as_deref()
-            .map(str::to_ascii_lowercase);
+        let hosted = identity.hosted_domain.as_deref().map(str::to_ascii_lowercase);
         [email_domain, hosted]
             .into_iter()
             .flatten()

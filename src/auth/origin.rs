@@ -12,10 +12,7 @@ pub fn check(headers: &HeaderMap, allowed: &[String]) -> Result<(), String> {
     let Some(origin) = headers.get(ORIGIN) else {
         return Ok(());
     };
-    let origin = origin
-        .to_str()
-        .unwrap_or("<not ascii>")
-        .to_ascii_lowercase();
+    let origin = origin.to_str().unwrap_or("<not ascii>").to_ascii_lowercase();
     if allowed.contains(&origin) {
         return Ok(());
     }
@@ -56,10 +53,7 @@ mod tests {
         )
         .is_ok());
         assert!(check(
-            &headers(&[
-                ("host", "127.0.0.1:8080"),
-                ("origin", "http://127.0.0.1:8080")
-            ]),
+            &headers(&[("host", "127.0.0.1:8080"), ("origin", "http://127.0.0.1:8080")]),
             &[]
         )
         .is_ok());

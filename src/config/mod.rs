@@ -100,12 +100,55 @@ pub struct BackendConfig {
     pub connect_timeout: Duration,
     #[serde(rename = "static")]
     pub static_pool: StaticConfig,
+    pub agones: AgonesConfig,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 pub enum BackendKind {
+    /// A fixed list of upstreams.
     Static,
+    /// GameServerAllocation through the Kubernetes API.
+    Agones,
+    /// The agones-allocator service's REST API (release still via Kubernetes).
+    AgonesAllocator,
+}
+
+/// `[backend.agones]`: used by both Agones backends.
+#[derive(Debug, Clone, Serialize)]
+pub struct AgonesConfig {
+    pub namespace: String,
+    pub fleet: String,
+    /// The GameServer port (by name) the WebUI listens on.
+    pub port_name: String,
+    /// Label key carrying the user on an allocated GameServer.
+    pub user_label: String,
+    /// Address types to try, in order; `address` = `status.address`.
+    pub address_preference: Vec<String>,
+    /// `Packed` or `Distributed`.
+    pub scheduling: String,
+    /// Timeout of one Kubernetes or allocator-service call.
+    #[serde(serialize_with = "as_duration")]
+    pub api_timeout: Duration,
+    /// How long `Contention`/`UnAllocated` answers are retried (jittered
+    /// backoff) before the user sees the waiting page.
+    #[serde(serialize_with = "as_duration")]
+    pub allocation_retry_window: Duration,
+    /// How often, at most, a replica writes a user's last activity onto
+    /// their GameServer for the other replicas' reapers.
+    #[serde(serialize_with = "as_duration")]
+    pub activity_sync_interval: Duration,
+    /// Kubernetes API base URL; unset = in-cluster service account, else
+    /// `KUBECONFIG` / `~/.kube/config`. E.g. `http://127.0.0.1:8001` for
+    /// `kubectl proxy`.
+    pub kube_api_url: Option<String>,
+    /// agones-allocator base URL (`agones-allocator` backend only).
+    pub allocator_url: Option<String>,
+    /// PEM CA bundle that signed the allocator's server certificate.
+    pub allocator_ca_file: Option<String>,
+    /// PEM client certificate and key for mutual TLS.
+    pub allocator_client_cert_file: Option<String>,
+    pub allocator_client_key_file: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -196,10 +239,7 @@ impl Config {
     /// [`COOKIE_SECRET_ENV`], passed in so tests never touch the environment.
     pub fn from_toml(text: &str, cookie_secret: Option<Vec<u8>>) -> Result<Config, ConfigError> {
         let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
-            ConfigError::Invalid(vec![Problem::new(
-                "(file)",
-                format!("not valid TOML: {}", e.message()),
-            )])
+            ConfigError::Invalid(vec![Problem::new("(file)", format!("not valid TOML: {}", e.message()))])
         })?;
         let mut problems = Vec::new();
         let mut root = Section::root(&table);
@@ -214,10 +254,8 @@ impl Config {
             ));
             SocketAddr::from(([127, 0, 0, 1], 0))
         });
-        let drain_timeout =
-            server.duration("drain_timeout", Duration::from_secs(30), &mut problems);
-        let keepalive_timeout =
-            server.duration("keepalive_timeout", Duration::from_secs(620), &mut problems);
+        let drain_timeout = server.duration("drain_timeout", Duration::from_secs(30), &mut problems);
+        let keepalive_timeout = server.duration("keepalive_timeout", Duration::from_secs(620), &mut problems);
         let allowed_origins = read_origins(&mut server, &mut problems);
         server.finish(&mut problems);
         let server = ServerConfig {
@@ -239,6 +277,12 @@ impl Config {
         }
         let session = read_session(&mut root, auth.mode, cookie_secret, &mut problems);
         let backend = read_backend(&mut root, &mut problems);
+        if backend.kind != BackendKind::Static && backend.agones.activity_sync_interval >= session.idle_timeout {
+            problems.push(Problem::new(
+                "backend.agones.activity_sync_interval",
+                "must be shorter than session.idle_timeout, or other replicas release pods that are in use".into(),
+            ));
+        }
         root.finish(&mut problems);
 
         if problems.is_empty() {
@@ -264,12 +308,10 @@ fn read_origins(server: &mut Section<'_>, problems: &mut Vec<Problem>) -> Vec<St
     let key = server.key("allowed_origins");
     let origins = server.strings("allowed_origins", problems);
     for (i, origin) in origins.iter().enumerate() {
-        let valid = origin.parse::<Uri>().ok().filter(|u| {
-            u.scheme().is_some()
-                && u.authority().is_some()
-                && u.path() == "/"
-                && !origin.ends_with('/')
-        });
+        let valid = origin
+            .parse::<Uri>()
+            .ok()
+            .filter(|u| u.scheme().is_some() && u.authority().is_some() && u.path() == "/" && !origin.ends_with('/'));
         if valid.is_none() {
             problems.push(Problem::new(
                 &format!("{key}[{i}]"),
@@ -277,10 +319,7 @@ fn read_origins(server: &mut Section<'_>, problems: &mut Vec<Problem>) -> Vec<St
             ));
         }
     }
-    origins
-        .into_iter()
-        .map(|o| o.to_ascii_lowercase())
-        .collect()
+    origins.into_iter().map(|o| o.to_ascii_lowercase()).collect()
 }
 
 fn read_auth(root: &mut Section<'_>, problems: &mut Vec<Problem>) -> AuthConfig {
@@ -302,7 +341,8 @@ fn read_auth(root: &mut Section<'_>, problems: &mut Vec<Problem>) -> AuthConfig 
     if mode == AuthMode::Iap && audiences.is_empty() {
         problems.push(Problem::new(
             &audiences_key,
-            "required in iap mode: the backend service's audience, e.g. \"/projects/123/global/backendServices/456\"".into(),
+            "required in iap mode: the backend service's audience, e.g. \"/projects/123/global/backendServices/456\""
+                .into(),
         ));
     }
     for (i, aud) in audiences.iter().enumerate() {
@@ -321,10 +361,7 @@ fn read_auth(root: &mut Section<'_>, problems: &mut Vec<Problem>) -> AuthConfig 
     );
     match jwks_url.parse::<Uri>() {
         Ok(u) if matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some() => {}
-        _ => problems.push(Problem::new(
-            &jwks_key,
-            format!("{jwks_url:?} is not an http(s) URL"),
-        )),
+        _ => problems.push(Problem::new(&jwks_key, format!("{jwks_url:?} is not an http(s) URL"))),
     }
     let leeway = auth.duration("leeway", Duration::from_secs(30), problems);
     let leeway_key = auth.key("leeway");
@@ -344,8 +381,7 @@ fn read_auth(root: &mut Section<'_>, problems: &mut Vec<Problem>) -> AuthConfig 
         .into_iter()
         .map(|d| d.trim().trim_start_matches('@').to_ascii_lowercase())
         .collect();
-    let jwks_refetch_interval =
-        auth.duration("jwks_refetch_interval", Duration::from_secs(30), problems);
+    let jwks_refetch_interval = auth.duration("jwks_refetch_interval", Duration::from_secs(30), problems);
     let cache_key = auth.key("token_cache_entries");
     let token_cache_entries = auth.integer("token_cache_entries", 10_000, problems) as usize;
     if token_cache_entries > 1_000_000 {
@@ -414,10 +450,7 @@ fn read_session(
         (Some(bytes), _) => {
             problems.push(Problem::new(
                 COOKIE_SECRET_ENV,
-                format!(
-                    "must be at least {MIN_SECRET_BYTES} bytes (got {})",
-                    bytes.len()
-                ),
+                format!("must be at least {MIN_SECRET_BYTES} bytes (got {})", bytes.len()),
             ));
             Secret::random()
         }
@@ -446,10 +479,12 @@ fn read_backend(root: &mut Section<'_>, problems: &mut Vec<Problem>) -> BackendC
     let kind_key = backend.key("kind");
     let kind = match backend.string("kind", "static", problems).as_str() {
         "static" => BackendKind::Static,
+        "agones" => BackendKind::Agones,
+        "agones-allocator" => BackendKind::AgonesAllocator,
         other => {
             problems.push(Problem::new(
                 &kind_key,
-                format!("{other:?} is not a supported backend (\"static\")"),
+                format!("{other:?} is not one of \"static\", \"agones\", \"agones-allocator\""),
             ));
             BackendKind::Static
         }
@@ -481,11 +516,137 @@ fn read_backend(root: &mut Section<'_>, problems: &mut Vec<Problem>) -> BackendC
         problems.push(Problem::new(&upstreams_key, reason.into()));
     }
     pool.finish(problems);
+    let agones = read_agones(&mut backend, kind, problems);
     backend.finish(problems);
     BackendConfig {
         kind,
         connect_timeout,
         static_pool: StaticConfig { upstreams },
+        agones,
+    }
+}
+
+fn read_agones(backend: &mut Section<'_>, kind: BackendKind, problems: &mut Vec<Problem>) -> AgonesConfig {
+    let in_use = kind != BackendKind::Static;
+    let mut agones = backend.section("agones", problems);
+    let namespace = agones.string("namespace", "default", problems);
+    let fleet_key = agones.key("fleet");
+    let fleet = agones.string("fleet", "", problems);
+    if in_use && fleet.is_empty() {
+        problems.push(Problem::new(
+            &fleet_key,
+            "required for the Agones backends: the Fleet's name".into(),
+        ));
+    }
+    let port_name = agones.string("port_name", "sd", problems);
+    let label_key = agones.key("user_label");
+    let user_label = agones.string("user_label", "user", problems);
+    if let Err(reason) = crate::allocator::agones::label::check_key(&user_label) {
+        problems.push(Problem::new(&label_key, format!("invalid label key {reason}")));
+    }
+    let preference_key = agones.key("address_preference");
+    let address_preference = if agones.is_present("address_preference") {
+        agones.strings("address_preference", problems)
+    } else {
+        vec!["PodIP".into(), "InternalIP".into(), "address".into()]
+    };
+    for (i, kind) in address_preference.iter().enumerate() {
+        if !crate::allocator::agones::address::KNOWN_KINDS.contains(&kind.as_str()) {
+            problems.push(Problem::new(
+                &format!("{preference_key}[{i}]"),
+                format!(
+                    "{kind:?} is not one of {:?}",
+                    crate::allocator::agones::address::KNOWN_KINDS
+                ),
+            ));
+        }
+    }
+    if in_use && address_preference.is_empty() {
+        problems.push(Problem::new(
+            &preference_key,
+            "must list at least one address type".into(),
+        ));
+    }
+    let scheduling_key = agones.key("scheduling");
+    let scheduling = agones.string("scheduling", "Packed", problems);
+    if !matches!(scheduling.as_str(), "Packed" | "Distributed") {
+        problems.push(Problem::new(
+            &scheduling_key,
+            format!("{scheduling:?} is not \"Packed\" or \"Distributed\""),
+        ));
+    }
+    let api_timeout = agones.duration("api_timeout", Duration::from_secs(10), problems);
+    let allocation_retry_window = agones.duration("allocation_retry_window", Duration::from_secs(3), problems);
+    let activity_sync_interval = agones.duration("activity_sync_interval", Duration::from_secs(30), problems);
+    let url_key = agones.key("kube_api_url");
+    let kube_api_url = optional_url(&mut agones, "kube_api_url", &url_key, problems);
+    let allocator_key = agones.key("allocator_url");
+    let allocator_url = optional_url(&mut agones, "allocator_url", &allocator_key, problems);
+    if kind == BackendKind::AgonesAllocator && allocator_url.is_none() {
+        problems.push(Problem::new(
+            &allocator_key,
+            "required when backend.kind = \"agones-allocator\", e.g. \"https://agones-allocator.agones-system.svc:443\"".into(),
+        ));
+    }
+    let file = |name: &'static str, agones: &mut Section<'_>, problems: &mut Vec<Problem>| {
+        let key = agones.key(name);
+        let path = agones.string(name, "", problems);
+        if path.is_empty() {
+            return None;
+        }
+        if kind == BackendKind::AgonesAllocator {
+            if let Err(e) = std::fs::metadata(&path) {
+                problems.push(Problem::new(&key, format!("cannot read {path:?}: {e}")));
+            }
+        }
+        Some(path)
+    };
+    let allocator_ca_file = file("allocator_ca_file", &mut agones, problems);
+    let allocator_client_cert_file = file("allocator_client_cert_file", &mut agones, problems);
+    let allocator_client_key_file = file("allocator_client_key_file", &mut agones, problems);
+    if allocator_client_cert_file.is_some() != allocator_client_key_file.is_some() {
+        problems.push(Problem::new(
+            &agones.key("allocator_client_key_file"),
+            "allocator_client_cert_file and allocator_client_key_file go together (mutual TLS)".into(),
+        ));
+    }
+    agones.finish(problems);
+    AgonesConfig {
+        namespace,
+        fleet,
+        port_name,
+        user_label,
+        address_preference,
+        scheduling,
+        api_timeout,
+        allocation_retry_window,
+        activity_sync_interval,
+        kube_api_url,
+        allocator_url,
+        allocator_ca_file,
+        allocator_client_cert_file,
+        allocator_client_key_file,
+    }
+}
+
+fn optional_url(
+    section: &mut Section<'_>,
+    name: &'static str,
+    key: &str,
+    problems: &mut Vec<Problem>,
+) -> Option<String> {
+    let text = section.string(name, "", problems);
+    if text.is_empty() {
+        return None;
+    }
+    match text.parse::<Uri>() {
+        Ok(u) if matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some() => {
+            Some(text.trim_end_matches('/').to_string())
+        }
+        _ => {
+            problems.push(Problem::new(key, format!("{text:?} is not an http(s) URL")));
+            None
+        }
     }
 }
 
@@ -512,10 +673,7 @@ fn as_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Err
 }
 
 fn as_uris<S: serde::Serializer>(uris: &[Uri], s: S) -> Result<S::Ok, S::Error> {
-    s.collect_seq(
-        uris.iter()
-            .map(|u| u.to_string().trim_end_matches('/').to_string()),
-    )
+    s.collect_seq(uris.iter().map(|u| u.to_string().trim_end_matches('/').to_string()))
 }
 
 fn redacted<S: serde::Serializer>(secret: &Secret, s: S) -> Result<S::Ok, S::Error> {
@@ -534,10 +692,7 @@ mod tests {
     fn problems(text: &str, secret: Option<&[u8]>) -> Vec<String> {
         match Config::from_toml(text, secret.map(<[u8]>::to_vec)) {
             Ok(_) => Vec::new(),
-            Err(ConfigError::Invalid(p)) => p
-                .into_iter()
-                .map(|p| format!("{}: {}", p.key, p.reason))
-                .collect(),
+            Err(ConfigError::Invalid(p)) => p.into_iter().map(|p| format!("{}: {}", p.key, p.reason)).collect(),
             Err(e) => vec![e.to_string()],
         }
     }
@@ -557,10 +712,7 @@ mod tests {
         assert_eq!(c.auth.leeway, Duration::from_secs(30));
         assert_eq!(c.session.idle_timeout, Duration::from_secs(900));
         assert_eq!(c.session.cookie_name, "session_router");
-        assert_eq!(
-            c.session.activity_ignore_paths,
-            vec!["/internal/ping".to_string()]
-        );
+        assert_eq!(c.session.activity_ignore_paths, vec!["/internal/ping".to_string()]);
         assert_eq!(c.backend.static_pool.upstreams.len(), 1);
     }
 
@@ -606,6 +758,40 @@ mod tests {
     }
 
     #[test]
+    fn agones_settings_are_validated() {
+        let text = r#"
+            [auth]
+            audiences = ["/projects/1/global/backendServices/2"]
+            [backend]
+            kind = "agones"
+            [backend.agones]
+            user_label = "Bad Key/user"
+            address_preference = ["PodIP", "Carrier pigeon"]
+            scheduling = "Random"
+        "#;
+        let found = problems(text, Some(SECRET));
+        for key in [
+            "backend.agones.fleet: required",
+            "backend.agones.user_label: invalid label key",
+            "backend.agones.address_preference[1]: ",
+            "backend.agones.scheduling: ",
+        ] {
+            assert!(
+                found.iter().any(|p| p.starts_with(key)),
+                "missing {key:?} in {found:#?}"
+            );
+        }
+        assert!(
+            !found.iter().any(|p| p.starts_with("backend.static")),
+            "static pool not required: {found:#?}"
+        );
+        let allocator = text.replace("\"agones\"", "\"agones-allocator\"");
+        assert!(problems(&allocator, Some(SECRET))
+            .iter()
+            .any(|p| p.starts_with("backend.agones.allocator_url: required")));
+    }
+
+    #[test]
     fn dev_mode_refuses_a_non_loopback_listener() {
         let text = r#"
             [server]
@@ -624,11 +810,7 @@ mod tests {
 
     #[test]
     fn rendered_config_never_contains_the_secret() {
-        let c = Config::from_toml(
-            MINIMAL_IAP,
-            Some(b"super-secret-value-that-is-long-enough".to_vec()),
-        )
-        .unwrap();
+        let c = Config::from_toml(MINIMAL_IAP, Some(b"super-secret-value-that-is-long-enough".to_vec())).unwrap();
         let text = c.render();
         assert!(!text.contains("super-secret"), "{text}");
         assert!(text.contains("redacted"));

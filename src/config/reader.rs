@@ -64,12 +64,7 @@ impl<'a> Section<'a> {
         self.table.is_some_and(|t| t.contains_key(key))
     }
 
-    pub(super) fn string(
-        &mut self,
-        key: &'a str,
-        default: &str,
-        problems: &mut Vec<Problem>,
-    ) -> String {
+    pub(super) fn string(&mut self, key: &'a str, default: &str, problems: &mut Vec<Problem>) -> String {
         match self.value(key) {
             None => default.to_string(),
             Some(Value::String(s)) => s.clone(),
@@ -85,10 +80,7 @@ impl<'a> Section<'a> {
             return Vec::new();
         };
         let Value::Array(items) = value else {
-            problems.push(Problem::new(
-                &self.key(key),
-                wrong_type("an array of strings", value),
-            ));
+            problems.push(Problem::new(&self.key(key), wrong_type("an array of strings", value)));
             return Vec::new();
         };
         let mut out = Vec::with_capacity(items.len());
@@ -104,53 +96,35 @@ impl<'a> Section<'a> {
         out
     }
 
-    pub(super) fn integer(
-        &mut self,
-        key: &'a str,
-        default: u64,
-        problems: &mut Vec<Problem>,
-    ) -> u64 {
+    pub(super) fn integer(&mut self, key: &'a str, default: u64, problems: &mut Vec<Problem>) -> u64 {
         match self.value(key) {
             None => default,
             Some(Value::Integer(n)) if *n >= 0 => *n as u64,
             Some(Value::Integer(n)) => {
-                problems.push(Problem::new(
-                    &self.key(key),
-                    format!("must not be negative (got {n})"),
-                ));
+                problems.push(Problem::new(&self.key(key), format!("must not be negative (got {n})")));
                 default
             }
             Some(other) => {
-                problems.push(Problem::new(
-                    &self.key(key),
-                    wrong_type("an integer", other),
-                ));
+                problems.push(Problem::new(&self.key(key), wrong_type("an integer", other)));
                 default
             }
         }
     }
 
     /// A duration written as a string such as `"15m"`, `"30s"` or `"1h 30m"`.
-    pub(super) fn duration(
-        &mut self,
-        key: &'a str,
-        default: Duration,
-        problems: &mut Vec<Problem>,
-    ) -> Duration {
+    pub(super) fn duration(&mut self, key: &'a str, default: Duration, problems: &mut Vec<Problem>) -> Duration {
         match self.value(key) {
             None => default,
-            Some(Value::String(s)) => {
-                match humantime::parse_duration(s.trim()) {
-                    Ok(d) => d,
-                    Err(e) => {
-                        problems.push(Problem::new(
+            Some(Value::String(s)) => match humantime::parse_duration(s.trim()) {
+                Ok(d) => d,
+                Err(e) => {
+                    problems.push(Problem::new(
                         &self.key(key),
                         format!("{s:?} is not a duration ({e}); write e.g. \"30s\", \"15m\", \"1h\""),
                     ));
-                        default
-                    }
+                    default
                 }
-            }
+            },
             Some(other) => {
                 problems.push(Problem::new(
                     &self.key(key),

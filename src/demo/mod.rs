@@ -58,10 +58,7 @@ upstreams = [{upstreams}]
 
 /// Starts the pods and the router, prints where to go, and runs until
 /// `shutdown` resolves.
-pub async fn run(
-    options: DemoOptions,
-    shutdown: impl std::future::Future<Output = ()>,
-) -> Result<(), DemoError> {
+pub async fn run(options: DemoOptions, shutdown: impl std::future::Future<Output = ()>) -> Result<(), DemoError> {
     let mut pods = Vec::with_capacity(options.pods);
     for i in 0..options.pods {
         pods.push(DemoPod::start(&format!("demo-pod-{}", i + 1)).await?);

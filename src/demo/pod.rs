@@ -94,7 +94,7 @@ async fn home(State(pod): Shared, headers: HeaderMap) -> Html<String> {
         r#"<p>This is <strong id="pod">{pod}</strong>, serving <strong id="user">{user}</strong>.</p>
 <p class="muted">Page loads served by this pod: {served}. A real pod runs Stable Diffusion WebUI here.</p>
 <p>WebSocket echo through the router: <span id="ws">connecting…</span></p>
-<p><a href="/_router/status">Your session</a> · <form style="display:inline" method="post" action="/_router/dev/logout"><button>Sign in as someone else</button></form></p>
+<div><a href="/_router/status">Your session</a> · <form style="display:inline" method="post" action="/_router/dev/logout"><button>Sign in as someone else</button></form></div>
 <script>
 const ws = new WebSocket((location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/ws");
 ws.onopen = () => ws.send("hello from the browser");
@@ -153,9 +153,7 @@ struct EventsQuery {
 
 /// `count` events (default 5), `interval_ms` apart (default 1000), the
 /// first one immediately.
-async fn events(
-    Query(q): Query<EventsQuery>,
-) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+async fn events(Query(q): Query<EventsQuery>) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     let count = q.count.unwrap_or(5).min(10_000);
     let interval = Duration::from_millis(q.interval_ms.unwrap_or(1000));
     let stream = futures_util::stream::unfold(0u32, move |n| async move {
@@ -184,11 +182,7 @@ async fn upload(body: Body) -> Response {
             Err(e) => return (http::StatusCode::BAD_REQUEST, e.to_string()).into_response(),
         }
     }
-    let digest: String = hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let digest: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
     Json(json!({ "bytes": bytes, "sha256": digest })).into_response()
 }
 

@@ -39,12 +39,7 @@ pub fn escape(text: &str) -> String {
 /// A complete HTML document; `refresh` makes the browser reload it.
 pub fn document(title: &str, body: &str, refresh: Option<Duration>) -> String {
     let refresh = refresh
-        .map(|d| {
-            format!(
-                r#"<meta http-equiv="refresh" content="{}">"#,
-                d.as_secs().max(1)
-            )
-        })
+        .map(|d| format!(r#"<meta http-equiv="refresh" content="{}">"#, d.as_secs().max(1)))
         .unwrap_or_default();
     format!(
         r#"<!doctype html>
@@ -73,8 +68,7 @@ fn html(status: StatusCode, title: &str, body: &str, refresh: Option<Duration>) 
 }
 
 fn json_error(status: StatusCode, error: &str, message: &str) -> Response {
-    let mut response =
-        (status, Json(json!({ "error": error, "message": message }))).into_response();
+    let mut response = (status, Json(json!({ "error": error, "message": message }))).into_response();
     response
         .headers_mut()
         .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
@@ -177,18 +171,9 @@ pub fn forbidden(wants_html: bool, message: &str) -> Response {
 
 pub fn not_found(wants_html: bool) -> Response {
     if wants_html {
-        html(
-            StatusCode::NOT_FOUND,
-            "Not found",
-            "<p>No such router page.</p>",
-            None,
-        )
+        html(StatusCode::NOT_FOUND, "Not found", "<p>No such router page.</p>", None)
     } else {
-        json_error(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            "no such router endpoint",
-        )
+        json_error(StatusCode::NOT_FOUND, "not_found", "no such router endpoint")
     }
 }
 
@@ -227,10 +212,7 @@ mod tests {
 
     #[test]
     fn html_is_escaped() {
-        assert_eq!(
-            escape("<a href=\"x\">&'"),
-            "&lt;a href=&quot;x&quot;&gt;&amp;&#39;"
-        );
+        assert_eq!(escape("<a href=\"x\">&'"), "&lt;a href=&quot;x&quot;&gt;&amp;&#39;");
     }
 
     #[test]

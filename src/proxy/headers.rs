@@ -31,8 +31,7 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 
 /// True for a request asking to switch protocols (WebSocket and friends).
 pub fn is_upgrade(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::UPGRADE)
-        && connection_tokens(headers).any(|t| t.eq_ignore_ascii_case("upgrade"))
+    headers.contains_key(header::UPGRADE) && connection_tokens(headers).any(|t| t.eq_ignore_ascii_case("upgrade"))
 }
 
 fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
@@ -136,10 +135,7 @@ mod tests {
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (k, v) in pairs {
-            h.append(
-                HeaderName::from_bytes(k.as_bytes()).unwrap(),
-                v.parse().unwrap(),
-            );
+            h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
         }
         h
     }
@@ -161,13 +157,7 @@ mod tests {
                 identity: &identity(),
             },
         );
-        for gone in [
-            "connection",
-            "keep-alive",
-            "x-secret-hop",
-            "te",
-            "proxy-authorization",
-        ] {
+        for gone in ["connection", "keep-alive", "x-secret-hop", "te", "proxy-authorization"] {
             assert!(!h.contains_key(gone), "{gone} forwarded");
         }
         assert_eq!(h["accept"], "text/html");
@@ -217,10 +207,7 @@ mod tests {
 
     #[test]
     fn an_upgrade_request_keeps_its_handshake_headers() {
-        let mut h = headers(&[
-            ("connection", "keep-alive, Upgrade"),
-            ("upgrade", "websocket"),
-        ]);
+        let mut h = headers(&[("connection", "keep-alive, Upgrade"), ("upgrade", "websocket")]);
         assert!(is_upgrade(&h));
         to_upstream(
             &mut h,

@@ -97,10 +97,7 @@ impl Forwarder {
     /// the rest.
     pub async fn drain_relays(&self, grace: Duration) {
         self.relays.close();
-        if tokio::time::timeout(grace, self.relays.wait())
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(grace, self.relays.wait()).await.is_err() {
             tracing::info!(
                 open = self.relays.len(),
                 "closing relays still open after the drain period"
@@ -189,12 +186,7 @@ impl Forwarder {
 /// Copies bytes both ways between the client and the upstream after a 101,
 /// until either side closes, the session's backend is released, or the
 /// drain period ends. Bytes are copied as they come: no framing, no size cap.
-async fn relay(
-    client: OnUpgrade,
-    upstream: OnUpgrade,
-    session: Arc<Session>,
-    stop: CancellationToken,
-) {
+async fn relay(client: OnUpgrade, upstream: OnUpgrade, session: Arc<Session>, stop: CancellationToken) {
     let (client, upstream) = match tokio::try_join!(client, upstream) {
         Ok(pair) => pair,
         Err(e) => {

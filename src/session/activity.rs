@@ -11,12 +11,19 @@ use tokio::time::Instant;
 
 use super::Session;
 
+/// `published_ms` before the first share.
+const NEVER: u64 = u64::MAX;
+
 pub struct Activity {
     origin: Instant,
     /// Milliseconds after `origin` of the last activity. Relaxed atomics are
     /// enough: a reader only needs some recent value, never an ordering.
     last_ms: AtomicU64,
     in_flight: AtomicUsize,
+    /// `last_ms` as of the last time activity was shared with other
+    /// replicas, and when (ms after `origin`) that was.
+    published_ms: AtomicU64,
+    published_at_ms: AtomicU64,
 }
 
 impl Activity {
@@ -25,13 +32,19 @@ impl Activity {
             origin: Instant::now(),
             last_ms: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
+            published_ms: AtomicU64::new(NEVER),
+            published_at_ms: AtomicU64::new(0),
         }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.origin.elapsed().as_millis() as u64
     }
 
     /// Records activity now. Called for every proxied chunk: two loads and
     /// at most one store, no lock.
     pub fn touch(&self) {
-        let now = self.origin.elapsed().as_millis() as u64;
+        let now = self.now_ms();
         if self.last_ms.load(Ordering::Relaxed) < now {
             self.last_ms.store(now, Ordering::Relaxed);
         }
@@ -44,6 +57,25 @@ impl Activity {
         }
         let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
         self.origin.elapsed().saturating_sub(last)
+    }
+
+    /// If there was activity since it was last shared and at least
+    /// `interval` has passed since then, marks it shared and returns when it
+    /// happened. Only the reaper calls this.
+    pub fn unshared(&self, interval: Duration) -> Option<std::time::SystemTime> {
+        let now = self.now_ms();
+        let last = self.last_ms.load(Ordering::Relaxed);
+        let busy = self.in_flight.load(Ordering::Acquire) > 0;
+        let published = self.published_ms.load(Ordering::Relaxed);
+        let new = busy || published == NEVER || last > published;
+        let published_at = self.published_at_ms.load(Ordering::Relaxed);
+        let due = published_at == 0 || now.saturating_sub(published_at) >= interval.as_millis() as u64;
+        if !new || !due {
+            return None;
+        }
+        self.published_ms.store(last, Ordering::Relaxed);
+        self.published_at_ms.store(now.max(1), Ordering::Relaxed);
+        Some(std::time::SystemTime::now() - self.idle_for())
     }
 
     /// Marks a request as awaiting its response until the guard drops.
@@ -88,6 +120,29 @@ mod tests {
         assert!(s.activity.idle_for() >= Duration::from_secs(10));
         s.activity.touch();
         assert!(s.activity.idle_for() < Duration::from_secs(1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn activity_is_shared_at_most_once_per_interval_and_only_when_new() {
+        let s = session();
+        s.activity.touch();
+        assert!(
+            s.activity.unshared(Duration::from_secs(30)).is_some(),
+            "first activity is shared"
+        );
+        s.activity.touch();
+        assert!(
+            s.activity.unshared(Duration::from_secs(30)).is_none(),
+            "not again within the interval"
+        );
+        tokio::time::advance(Duration::from_secs(31)).await;
+        s.activity.touch();
+        assert!(s.activity.unshared(Duration::from_secs(30)).is_some());
+        tokio::time::advance(Duration::from_secs(31)).await;
+        assert!(
+            s.activity.unshared(Duration::from_secs(30)).is_none(),
+            "nothing new to share"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -59,9 +59,7 @@ impl Signer {
         let (payload, tag) = sealed.split_once('.')?;
         let payload = B64.decode(payload).ok()?;
         let tag = B64.decode(tag).ok()?;
-        self.mac(context, subject, &payload)
-            .verify_slice(&tag)
-            .ok()?;
+        self.mac(context, subject, &payload).verify_slice(&tag).ok()?;
         Some(payload)
     }
 }
@@ -129,12 +127,7 @@ impl CookieCodec {
 
     /// The pin in the request's cookie, if there is exactly one such cookie
     /// and it verifies for `subject` and has not expired at `now`.
-    pub fn read(
-        &self,
-        headers: &HeaderMap,
-        subject: &str,
-        now: SystemTime,
-    ) -> Option<PinnedBackend> {
+    pub fn read(&self, headers: &HeaderMap, subject: &str, now: SystemTime) -> Option<PinnedBackend> {
         let value = match find_cookie(headers, &self.name) {
             Lookup::One(value) => value,
             Lookup::None | Lookup::Ambiguous => return None,
@@ -156,9 +149,7 @@ pub fn set_cookie(name: &str, value: &str, max_age: Option<Duration>) -> HeaderV
 }
 
 pub fn unix(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 /// The result of looking a cookie name up across all `Cookie` headers.
@@ -228,11 +219,7 @@ mod tests {
 
     fn codec() -> CookieCodec {
         let secret = Secret::new(b"0123456789abcdef0123456789abcdef".to_vec());
-        CookieCodec::new(
-            Signer::new(&secret),
-            "session_router".into(),
-            Duration::from_secs(3600),
-        )
+        CookieCodec::new(Signer::new(&secret), "session_router".into(), Duration::from_secs(3600))
     }
 
     fn request_with(cookie: &str) -> HeaderMap {
@@ -283,11 +270,7 @@ mod tests {
         let last = flipped.len() - 2;
         flipped[last] = if flipped[last] == b'A' { b'B' } else { b'A' };
         assert_eq!(
-            codec.read(
-                &request_with(&String::from_utf8(flipped).unwrap()),
-                "alice",
-                now
-            ),
+            codec.read(&request_with(&String::from_utf8(flipped).unwrap()), "alice", now),
             None
         );
     }
@@ -297,10 +280,7 @@ mod tests {
         let codec = codec();
         let then = SystemTime::now() - Duration::from_secs(7200);
         let cookie = issued_value(&codec, "alice", then);
-        assert_eq!(
-            codec.read(&request_with(&cookie), "alice", SystemTime::now()),
-            None
-        );
+        assert_eq!(codec.read(&request_with(&cookie), "alice", SystemTime::now()), None);
     }
 
     #[test]
@@ -319,10 +299,7 @@ mod tests {
     #[test]
     fn removing_the_router_cookie_keeps_the_others() {
         let mut headers = request_with("a=1; session_router=xyz; b=2");
-        headers.append(
-            http::header::COOKIE,
-            HeaderValue::from_static("session_router_dev=q"),
-        );
+        headers.append(http::header::COOKIE, HeaderValue::from_static("session_router_dev=q"));
         remove_cookies(&mut headers, &["session_router", "session_router_dev"]);
         assert_eq!(headers.get_all(http::header::COOKIE).iter().count(), 1);
         assert_eq!(headers.get(http::header::COOKIE).unwrap(), "a=1; b=2");

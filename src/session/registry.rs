@@ -58,6 +58,16 @@ impl Registry {
         identity: &Identity,
         pin: Option<&PinnedBackend>,
     ) -> Result<Arc<Session>, SessionError> {
+        if let Some(session) = self.get(&identity.sub) {
+            if session.is_releasing() {
+                return Err(SessionError::Releasing);
+            }
+            if self.allocator.still_held(identity, &session.lease) {
+                return Ok(session);
+            }
+            tracing::info!(user = %identity.email, backend = %session.lease, "backend gone or reassigned; allocating again");
+            self.forget(&session);
+        }
         let slot = self
             .sessions
             .entry(identity.sub.clone())
@@ -86,9 +96,8 @@ impl Registry {
             Err(e) => {
                 // Leave no empty slot behind, unless a concurrent request
                 // has meanwhile filled it.
-                self.sessions.remove_if(&identity.sub, |_, s| {
-                    Arc::ptr_eq(s, &slot) && s.get().is_none()
-                });
+                self.sessions
+                    .remove_if(&identity.sub, |_, s| Arc::ptr_eq(s, &slot) && s.get().is_none());
                 Err(e)
             }
         }
@@ -97,29 +106,27 @@ impl Registry {
     /// Releases the session's backend, and only once that is confirmed
     /// drops the record and closes the session's open streams. Returns
     /// `false` if another release of this session is already running.
-    pub async fn release(
-        &self,
-        session: &Arc<Session>,
-        reason: &'static str,
-    ) -> Result<bool, SessionError> {
+    pub async fn release(&self, session: &Arc<Session>, reason: &'static str) -> Result<bool, SessionError> {
         if session.releasing.swap(true, Ordering::AcqRel) {
             return Ok(false);
         }
-        if let Err(e) = self
-            .allocator
-            .release(&session.identity, &session.lease)
-            .await
-        {
+        if let Err(e) = self.allocator.release(&session.identity, &session.lease, reason).await {
             session.releasing.store(false, Ordering::Release);
             tracing::warn!(user = %session.identity.email, backend = %session.lease, reason, error = %e, "release failed; will retry");
             return Err(e.into());
         }
+        self.forget(session);
+        tracing::info!(user = %session.identity.email, backend = %session.lease, reason, "released backend");
+        Ok(true)
+    }
+
+    /// Drops the session without releasing anything (its backend is gone)
+    /// and closes its open streams.
+    pub fn forget(&self, session: &Arc<Session>) {
         self.sessions.remove_if(&session.identity.sub, |_, slot| {
             slot.get().is_some_and(|s| Arc::ptr_eq(s, session))
         });
         session.closed.cancel();
-        tracing::info!(user = %session.identity.email, backend = %session.lease, reason, "released backend");
-        Ok(true)
     }
 
     /// A snapshot of every live session (for the reaper and admin views).
@@ -167,14 +174,14 @@ mod tests {
         fn adopt(&self, user: &Identity, pin: &PinnedBackend) -> Option<Lease> {
             self.pool.adopt(user, pin)
         }
-        async fn release(&self, user: &Identity, lease: &Lease) -> Result<(), AllocError> {
+        async fn release(&self, user: &Identity, lease: &Lease, reason: &'static str) -> Result<(), AllocError> {
             if self.fail_releases.load(Ordering::SeqCst) {
                 return Err(AllocError::Backend {
                     backend: "test",
                     message: "release refused".into(),
                 });
             }
-            self.pool.release(user, lease).await
+            self.pool.release(user, lease, reason).await
         }
     }
 
@@ -201,12 +208,7 @@ mod tests {
         let tasks: Vec<_> = (0..10)
             .map(|_| {
                 let registry = registry.clone();
-                tokio::spawn(async move {
-                    registry
-                        .get_or_allocate(&user("alice"), None)
-                        .await
-                        .unwrap()
-                })
+                tokio::spawn(async move { registry.get_or_allocate(&user("alice"), None).await.unwrap() })
             })
             .collect();
         let mut backends = Vec::new();
@@ -238,10 +240,7 @@ mod tests {
         let a = registry.get_or_allocate(&user("a"), None).await.unwrap();
         pool.fail_releases.store(true, Ordering::SeqCst);
         assert!(registry.release(&a, "test").await.is_err());
-        assert!(
-            registry.get("a").is_some(),
-            "record survives a failed release"
-        );
+        assert!(registry.get("a").is_some(), "record survives a failed release");
         assert!(!a.is_releasing());
         pool.fail_releases.store(false, Ordering::SeqCst);
         assert!(registry.release(&a, "test").await.unwrap());

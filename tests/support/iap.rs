@@ -46,10 +46,7 @@ impl SigningKey {
     }
 
     pub fn public_pem(&self) -> String {
-        self.secret
-            .public_key()
-            .to_public_key_pem(LineEnding::LF)
-            .unwrap()
+        self.secret.public_key().to_public_key_pem(LineEnding::LF).unwrap()
     }
 
     fn encoding_key(&self) -> EncodingKey {
@@ -80,22 +77,13 @@ impl IapIssuer {
             fetches: AtomicUsize::new(0),
             failing: AtomicBool::new(false),
         });
-        let app = Router::new()
-            .route("/jwk", get(serve_jwks))
-            .with_state(jwks.clone());
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
-            .await
-            .unwrap();
+        let app = Router::new().route("/jwk", get(serve_jwks)).with_state(jwks.clone());
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
-        IapIssuer {
-            key,
-            addr,
-            jwks,
-            task,
-        }
+        IapIssuer { key, addr, jwks, task }
     }
 
     pub fn jwks_url(&self) -> String {
@@ -137,11 +125,8 @@ impl IapIssuer {
     /// A signed token for a user called `name` (`accounts.google.com:name`,
     /// `name@example.com`).
     pub fn user(&self, name: &str) -> String {
-        self.token(
-            &format!("accounts.google.com:{name}"),
-            &format!("{name}@example.com"),
-        )
-        .sign()
+        self.token(&format!("accounts.google.com:{name}"), &format!("{name}@example.com"))
+            .sign()
     }
 }
 
@@ -165,10 +150,7 @@ async fn serve_jwks(State(jwks): State<Arc<Jwks>>) -> axum::response::Response {
 }
 
 pub fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
 }
 
 pub struct TokenBuilder {
@@ -202,12 +184,7 @@ impl TokenBuilder {
     pub fn sign(self) -> String {
         let mut header = Header::new(Algorithm::ES256);
         header.kid = self.kid;
-        jsonwebtoken::encode(
-            &header,
-            &Value::Object(self.claims),
-            &self.key.encoding_key(),
-        )
-        .unwrap()
+        jsonwebtoken::encode(&header, &Value::Object(self.claims), &self.key.encoding_key()).unwrap()
     }
 
     /// The classic confusion attack: HS256 with the public key as the secret.

@@ -1,0 +1,128 @@
+//! The user label put on a user's GameServer, and label-key validation.
+//!
+//! The default value is exactly what the original front end used, built from
+//! the verified email: `accounts.google.com:alice@example.com` with `:` and
+//! `@` turned into `.` → `accounts.google.com.alice.example.com`. The WebUI
+//! image uses the value as the user's folder on shared storage, so existing
+//! users keep their files. Emails that would not make a valid label value
+//! (too long, odd characters) get a stable truncated form with a hash suffix.
+
+use sha2::{Digest, Sha256};
+
+const MAX_VALUE: usize = 63;
+const HASH_CHARS: usize = 10;
+const IAP_PREFIX: &str = "accounts.google.com";
+
+/// The label value for the user with this verified email. Always a valid
+/// Kubernetes label value, and always the same for the same email.
+pub fn user_label_value(email: &str) -> String {
+    let original = format!("{IAP_PREFIX}.{}", email.replace([':', '@'], "."));
+    if is_valid_value(&original) {
+        return original;
+    }
+    let digest = Sha256::digest(email.as_bytes());
+    let hash: String = digest.iter().map(|b| format!("{b:02x}")).collect::<String>()[..HASH_CHARS].to_string();
+    let sanitized: String = original
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(MAX_VALUE - HASH_CHARS - 1)
+        .collect();
+    let stem = sanitized.trim_end_matches(|c: char| !c.is_ascii_alphanumeric());
+    format!("{stem}-{hash}")
+}
+
+/// `(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?`, at most 63 characters.
+pub fn is_valid_value(value: &str) -> bool {
+    if value.len() > MAX_VALUE {
+        return false;
+    }
+    if value.is_empty() {
+        return true;
+    }
+    let bytes = value.as_bytes();
+    let alnum = |b: u8| b.is_ascii_alphanumeric();
+    alnum(bytes[0])
+        && alnum(bytes[bytes.len() - 1])
+        && bytes.iter().all(|&b| alnum(b) || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// Checks a label key (`[prefix/]name`), returning why it is invalid.
+pub fn check_key(key: &str) -> Result<(), String> {
+    let (prefix, name) = match key.rsplit_once('/') {
+        Some((prefix, name)) => (Some(prefix), name),
+        None => (None, key),
+    };
+    if name.is_empty() || !is_valid_value(name) {
+        return Err(format!(
+            "{key:?}: the name part must be 1-63 characters of letters, digits, '-', '_', '.', starting and ending with a letter or digit"
+        ));
+    }
+    if let Some(prefix) = prefix {
+        let valid_dns = !prefix.is_empty()
+            && prefix.len() <= 253
+            && prefix.split('.').all(|part| {
+                !part.is_empty()
+                    && part.len() <= 63
+                    && part
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                    && !part.starts_with('-')
+                    && !part.ends_with('-')
+            });
+        if !valid_dns {
+            return Err(format!(
+                "{key:?}: the prefix must be a lower-case DNS subdomain such as \"example.com\""
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_form_is_the_original_front_ends() {
+        assert_eq!(
+            user_label_value("alice@example.com"),
+            "accounts.google.com.alice.example.com"
+        );
+    }
+
+    #[test]
+    fn long_and_odd_emails_give_valid_stable_distinct_values() {
+        let long = format!("{}@example.com", "a".repeat(80));
+        let odd = "o'brien+sd@example.com";
+        for email in [
+            long.as_str(),
+            odd,
+            "UPPER@Example.COM",
+            "trailing-@x.io",
+            "é@example.com",
+        ] {
+            let value = user_label_value(email);
+            assert!(is_valid_value(&value), "{email} → {value}");
+            assert_eq!(value, user_label_value(email), "unstable for {email}");
+        }
+        let other_long = format!("{}b@example.com", "a".repeat(79));
+        assert_ne!(user_label_value(&long), user_label_value(&other_long));
+        assert!(user_label_value(odd).starts_with("accounts.google.com.o-brien-sd.example.com-"));
+    }
+
+    #[test]
+    fn label_keys_are_checked_like_kubernetes_does() {
+        assert!(check_key("user").is_ok());
+        assert!(check_key("session-router.dev/user").is_ok());
+        assert!(check_key("").is_err());
+        assert!(check_key("user name").is_err());
+        assert!(check_key("Bad_Prefix/user").is_err());
+        assert!(check_key(&"a".repeat(64)).is_err());
+    }
+}

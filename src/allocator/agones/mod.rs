@@ -1,0 +1,441 @@
+//! Agones backends: one dedicated GameServer per user.
+//!
+//! Allocation asks for `{Allocated, fleet + user label}` first and
+//! `{Ready, fleet}` second, so a user always gets back their own server — from
+//! any replica, after any restart — and never a second one. It goes either
+//! through the Kubernetes API (`agones`) or the agones-allocator service
+//! (`agones-allocator`); everything else (finding, watching, releasing,
+//! activity) goes through the Kubernetes API.
+//!
+//! A watched cache of the fleet's GameServers keeps Kubernetes off the hot
+//! path: a signed cookie is checked against it, dead or re-assigned servers
+//! are noticed from it, and the reaper sweeps from it.
+//!
+//! Release deletes the GameServer (the Fleet replaces it with a fresh one),
+//! with a `resourceVersion` precondition so a concurrent change — another
+//! replica recording activity — aborts an idle release.
+
+pub mod address;
+pub mod label;
+mod transport;
+pub mod types;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use futures_util::StreamExt;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, Preconditions};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{watcher, WatchStreamExt};
+use rand::Rng;
+
+use super::{AllocError, Allocator, Lease};
+use crate::auth::Identity;
+use crate::config::{AgonesConfig, BackendKind};
+use crate::session::cookie::PinnedBackend;
+use transport::{Outcome, Transport};
+use types::GameServer;
+
+pub const FLEET_LABEL: &str = "agones.dev/fleet";
+pub const LAST_ALLOCATED: &str = "agones.dev/last-allocated";
+pub const LAST_ACTIVITY: &str = "session-router.dev/last-activity";
+pub const EMAIL_ANNOTATION: &str = "session-router.dev/email";
+const BACKEND: &str = "agones";
+
+pub struct Agones {
+    config: AgonesConfig,
+    gameservers: Api<GameServer>,
+    transport: Transport,
+    cache: Store<GameServer>,
+    cache_ready: Arc<AtomicBool>,
+    /// The watch feeding `cache`; stopped when the allocator is dropped.
+    watch: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Agones {
+    fn drop(&mut self) {
+        self.watch.abort();
+    }
+}
+
+fn backend_error(message: impl Into<String>) -> AllocError {
+    AllocError::Backend {
+        backend: BACKEND,
+        message: message.into(),
+    }
+}
+
+/// What deleting a GameServer came to.
+enum Deleted {
+    Now,
+    AlreadyGone,
+}
+
+impl Agones {
+    /// Connects to Kubernetes (and the allocator service, for that kind) and
+    /// starts watching the fleet's GameServers.
+    pub async fn connect(config: &AgonesConfig, kind: BackendKind) -> Result<Agones, AllocError> {
+        let kube_config = match &config.kube_api_url {
+            Some(url) => {
+                let uri = url
+                    .parse()
+                    .map_err(|e| backend_error(format!("kube_api_url {url}: {e}")))?;
+                let mut c = kube::Config::new(uri);
+                c.default_namespace = config.namespace.clone();
+                c
+            }
+            None => kube::Config::infer()
+                .await
+                .map_err(|e| backend_error(format!("no Kubernetes configuration (in-cluster or kubeconfig): {e}")))?,
+        };
+        let client =
+            kube::Client::try_from(kube_config).map_err(|e| backend_error(format!("Kubernetes client: {e}")))?;
+        let gameservers: Api<GameServer> = Api::namespaced(client.clone(), &config.namespace);
+        let transport = match kind {
+            BackendKind::AgonesAllocator => Transport::allocator_service(config)?,
+            _ => Transport::kubernetes(client, config),
+        };
+
+        let (cache, writer) = reflector::store();
+        let cache_ready = Arc::new(AtomicBool::new(false));
+        let watch_config = watcher::Config::default().labels(&format!("{FLEET_LABEL}={}", config.fleet));
+        let stream = reflector::reflector(writer, watcher(gameservers.clone(), watch_config)).default_backoff();
+        let ready = cache_ready.clone();
+        let ready_store = cache.clone();
+        let watch = tokio::spawn(async move {
+            let mark_ready = async move {
+                if ready_store.wait_until_ready().await.is_ok() {
+                    ready.store(true, Ordering::Release);
+                }
+            };
+            let drive = stream.for_each(|event| async move {
+                if let Err(e) = event {
+                    tracing::warn!(error = %e, "GameServer watch error; retrying");
+                }
+            });
+            tokio::join!(mark_ready, drive);
+        });
+        Ok(Agones {
+            config: config.clone(),
+            gameservers,
+            transport,
+            cache,
+            cache_ready,
+            watch,
+        })
+    }
+
+    fn cached(&self, name: &str) -> Option<Arc<GameServer>> {
+        self.cache.get(&ObjectRef::new(name).within(&self.config.namespace))
+    }
+
+    fn user_selector(&self, label: &str) -> String {
+        format!("{FLEET_LABEL}={},{}={label}", self.config.fleet, self.config.user_label)
+    }
+
+    fn lease_for(
+        &self,
+        gs: Option<&GameServer>,
+        allocation: Option<&types::AllocationStatus>,
+    ) -> Result<Lease, AllocError> {
+        let name = gs
+            .map(GameServer::name)
+            .or(allocation.map(|a| a.game_server_name.as_str()))
+            .unwrap_or_default();
+        let upstream = address::upstream(gs, allocation, &self.config.port_name, &self.config.address_preference)
+            .map_err(backend_error)?;
+        Ok(Lease {
+            backend: name.into(),
+            upstream,
+        })
+    }
+
+    async fn call<T>(
+        &self,
+        what: &str,
+        call: impl std::future::Future<Output = kube::Result<T>>,
+    ) -> Result<T, AllocError> {
+        match tokio::time::timeout(self.config.api_timeout, call).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => Err(backend_error(format!("{what}: {e}"))),
+            Err(_) => Err(backend_error(format!(
+                "{what}: no answer within {:?}",
+                self.config.api_timeout
+            ))),
+        }
+    }
+
+    async fn get(&self, name: &str) -> Result<Option<GameServer>, AllocError> {
+        self.call(&format!("get GameServer {name}"), self.gameservers.get_opt(name))
+            .await
+    }
+
+    /// Deletes `name` if it still has `resource_version` (when given).
+    async fn delete(&self, name: &str, resource_version: Option<String>) -> Result<Deleted, AllocError> {
+        let params = DeleteParams {
+            preconditions: resource_version.map(|rv| Preconditions {
+                resource_version: Some(rv),
+                uid: None,
+            }),
+            ..DeleteParams::default()
+        };
+        let what = format!("delete GameServer {name}");
+        match tokio::time::timeout(self.config.api_timeout, self.gameservers.delete(name, &params)).await {
+            Ok(Ok(_)) => Ok(Deleted::Now),
+            Ok(Err(kube::Error::Api(status))) if status.code == 404 => Ok(Deleted::AlreadyGone),
+            Ok(Err(kube::Error::Api(status))) if status.code == 409 => Err(AllocError::Conflict),
+            Ok(Err(e)) => Err(backend_error(format!("{what}: {e}"))),
+            Err(_) => Err(backend_error(format!(
+                "{what}: no answer within {:?}",
+                self.config.api_timeout
+            ))),
+        }
+    }
+
+    /// Asks for the user's server until one is allocated, retrying
+    /// contention and transient "nothing free" answers with jittered
+    /// exponential backoff within the retry window.
+    async fn allocate_with_retries(&self, user: &Identity, label: &str) -> Result<types::AllocationStatus, AllocError> {
+        let deadline = tokio::time::Instant::now() + self.config.allocation_retry_window;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let outcome = self.transport.allocate(&self.config, label, &user.email).await?;
+            let answer = match outcome {
+                Outcome::Allocated(status) => return Ok(status),
+                Outcome::UnAllocated => "UnAllocated",
+                Outcome::Contention => "Contention",
+            };
+            let jittered = backoff.mul_f64(rand::thread_rng().gen_range(0.5..1.5));
+            if tokio::time::Instant::now() + jittered > deadline {
+                tracing::info!(user = %user.email, answer, "no GameServer allocated within the retry window");
+                return Err(AllocError::NoCapacity);
+            }
+            tokio::time::sleep(jittered).await;
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+        }
+    }
+
+    /// If replicas raced and the user holds several Allocated servers, keeps
+    /// the oldest and deletes the rest. Returns the one kept.
+    async fn settle_duplicates(&self, label: &str, allocated: GameServer) -> Result<GameServer, AllocError> {
+        let list = self
+            .call(
+                "list the user's GameServers",
+                self.gameservers
+                    .list(&ListParams::default().labels(&self.user_selector(label))),
+            )
+            .await?;
+        let mut mine: Vec<GameServer> = list.items.into_iter().filter(|gs| gs.state() == "Allocated").collect();
+        if mine.len() <= 1 {
+            return Ok(mine.pop().unwrap_or(allocated));
+        }
+        mine.sort_by(|a, b| age_key(a).cmp(&age_key(b)));
+        let keep = mine.remove(0);
+        for extra in mine {
+            tracing::warn!(
+                kept = keep.name(),
+                released = extra.name(),
+                "user held two GameServers; releasing the newer"
+            );
+            let _ = self.delete(extra.name(), extra.metadata.resource_version.clone()).await;
+        }
+        Ok(keep)
+    }
+
+    fn is_users(&self, gs: &GameServer, label: &str) -> bool {
+        gs.label(&self.config.user_label) == Some(label)
+    }
+}
+
+/// Oldest first; ties broken by name so every replica picks the same one.
+fn age_key(gs: &GameServer) -> (Option<k8s_openapi::jiff::Timestamp>, String) {
+    (
+        gs.metadata.creation_timestamp.as_ref().map(|t| t.0),
+        gs.name().to_string(),
+    )
+}
+
+fn parse_time(text: &str) -> Option<SystemTime> {
+    humantime::parse_rfc3339_weak(text.trim()).ok()
+}
+
+/// The newest activity recorded on a GameServer: ours, or its allocation.
+fn last_seen(gs: &GameServer) -> Option<SystemTime> {
+    [LAST_ACTIVITY, LAST_ALLOCATED]
+        .into_iter()
+        .filter_map(|key| gs.annotation(key).and_then(parse_time))
+        .max()
+}
+
+#[async_trait]
+impl Allocator for Agones {
+    async fn allocate(&self, user: &Identity) -> Result<Lease, AllocError> {
+        let label = label::user_label_value(&user.email);
+        let status = self.allocate_with_retries(user, &label).await?;
+        let name = status.game_server_name.clone();
+        let gs = match self.cached(&name) {
+            Some(gs) => (*gs).clone(),
+            None => self
+                .get(&name)
+                .await?
+                .ok_or_else(|| backend_error(format!("allocated GameServer {name} vanished")))?,
+        };
+        let kept = self.settle_duplicates(&label, gs).await?;
+        let allocation = (kept.name() == name).then_some(&status);
+        self.lease_for(Some(&kept), allocation)
+    }
+
+    fn adopt(&self, user: &Identity, pin: &PinnedBackend) -> Option<Lease> {
+        if !self.cache_ready.load(Ordering::Acquire) {
+            return None;
+        }
+        let gs = self.cached(&pin.backend)?;
+        let label = label::user_label_value(&user.email);
+        if gs.state() != "Allocated" || !self.is_users(&gs, &label) {
+            return None;
+        }
+        let lease = self.lease_for(Some(&gs), None).ok()?;
+        (lease.upstream.as_str() == pin.upstream).then_some(lease)
+    }
+
+    async fn release(&self, user: &Identity, lease: &Lease, reason: &'static str) -> Result<(), AllocError> {
+        let label = label::user_label_value(&user.email);
+        let known = match self.cached(&lease.backend) {
+            Some(gs) => Some((*gs).clone()),
+            None => self.get(&lease.backend).await?,
+        };
+        let Some(gs) = known else { return Ok(()) };
+        if !self.is_users(&gs, &label) {
+            return Ok(());
+        }
+        match self.delete(&lease.backend, gs.metadata.resource_version.clone()).await {
+            Ok(_) => Ok(()),
+            // An idle release decided on what it saw; if that changed,
+            // someone was active: abort. Other releases insist.
+            Err(AllocError::Conflict) if reason != "idle" => {
+                let Some(fresh) = self.get(&lease.backend).await? else {
+                    return Ok(());
+                };
+                if !self.is_users(&fresh, &label) {
+                    return Ok(());
+                }
+                self.delete(&lease.backend, fresh.metadata.resource_version.clone())
+                    .await
+                    .map(|_| ())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn is_ready(&self) -> bool {
+        self.cache_ready.load(Ordering::Acquire)
+    }
+
+    fn still_held(&self, user: &Identity, lease: &Lease) -> bool {
+        if !self.cache_ready.load(Ordering::Acquire) {
+            return true;
+        }
+        let Some(gs) = self.cached(&lease.backend) else {
+            return false;
+        };
+        let alive = matches!(gs.state(), "Allocated" | "Ready" | "Reserved" | "RequestReady");
+        let label = label::user_label_value(&user.email);
+        alive && gs.label(&self.config.user_label).is_none_or(|l| l == label)
+    }
+
+    fn replaces_unreachable(&self) -> bool {
+        true
+    }
+
+    fn activity_elsewhere(&self, lease: &Lease) -> Option<SystemTime> {
+        self.cached(&lease.backend).and_then(|gs| last_seen(&gs))
+    }
+
+    async fn record_activity(&self, lease: &Lease, at: SystemTime) -> Result<(), AllocError> {
+        let stamp = humantime::format_rfc3339_millis(at).to_string();
+        let patch = serde_json::json!({ "metadata": { "annotations": { LAST_ACTIVITY: stamp } } });
+        self.call(
+            &format!("record activity on GameServer {}", lease.backend),
+            self.gameservers
+                .patch(&lease.backend, &PatchParams::default(), &Patch::Merge(&patch)),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn sweep(&self, idle_timeout: Duration, held_here: &HashSet<Arc<str>>) {
+        if !self.cache_ready.load(Ordering::Acquire) {
+            return;
+        }
+        let now = SystemTime::now();
+        let mut by_user: HashMap<String, Vec<Arc<GameServer>>> = HashMap::new();
+        for gs in self.cache.state() {
+            if gs.state() != "Allocated" {
+                continue;
+            }
+            // Servers allocated by someone else carry no user label: never ours to touch.
+            if let Some(user) = gs.label(&self.config.user_label) {
+                by_user.entry(user.to_string()).or_default().push(gs);
+            }
+        }
+        for (_, mut servers) in by_user {
+            servers.sort_by(|a, b| age_key(a).cmp(&age_key(b)));
+            for (i, gs) in servers.iter().enumerate() {
+                let reason = if i > 0 {
+                    "duplicate"
+                } else if held_here.contains(gs.name()) {
+                    continue;
+                } else {
+                    let idle = last_seen(gs).and_then(|seen| now.duration_since(seen).ok());
+                    if !idle.is_some_and(|idle| idle >= idle_timeout) {
+                        continue;
+                    }
+                    "idle"
+                };
+                match self.delete(gs.name(), gs.metadata.resource_version.clone()).await {
+                    Ok(Deleted::Now) => tracing::info!(gameserver = gs.name(), reason, "released GameServer"),
+                    Ok(Deleted::AlreadyGone) => {}
+                    Err(AllocError::Conflict) => {
+                        tracing::debug!(gameserver = gs.name(), "GameServer changed meanwhile; not released")
+                    }
+                    Err(e) => tracing::warn!(gameserver = gs.name(), error = %e, "release failed; will retry"),
+                }
+            }
+        }
+    }
+}
+
+/// Labels and annotations an allocation puts on the user's GameServer.
+fn allocation_metadata(config: &AgonesConfig, label: &str, email: &str) -> types::AllocationMetadata {
+    types::AllocationMetadata {
+        labels: BTreeMap::from([(config.user_label.clone(), label.to_string())]),
+        annotations: BTreeMap::from([(EMAIL_ANNOTATION.to_string(), email.to_string())]),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn last_seen_takes_the_newest_of_activity_and_allocation() {
+        let mut gs = GameServer::default();
+        gs.metadata.annotations = Some(BTreeMap::from([
+            (LAST_ALLOCATED.to_string(), "2026-01-01T10:00:00.123456789Z".to_string()),
+            (LAST_ACTIVITY.to_string(), "2026-01-01T10:05:00.000Z".to_string()),
+        ]));
+        let seen = last_seen(&gs).unwrap();
+        assert_eq!(
+            humantime::format_rfc3339_seconds(seen).to_string(),
+            "2026-01-01T10:05:00Z"
+        );
+    }
+
+    #[test]
+    fn nanosecond_allocation_stamps_parse() {
+        assert!(parse_time("2023-03-01T12:34:56.789012345Z").is_some());
+    }
+}

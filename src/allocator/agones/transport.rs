@@ -1,0 +1,175 @@
+//! The two ways to ask Agones for a GameServer: a `GameServerAllocation`
+//! through the Kubernetes API, or the agones-allocator service's REST API
+//! (plain HTTP, TLS or mutual TLS).
+
+use std::collections::BTreeMap;
+
+use kube::api::{Api, PostParams};
+
+use super::types::{
+    AllocationSpec, AllocationStatus, AllocatorServiceRequest, GameServerAllocation, RpcStatus, Selector,
+};
+use super::{allocation_metadata, backend_error, FLEET_LABEL};
+use crate::allocator::AllocError;
+use crate::config::AgonesConfig;
+
+/// What one allocation request came back with.
+pub(super) enum Outcome {
+    Allocated(AllocationStatus),
+    /// Nothing matched: no free server (possibly transient, agones#2788).
+    UnAllocated,
+    /// Too many concurrent requests; try again shortly.
+    Contention,
+}
+
+pub(super) enum Transport {
+    Kubernetes(Api<GameServerAllocation>),
+    AllocatorService { http: reqwest::Client, url: String },
+}
+
+/// The two selectors, in order: the user's own Allocated server, then any
+/// Ready one of the fleet. `allocated`/`ready` are the state spellings of
+/// the API in use.
+fn selectors(config: &AgonesConfig, label: &str, allocated: &str, ready: &str) -> Vec<Selector> {
+    let fleet = (FLEET_LABEL.to_string(), config.fleet.clone());
+    vec![
+        Selector {
+            game_server_state: allocated.into(),
+            match_labels: BTreeMap::from([fleet.clone(), (config.user_label.clone(), label.to_string())]),
+        },
+        Selector {
+            game_server_state: ready.into(),
+            match_labels: BTreeMap::from([fleet]),
+        },
+    ]
+}
+
+impl Transport {
+    pub(super) fn kubernetes(client: kube::Client, config: &AgonesConfig) -> Transport {
+        Transport::Kubernetes(Api::namespaced(client, &config.namespace))
+    }
+
+    pub(super) fn allocator_service(config: &AgonesConfig) -> Result<Transport, AllocError> {
+        let url = config
+            .allocator_url
+            .clone()
+            .ok_or_else(|| backend_error("backend.agones.allocator_url is not set"))?;
+        let read = |path: &str| std::fs::read(path).map_err(|e| backend_error(format!("cannot read {path}: {e}")));
+        let mut builder = reqwest::Client::builder()
+            .timeout(config.api_timeout)
+            .redirect(reqwest::redirect::Policy::none());
+        if let Some(ca) = &config.allocator_ca_file {
+            let certificate = reqwest::Certificate::from_pem(&read(ca)?)
+                .map_err(|e| backend_error(format!("{ca}: not a PEM certificate: {e}")))?;
+            builder = builder.add_root_certificate(certificate);
+        }
+        if let (Some(cert), Some(key)) = (&config.allocator_client_cert_file, &config.allocator_client_key_file) {
+            let mut pem = read(cert)?;
+            pem.push(b'\n');
+            pem.extend(read(key)?);
+            let identity = reqwest::Identity::from_pem(&pem)
+                .map_err(|e| backend_error(format!("{cert} + {key}: not a PEM certificate and key: {e}")))?;
+            builder = builder.identity(identity);
+        }
+        let http = builder
+            .build()
+            .map_err(|e| backend_error(format!("allocator client: {e}")))?;
+        Ok(Transport::AllocatorService { http, url })
+    }
+
+    pub(super) async fn allocate(
+        &self,
+        config: &AgonesConfig,
+        label: &str,
+        email: &str,
+    ) -> Result<Outcome, AllocError> {
+        match self {
+            Transport::Kubernetes(api) => kubernetes_allocate(api, config, label, email).await,
+            Transport::AllocatorService { http, url } => service_allocate(http, url, config, label, email).await,
+        }
+    }
+}
+
+async fn kubernetes_allocate(
+    api: &Api<GameServerAllocation>,
+    config: &AgonesConfig,
+    label: &str,
+    email: &str,
+) -> Result<Outcome, AllocError> {
+    let request = GameServerAllocation {
+        api_version: "allocation.agones.dev/v1".into(),
+        kind: "GameServerAllocation".into(),
+        spec: AllocationSpec {
+            selectors: selectors(config, label, "Allocated", "Ready"),
+            scheduling: config.scheduling.clone(),
+            metadata: allocation_metadata(config, label, email),
+        },
+        ..GameServerAllocation::default()
+    };
+    let created = match tokio::time::timeout(config.api_timeout, api.create(&PostParams::default(), &request)).await {
+        Err(_) => {
+            return Err(backend_error(format!(
+                "allocation: no answer within {:?}",
+                config.api_timeout
+            )))
+        }
+        // An update conflict that survived Agones' own retries.
+        Ok(Err(kube::Error::Api(status))) if status.code == 409 => return Ok(Outcome::Contention),
+        Ok(Err(e)) => return Err(backend_error(format!("allocation: {e}"))),
+        Ok(Ok(created)) => created,
+    };
+    // 201 even when nothing was allocated: the state says what happened.
+    let status = created.status.unwrap_or_default();
+    match status.state.as_str() {
+        "Allocated" if !status.game_server_name.is_empty() => Ok(Outcome::Allocated(status)),
+        "UnAllocated" => Ok(Outcome::UnAllocated),
+        "Contention" => Ok(Outcome::Contention),
+        other => Err(backend_error(format!("allocation answered state {other:?}"))),
+    }
+}
+
+async fn service_allocate(
+    http: &reqwest::Client,
+    url: &str,
+    config: &AgonesConfig,
+    label: &str,
+    email: &str,
+) -> Result<Outcome, AllocError> {
+    let request = AllocatorServiceRequest {
+        namespace: config.namespace.clone(),
+        game_server_selectors: selectors(config, label, "ALLOCATED", "READY"),
+        scheduling: config.scheduling.clone(),
+        metadata: allocation_metadata(config, label, email),
+    };
+    let endpoint = format!("{url}/gameserverallocation");
+    let response = http
+        .post(&endpoint)
+        .json(&request)
+        .send()
+        .await
+        .map_err(|e| backend_error(format!("allocator service {endpoint}: {e}")))?;
+    let status = response.status().as_u16();
+    let body = response
+        .bytes()
+        .await
+        .map_err(|e| backend_error(format!("allocator service {endpoint}: {e}")))?;
+    match status {
+        200 => {
+            let allocation: AllocationStatus = serde_json::from_slice(&body)
+                .map_err(|e| backend_error(format!("allocator service answer not understood: {e}")))?;
+            if allocation.game_server_name.is_empty() {
+                return Err(backend_error("allocator service answered 200 without a gameServerName"));
+            }
+            Ok(Outcome::Allocated(allocation))
+        }
+        429 => Ok(Outcome::UnAllocated),
+        409 => Ok(Outcome::Contention),
+        _ => {
+            let rpc: RpcStatus = serde_json::from_slice(&body).unwrap_or_default();
+            Err(backend_error(format!(
+                "allocator service answered {status} (code {}): {}",
+                rpc.code, rpc.message
+            )))
+        }
+    }
+}
