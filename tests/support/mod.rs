@@ -4,19 +4,20 @@
 #![allow(dead_code)]
 
 pub mod browser;
+pub mod fake_agones;
 pub mod iap;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use session_router::allocator::StaticPool;
 use session_router::config::Config;
 use session_router::demo::DemoPod;
 use session_router::server::{serve, AppState};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
+pub use fake_agones::FakeAgones;
 pub use iap::IapIssuer;
 
 pub const SECRET: &[u8] = b"test-secret-test-secret-test-secret!!";
@@ -56,12 +57,47 @@ upstreams = [{upstreams}]
         TestRouter::start(&text).await
     }
 
+    /// Starts a router in `iap` mode on an Agones backend served by `fake`.
+    /// `kind` is `agones` or `agones-allocator`; `session` and `agones` are
+    /// extra lines for those sections.
+    pub async fn agones(issuer: &IapIssuer, fake: &FakeAgones, kind: &str, session: &str, agones: &str) -> TestRouter {
+        let text = format!(
+            r#"
+[server]
+listen = "127.0.0.1:0"
+drain_timeout = "1s"
+[auth]
+mode = "iap"
+audiences = ["{AUDIENCE}"]
+jwks_url = "{jwks}"
+[session]
+retry_after = "2s"
+{session}
+[backend]
+kind = "{kind}"
+connect_timeout = "1s"
+[backend.agones]
+fleet = "{fleet}"
+kube_api_url = "{api}"
+allocator_url = "{api}"
+allocation_retry_window = "500ms"
+activity_sync_interval = "200ms"
+api_timeout = "3s"
+{agones}
+"#,
+            jwks = issuer.jwks_url(),
+            fleet = fake_agones::FLEET,
+            api = fake.url(),
+        );
+        TestRouter::start(&text).await
+    }
+
     pub async fn start(text: &str) -> TestRouter {
         let config =
             Config::from_toml(text, Some(SECRET.to_vec())).unwrap_or_else(|e| panic!("test config invalid:\n{e}"));
         let listener = TcpListener::bind(config.server.listen).await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let allocator = Arc::new(StaticPool::new(&config.backend.static_pool.upstreams));
+        let allocator = session_router::connect_backend(&config).await.unwrap();
         let state = Arc::new(AppState::new(config, allocator));
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(serve(listener, state.clone(), async move {

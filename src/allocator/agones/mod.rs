@@ -232,7 +232,7 @@ impl Agones {
         if mine.len() <= 1 {
             return Ok(mine.pop().unwrap_or(allocated));
         }
-        mine.sort_by(|a, b| age_key(a).cmp(&age_key(b)));
+        mine.sort_by_key(age_key);
         let keep = mine.remove(0);
         for extra in mine {
             tracing::warn!(
@@ -303,7 +303,10 @@ impl Allocator for Agones {
 
     async fn release(&self, user: &Identity, lease: &Lease, reason: &'static str) -> Result<(), AllocError> {
         let label = label::user_label_value(&user.email);
-        let known = match self.cached(&lease.backend) {
+        // The cached copy is what an idle decision was based on; but the
+        // cache may lag (not yet showing the allocation), so only the API
+        // may say the server is gone or no longer the user's.
+        let known = match self.cached(&lease.backend).filter(|gs| self.is_users(gs, &label)) {
             Some(gs) => Some((*gs).clone()),
             None => self.get(&lease.backend).await?,
         };
@@ -382,7 +385,7 @@ impl Allocator for Agones {
             }
         }
         for (_, mut servers) in by_user {
-            servers.sort_by(|a, b| age_key(a).cmp(&age_key(b)));
+            servers.sort_by_key(|gs| age_key(gs));
             for (i, gs) in servers.iter().enumerate() {
                 let reason = if i > 0 {
                     "duplicate"
@@ -390,7 +393,7 @@ impl Allocator for Agones {
                     continue;
                 } else {
                     let idle = last_seen(gs).and_then(|seen| now.duration_since(seen).ok());
-                    if !idle.is_some_and(|idle| idle >= idle_timeout) {
+                    if idle.is_none_or(|idle| idle < idle_timeout) {
                         continue;
                     }
                     "idle"

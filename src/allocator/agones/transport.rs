@@ -23,7 +23,7 @@ pub(super) enum Outcome {
 }
 
 pub(super) enum Transport {
-    Kubernetes(Api<GameServerAllocation>),
+    Kubernetes(Box<Api<GameServerAllocation>>),
     AllocatorService { http: reqwest::Client, url: String },
 }
 
@@ -46,7 +46,7 @@ fn selectors(config: &AgonesConfig, label: &str, allocated: &str, ready: &str) -
 
 impl Transport {
     pub(super) fn kubernetes(client: kube::Client, config: &AgonesConfig) -> Transport {
-        Transport::Kubernetes(Api::namespaced(client, &config.namespace))
+        Transport::Kubernetes(Box::new(Api::namespaced(client, &config.namespace)))
     }
 
     pub(super) fn allocator_service(config: &AgonesConfig) -> Result<Transport, AllocError> {

@@ -1,0 +1,429 @@
+//! Agones backends, end to end: the router's real `kube` and allocator
+//! clients against the fake API server, GameServers pointing at real
+//! stand-in pods.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::Value;
+use session_router::allocator::agones::label::user_label_value;
+use session_router::allocator::agones::Agones;
+use session_router::allocator::{AllocError, Allocator};
+use session_router::auth::Identity;
+use session_router::config::Config;
+use support::{client, eventually, pods, set_cookie, FakeAgones, IapIssuer, TestRouter};
+
+const ASSERTION: &str = "x-goog-iap-jwt-assertion";
+
+fn label(name: &str) -> String {
+    user_label_value(&format!("{name}@example.com"))
+}
+
+async fn whoami(router: &TestRouter, token: &str, cookie: Option<&str>) -> reqwest::Response {
+    let mut request = client().get(router.url("/whoami")).header(ASSERTION, token);
+    if let Some(cookie) = cookie {
+        request = request.header("cookie", cookie);
+    }
+    request.send().await.unwrap()
+}
+
+async fn pod_of(router: &TestRouter, token: &str) -> String {
+    let response = whoami(router, token, None).await;
+    assert_eq!(response.status(), 200, "{:?}", response.text().await);
+    let seen: Value = response.json().await.unwrap();
+    seen["pod"].as_str().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn the_first_request_allocates_a_labelled_gameserver_and_routes_to_its_pod() {
+    let issuer = IapIssuer::start().await;
+    let pods = pods(2).await;
+    let fake = FakeAgones::start().await;
+    fake.add_ready("gs-1", pods[0].addr);
+    fake.add_ready("gs-2", pods[1].addr);
+    let router = TestRouter::agones(&issuer, &fake, "agones", "", "").await;
+    assert_eq!(pod_of(&router, &issuer.user("alice")).await, "pod-1");
+    assert_eq!(fake.held_by("accounts.google.com.alice.example.com"), vec!["gs-1"]);
+    let gs = fake.server("gs-1").unwrap();
+    assert_eq!(
+        gs["metadata"]["annotations"]["session-router.dev/email"],
+        "alice@example.com"
+    );
+    let allocations = fake
+        .calls()
+        .iter()
+        .filter(|c| c.contains("gameserverallocations"))
+        .count();
+    assert_eq!(allocations, 1);
+}
+
+#[tokio::test]
+async fn the_same_user_through_another_replica_reaches_the_same_pod() {
+    let issuer = IapIssuer::start().await;
+    let pods = pods(2).await;
+    let fake = FakeAgones::start().await;
+    fake.add_ready("gs-1", pods[0].addr);
+    fake.add_ready("gs-2", pods[1].addr);
+    let a = TestRouter::agones(&issuer, &fake, "agones", "", "").await;
+    let b = TestRouter::agones(&issuer, &fake, "agones", "", "").await;
+    // Bob first so Alice's pod is not simply "the first Ready one".
+    assert_eq!(pod_of(&a, &issuer.user("bob")).await, "pod-1");
+    assert_eq!(pod_of(&a, &issuer.user("alice")).await, "pod-2");
+    // Replica B has never seen Alice and she brings no cookie (an API client).
+    assert_eq!(pod_of(&b, &issuer.user("alice")).await, "pod-2");
+    assert_eq!(
+        fake.held_by(&label("alice")),
+        vec!["gs-2"],
+        "never a second pod for the same user"
+    );
+}
+
+#[tokio::test]
+async fn a_valid_cookie_costs_no_api_call_even_on_a_fresh_replica() {
+    let issuer = IapIssuer::start().await;
+    let pods = pods(1).await;
+    let fake = FakeAgones::start().await;
+    fake.add_ready("gs-1", pods[0].addr);
+    let a = TestRouter::agones(&issuer, &fake, "agones", "", "").await;
+    let first = whoami(&a, &issuer.user("alice"), None).await;
+    let cookie = set_cookie(&first, "session_router").unwrap();
+    let b = TestRouter::agones(&issuer, &fake, "agones", "", "").await;
+    // Let B's cache see the allocation.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    fake.clear_calls();
+    for _ in 0..5 {
+        let response = whoami(&b, &issuer.user("alice"), Some(&cookie)).await;
+        assert_eq!(response.status(), 200);
+    }
+    let api_calls: Vec<String> = fake.calls().into_iter().filter(|c| !c.contains("watch=")).collect();
+    assert!(
+        api_calls.is_empty(),
+        "requests with a valid cookie called the API: {api_calls:?}"
+    );
+}
+
+#[tokio::test]
+async fn two_users_get_two_pods_and_a_third_waits_until_one_is_ready() {
+    let issuer = IapIssuer::start().await;
+    let pods = pods(3).await;
+    let fake = FakeAgones::start().await;
+    fake.add_ready("gs-1", pods[0].addr);
+    fake.add_ready("gs-2", pods[1].addr);
+    let router = TestRouter::agones(&issuer, &fake, "agones", "", "").await;
+    assert_ne!(
+        pod_of(&router, &issuer.user("alice")).await,
+        pod_of(&router, &issuer.user("bob")).await
+    );
+    let carol = issuer.user("carol");
+    let waiting = client()
+        .get(router.url("/"))
+        .header(ASSERTION, &carol)
+        .header("accept", "text/html")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(waiting.status(), 503);
+    assert!(waiting.headers().contains_key("retry-after"));
+    fake.add_ready("gs-3", pods[2].addr);
+    assert_eq!(pod_of(&router, &carol).await, "pod-3");
+}
+
+#[tokio::test]
+async fn contention_is_retried_and_allocation_succeeds() {
+    let issuer = IapIssuer::start().await;
+    let pods = pods(1).await;
+    let fake = FakeAgones::start().await;
+    fake.add_ready("gs-1", pods[0].addr);
+    let router = TestRouter::agones(&issuer, &fake, "agones", "", "").await;
+    fake.contend(2);
+    assert_eq!(pod_of(&router, &issuer.user("alice")).await, "pod-1");
+    let allocations = fake
+        .calls()
+        .iter()
+        .filter(|c| c.contains("gameserverallocations"))
+        .count();
+    assert_eq!(allocations, 3, "two Contention answers, then success");
+}
+
+#[tokio::test]
+async fn the_allocator_service_mode_handles_200_429_and_409() {
+    let issuer = IapIssuer::start().await;
+    let pods = pods(2).await;
+    let fake = FakeAgones::start().await;
+    // Agones 1.30, as the seed runs: no `addresses`, only `address` + host port.
+    fake.without_addresses();
+    fake.add_ready("gs-1", pods[0].addr);
+    let router = TestRouter::agones(&issuer, &fake, "agones-allocator", "", "").await;
+    fake.contend(1);
+    assert_eq!(
+        pod_of(&router, &issuer.user("alice")).await,
+        "pod-1",
+        "409 is retried, 200 routes"
+    );
+    assert!(fake.calls().iter().any(|c| c == "POST /gameserverallocation"));
+    assert!(
+        !fake.calls().iter().any(|c| c.contains("gameserverallocations")),
+        "no Kubernetes allocation"
+    );
+    let bob = client()
+        .get(router.url("/"))
+        .header(ASSERTION, issuer.user("bob"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bob.status(), 503, "429 → the waiting page");
+    fake.add_ready("gs-2", pods[1].addr);
+    assert_eq!(pod_of(&router, &issuer.user("bob")).await, "pod-2");
+    // Release still goes through Kubernetes.
+    let released = client()
+        .post(router.url("/_router/release"))
+        .header(ASSERTION, issuer.user("bob"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(released.status(), 200);
+    assert!(fake.server("gs-2").is_none());
+}
+
+#[tokio::test]
+async fn long_and_odd_emails_get_valid_stable_labels_and_the_default_is_the_originals() {
+    let issuer = IapIssuer::start().await;
+    let pods = pods(2).await;
+    let fake = FakeAgones::start().await;
+    fake.add_ready("gs-1", pods[0].addr);
+    fake.add_ready("gs-2", pods[1].addr);
+    let router = TestRouter::agones(&issuer, &fake, "agones", "", "").await;
+    pod_of(&router, &issuer.user("alice")).await;
+    assert_eq!(fake.held_by("accounts.google.com.alice.example.com").len(), 1);
+    let odd_email = format!("{}+o'neil@example.com", "x".repeat(70));
+    let odd = issuer.token("accounts.google.com:42", &odd_email).sign();
+    // The fake answers 422 for an invalid label value, as Agones does.
+    let first = pod_of(&router, &odd).await;
+    let value = user_label_value(&odd_email);
+    assert!(value.len() <= 63);
+    assert_eq!(fake.held_by(&value).len(), 1);
+    // Stable: a second replica derives the same label and finds the same pod.
+    let other = TestRouter::agones(&issuer, &fake, "agones", "", "").await;
+    assert_eq!(pod_of(&other, &odd).await, first);
+}
+
+#[tokio::test]
+async fn a_dead_pod_is_released_and_the_user_lands_on_a_new_one() {
+    let issuer = IapIssuer::start().await;
+    let mut pods = pods(2).await;
+    let fake = FakeAgones::start().await;
+    fake.add_ready("gs-1", pods[0].addr);
+    fake.add_ready("gs-2", pods[1].addr);
+    let router = TestRouter::agones(&issuer, &fake, "agones", "", "").await;
+    let alice = issuer.user("alice");
+    assert_eq!(pod_of(&router, &alice).await, "pod-1");
+    // The WebUI in gs-1 dies (its port now refuses connections).
+    drop(pods.remove(0));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(pod_of(&router, &alice).await, "pod-2", "retried on a fresh pod");
+    assert!(fake.server("gs-1").is_none(), "the dead GameServer was deleted");
+    assert_eq!(fake.held_by(&label("alice")), vec!["gs-2"]);
+}
+
+#[tokio::test]
+async fn a_post_to_a_dead_pod_is_not_replayed_but_gets_a_reload_page() {
+    let issuer = IapIssuer::start().await;
+    let mut pods = pods(2).await;
+    let fake = FakeAgones::start().await;
+    fake.add_ready("gs-1", pods[0].addr);
+    fake.add_ready("gs-2", pods[1].addr);
+    let router = TestRouter::agones(&issuer, &fake, "agones", "", "").await;
+    let alice = issuer.user("alice");
+    assert_eq!(pod_of(&router, &alice).await, "pod-1");
+    drop(pods.remove(0));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let post = client()
+        .post(router.url("/upload"))
+        .header(ASSERTION, &alice)
+        .header("accept", "text/html")
+        .body("payload")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(post.status(), 502);
+    assert!(post.text().await.unwrap().contains("tries again by itself"));
+    assert!(fake.server("gs-1").is_none());
+    assert_eq!(pod_of(&router, &alice).await, "pod-2", "the reload lands on a new pod");
+}
+
+#[tokio::test]
+async fn a_gameserver_deleted_elsewhere_is_replaced_on_the_next_request() {
+    let issuer = IapIssuer::start().await;
+    let pods = pods(2).await;
+    let fake = FakeAgones::start().await;
+    fake.add_ready("gs-1", pods[0].addr);
+    fake.add_ready("gs-2", pods[1].addr);
+    let router = TestRouter::agones(&issuer, &fake, "agones", "", "").await;
+    let alice = issuer.user("alice");
+    assert_eq!(pod_of(&router, &alice).await, "pod-1");
+    fake.remove("gs-1");
+    let moved = eventually(Duration::from_secs(5), || async {
+        pod_of(&router, &alice).await == "pod-2"
+    })
+    .await;
+    assert!(moved, "still routed to a deleted GameServer");
+}
+
+#[tokio::test]
+async fn release_and_idle_release_delete_the_gameserver() {
+    let issuer = IapIssuer::start().await;
+    let pods = pods(2).await;
+    let fake = FakeAgones::start().await;
+    fake.add_ready("gs-1", pods[0].addr);
+    fake.add_ready("gs-2", pods[1].addr);
+    let router = TestRouter::agones(&issuer, &fake, "agones", "idle_timeout = \"1s\"", "").await;
+    let alice = issuer.user("alice");
+    assert_eq!(pod_of(&router, &alice).await, "pod-1");
+    let released = client()
+        .post(router.url("/_router/release"))
+        .header(ASSERTION, &alice)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(released.json::<Value>().await.unwrap()["released"], true);
+    assert!(fake.server("gs-1").is_none(), "release deletes the GameServer");
+
+    assert_eq!(pod_of(&router, &issuer.user("bob")).await, "pod-2");
+    let deleted = eventually(Duration::from_secs(6), || async { fake.server("gs-2").is_none() }).await;
+    assert!(deleted, "idle GameServer never deleted");
+    assert!(router.state.registry.is_empty());
+}
+
+#[tokio::test]
+async fn activity_on_one_replica_keeps_another_replicas_reaper_from_deleting() {
+    let issuer = IapIssuer::start().await;
+    let pods = pods(1).await;
+    let fake = FakeAgones::start().await;
+    fake.add_ready("gs-1", pods[0].addr);
+    let a = TestRouter::agones(&issuer, &fake, "agones", "idle_timeout = \"1s\"", "").await;
+    let b = TestRouter::agones(&issuer, &fake, "agones", "idle_timeout = \"1s\"", "").await;
+    let alice = issuer.user("alice");
+    // B serves Alice once, then only A sees her: B's own view goes idle.
+    assert_eq!(pod_of(&b, &alice).await, "pod-1");
+    for _ in 0..12 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert_eq!(pod_of(&a, &alice).await, "pod-1");
+        assert!(
+            fake.server("gs-1").is_some(),
+            "deleted while Alice was active on the other replica"
+        );
+    }
+    assert!(fake.server("gs-1").unwrap()["metadata"]["annotations"]["session-router.dev/last-activity"].is_string());
+    // Now she stops: some replica releases it.
+    let deleted = eventually(Duration::from_secs(6), || async { fake.server("gs-1").is_none() }).await;
+    assert!(deleted, "never released after Alice went idle everywhere");
+}
+
+#[tokio::test]
+async fn an_idle_delete_aborts_when_the_gameserver_changed_meanwhile() {
+    let fake = FakeAgones::start().await;
+    let pods = pods(1).await;
+    fake.add_ready("gs-1", pods[0].addr);
+    let config = agones_config(&fake);
+    let agones = Agones::connect(&config.backend.agones, config.backend.kind)
+        .await
+        .unwrap();
+    assert!(eventually(Duration::from_secs(5), || async { agones.is_ready() }).await);
+    let alice = Identity::new("accounts.google.com:alice", "alice@example.com", None);
+    let lease = agones.allocate(&alice).await.unwrap();
+    // Let the cache catch up with the allocation, then freeze it.
+    assert!(eventually(Duration::from_secs(5), || async { agones.adopt_check(&alice, &lease) }).await);
+    fake.pause_watch();
+    // Another replica records activity: the resourceVersion moves on.
+    fake.annotate("gs-1", "session-router.dev/last-activity", "2099-01-01T00:00:00Z");
+    let idle = agones.release(&alice, &lease, "idle").await;
+    assert!(matches!(idle, Err(AllocError::Conflict)), "{idle:?}");
+    assert!(
+        fake.server("gs-1").is_some(),
+        "the idle delete went through despite the change"
+    );
+    assert!(
+        fake.calls().iter().any(|c| c.starts_with("DELETE")),
+        "a precondition delete was attempted"
+    );
+    // The user's own release insists with the fresh version.
+    agones.release(&alice, &lease, "user").await.unwrap();
+    assert!(fake.server("gs-1").is_none());
+    fake.resume_watch();
+}
+
+#[tokio::test]
+async fn duplicate_allocations_across_replicas_are_cleaned_up_to_the_oldest() {
+    let issuer = IapIssuer::start().await;
+    let pods = pods(2).await;
+    let fake = FakeAgones::start().await;
+    fake.add_ready("gs-1", pods[0].addr);
+    fake.add_ready("gs-2", pods[1].addr);
+    // Two replicas raced and each allocated a server to Alice.
+    fake.allocate_directly("gs-2", &label("alice"));
+    fake.allocate_directly("gs-1", &label("alice"));
+    let router = TestRouter::agones(&issuer, &fake, "agones", "", "").await;
+    assert_eq!(
+        pod_of(&router, &issuer.user("alice")).await,
+        "pod-1",
+        "the older server is kept"
+    );
+    let cleaned = eventually(Duration::from_secs(5), || async {
+        fake.held_by(&label("alice")) == ["gs-1"]
+    })
+    .await;
+    assert!(cleaned, "held: {:?}", fake.held_by(&label("alice")));
+}
+
+#[tokio::test]
+async fn gameservers_without_a_user_label_are_never_touched() {
+    let issuer = IapIssuer::start().await;
+    let pods = pods(1).await;
+    let fake = FakeAgones::start().await;
+    fake.add_ready("gs-other", pods[0].addr);
+    // Allocated long ago by something else: no user label.
+    fake.set_state("gs-other", "Allocated");
+    fake.annotate("gs-other", "agones.dev/last-allocated", "2000-01-01T00:00:00Z");
+    let _router = TestRouter::agones(&issuer, &fake, "agones", "idle_timeout = \"1s\"", "").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(fake.server("gs-other").is_some());
+}
+
+/// An Agones config pointing at `fake`, for tests that use the allocator directly.
+fn agones_config(fake: &FakeAgones) -> Config {
+    let text = format!(
+        r#"
+[auth]
+mode = "dev"
+[server]
+listen = "127.0.0.1:0"
+[backend]
+kind = "agones"
+[backend.agones]
+fleet = "{fleet}"
+kube_api_url = "{api}"
+allocation_retry_window = "500ms"
+"#,
+        fleet = support::fake_agones::FLEET,
+        api = fake.url(),
+    );
+    Config::from_toml(&text, None).unwrap()
+}
+
+trait AdoptCheck {
+    fn adopt_check(&self, user: &Identity, lease: &session_router::allocator::Lease) -> bool;
+}
+
+impl AdoptCheck for Agones {
+    /// True once the cache shows the lease as the user's Allocated server.
+    fn adopt_check(&self, user: &Identity, lease: &session_router::allocator::Lease) -> bool {
+        let pin = session_router::session::cookie::PinnedBackend {
+            backend: lease.backend.to_string(),
+            upstream: lease.upstream.to_string(),
+            allocated_at: 0,
+            expires: u64::MAX,
+        };
+        self.adopt(user, &pin).is_some()
+    }
+}
