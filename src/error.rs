@@ -32,6 +32,11 @@ pub enum RouterError {
     CrossOrigin(String),
     #[error("no such router endpoint")]
     NotFound,
+    /// The client sent something no handler may see.
+    #[error("malformed request: {0}")]
+    Malformed(&'static str),
+    #[error("request URI of {0} bytes is over the limit")]
+    UriTooLong(usize),
 }
 
 /// What a response needs to carry for [`render_errors`] to render it.
@@ -46,8 +51,10 @@ impl RouterError {
             RouterError::Auth(AuthError::SignInRequired) => StatusCode::SEE_OTHER,
             RouterError::Auth(_) => StatusCode::UNAUTHORIZED,
             RouterError::Session(_) => StatusCode::SERVICE_UNAVAILABLE,
+            RouterError::Malformed(_) | RouterError::Proxy(ProxyError::ClientBody { .. }) => StatusCode::BAD_REQUEST,
             RouterError::Proxy(_) => StatusCode::BAD_GATEWAY,
             RouterError::NotFound => StatusCode::NOT_FOUND,
+            RouterError::UriTooLong(_) => StatusCode::URI_TOO_LONG,
         }
     }
 }
@@ -75,6 +82,9 @@ pub async fn render_errors(State(settings): State<ErrorPages>, request: Request,
         return response;
     };
     match &*error {
+        RouterError::Proxy(ProxyError::ClientBody { .. }) => {
+            tracing::info!(path = uri.path(), error = %error, "request refused")
+        }
         RouterError::Proxy(_) | RouterError::Session(SessionError::Alloc(AllocError::Backend { .. })) => {
             tracing::warn!(path = uri.path(), error = %error, "request failed")
         }
@@ -93,6 +103,9 @@ pub async fn render_errors(State(settings): State<ErrorPages>, request: Request,
         RouterError::Auth(AuthError::KeysUnavailable) => pages::starting_up(wants_html, retry),
         RouterError::Auth(_) => pages::unauthorized(),
         RouterError::Session(_) => pages::waiting(wants_html, retry),
+        RouterError::Malformed(_) | RouterError::UriTooLong(_) | RouterError::Proxy(ProxyError::ClientBody { .. }) => {
+            pages::client_error(error.status())
+        }
         RouterError::Proxy(_) => pages::bad_gateway(wants_html, retry),
         RouterError::NotFound => pages::not_found(wants_html),
     };

@@ -41,6 +41,16 @@ pub struct ServerConfig {
     /// read) may take. Must exceed the Google load balancer's 600 s.
     #[serde(serialize_with = "as_duration")]
     pub keepalive_timeout: Duration,
+    /// A request head must arrive completely within this time of its first byte.
+    #[serde(serialize_with = "as_duration")]
+    pub header_timeout: Duration,
+    /// A request body may stall (no bytes) at most this long.
+    #[serde(serialize_with = "as_duration")]
+    pub body_timeout: Duration,
+    /// Largest request head (request line + headers) accepted; larger → 431.
+    pub max_header_bytes: usize,
+    /// Longest request target (path + query) accepted; longer → 414.
+    pub max_uri_bytes: usize,
     /// Extra origins (scheme://host[:port]) allowed to open WebSockets and
     /// post to `/_router/*`, besides the request's own origin.
     pub allowed_origins: Vec<String>,
@@ -256,12 +266,41 @@ impl Config {
         });
         let drain_timeout = server.duration("drain_timeout", Duration::from_secs(30), &mut problems);
         let keepalive_timeout = server.duration("keepalive_timeout", Duration::from_secs(620), &mut problems);
+        let header_timeout = server.duration("header_timeout", Duration::from_secs(30), &mut problems);
+        let body_timeout = server.duration("body_timeout", Duration::from_secs(60), &mut problems);
+        for (key, value) in [
+            ("keepalive_timeout", keepalive_timeout),
+            ("header_timeout", header_timeout),
+            ("body_timeout", body_timeout),
+        ] {
+            if value.is_zero() {
+                problems.push(Problem::new(&server.key(key), "must be more than 0s".into()));
+            }
+        }
+        let max_header_bytes = server.integer("max_header_bytes", 64 * 1024, &mut problems) as usize;
+        if !(1024..=1024 * 1024).contains(&max_header_bytes) {
+            problems.push(Problem::new(
+                &server.key("max_header_bytes"),
+                "must be between 1024 and 1048576".into(),
+            ));
+        }
+        let max_uri_bytes = server.integer("max_uri_bytes", 16 * 1024, &mut problems) as usize;
+        if !(256..=65_000).contains(&max_uri_bytes) {
+            problems.push(Problem::new(
+                &server.key("max_uri_bytes"),
+                "must be between 256 and 65000".into(),
+            ));
+        }
         let allowed_origins = read_origins(&mut server, &mut problems);
         server.finish(&mut problems);
         let server = ServerConfig {
             listen,
             drain_timeout,
             keepalive_timeout,
+            header_timeout,
+            body_timeout,
+            max_header_bytes,
+            max_uri_bytes,
             allowed_origins,
         };
 

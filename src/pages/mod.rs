@@ -169,6 +169,17 @@ pub fn forbidden(wants_html: bool, message: &str) -> Response {
     }
 }
 
+/// A protocol-level refusal (400, 414): a short plain body, and the
+/// connection is closed, since what follows on it cannot be trusted.
+pub fn client_error(status: StatusCode) -> Response {
+    let reason = status.canonical_reason().unwrap_or("Bad Request");
+    let mut response = (status, format!("{reason}\n")).into_response();
+    response
+        .headers_mut()
+        .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
 pub fn not_found(wants_html: bool) -> Response {
     if wants_html {
         html(StatusCode::NOT_FOUND, "Not found", "<p>No such router page.</p>", None)

@@ -4,6 +4,7 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -12,15 +13,32 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::session::Session;
 
-/// A body that touches the session on every data frame.
+/// A body that touches the session on every data frame (when it counts as
+/// activity) and, for request bodies, remembers whether it failed — so a
+/// failed exchange can be blamed on the right side.
 pub struct ActivityBody<B> {
     inner: B,
-    session: Arc<Session>,
+    session: Option<Arc<Session>>,
+    failed: Option<Arc<AtomicBool>>,
 }
 
 impl<B> ActivityBody<B> {
     pub fn new(inner: B, session: Arc<Session>) -> Self {
-        ActivityBody { inner, session }
+        ActivityBody {
+            inner,
+            session: Some(session),
+            failed: None,
+        }
+    }
+
+    /// A request body: `session` when it counts as activity, and a flag set
+    /// if reading it from the client fails.
+    pub fn request(inner: B, session: Option<Arc<Session>>, failed: Arc<AtomicBool>) -> Self {
+        ActivityBody {
+            inner,
+            session,
+            failed: Some(failed),
+        }
     }
 }
 
@@ -33,10 +51,18 @@ impl<B: Body + Unpin> Body for ActivityBody<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled {
-            if frame.is_data() {
-                self.session.activity.touch();
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) if frame.is_data() => {
+                if let Some(session) = &self.session {
+                    session.activity.touch();
+                }
             }
+            Poll::Ready(Some(Err(_))) => {
+                if let Some(failed) = &self.failed {
+                    failed.store(true, Ordering::Release);
+                }
+            }
+            _ => {}
         }
         polled
     }

@@ -8,6 +8,7 @@ pub mod activity_io;
 pub mod headers;
 
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -47,6 +48,10 @@ pub enum ProxyError {
         #[source]
         source: hyper_util::client::legacy::Error,
     },
+    /// The client's own request body failed (malformed chunking, a reset):
+    /// the client's fault, not the upstream's.
+    #[error("client request body failed while forwarding to {upstream}")]
+    ClientBody { upstream: String },
     #[error("upstream {upstream} switched protocols without being asked")]
     UnrequestedUpgrade { upstream: String },
     #[error("cannot build an upstream URI: {0}")]
@@ -134,11 +139,9 @@ impl Forwarder {
         );
         let names: Vec<&str> = self.strip_cookies.iter().map(String::as_str).collect();
         remove_cookies(&mut parts.headers, &names);
-        let body = if exchange.counts_as_activity {
-            Body::new(ActivityBody::new(body, session.clone()))
-        } else {
-            body
-        };
+        let client_body_failed = Arc::new(AtomicBool::new(false));
+        let activity = exchange.counts_as_activity.then(|| session.clone());
+        let body = Body::new(ActivityBody::request(body, activity, client_body_failed.clone()));
 
         let in_flight = exchange
             .counts_as_activity
@@ -147,7 +150,9 @@ impl Forwarder {
         drop(in_flight);
         let mut response = result.map_err(|source| {
             let upstream = upstream.to_string();
-            if source.is_connect() {
+            if client_body_failed.load(Ordering::Acquire) {
+                ProxyError::ClientBody { upstream }
+            } else if source.is_connect() {
                 ProxyError::Connect { upstream, source }
             } else {
                 ProxyError::Exchange { upstream, source }

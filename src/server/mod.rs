@@ -1,11 +1,19 @@
 //! The HTTP server: shared state, the route table with its layers, the
 //! accept loop and the drain on shutdown.
+//!
+//! - [`connection`]: per-connection time limits and head hygiene under hyper.
+//! - [`limits`]: request-level refusals (over-long URI, ambiguous framing).
+
+mod connection;
+mod limits;
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::body::Body;
+use axum::response::Response;
 use axum::routing::{any, get, post};
 use axum::Router;
 use http::HeaderMap;
@@ -26,6 +34,7 @@ use crate::reaper;
 use crate::routes;
 use crate::session::cookie::{CookieCodec, Signer};
 use crate::session::Registry;
+use connection::{ConnState, GuardedIo, Phase, PhaseBody, Timeouts};
 
 /// The peer address of the connection a request came in on.
 #[derive(Debug, Clone, Copy)]
@@ -97,9 +106,41 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/_router", any(routes::not_found))
         .route("/_router/{*rest}", any(routes::not_found))
         .fallback(routes::proxy)
+        // Refuses what must not reach any handler (over-long URI, ambiguous framing).
+        .layer(axum::middleware::from_fn_with_state(
+            state.config.server.max_uri_bytes,
+            limits::refuse_malformed,
+        ))
         // Outermost: turns every RouterError below into a logged, rendered page.
         .layer(axum::middleware::from_fn_with_state(error_pages, render_errors))
         .with_state(state)
+}
+
+/// The route table for one connection: every request carries the peer
+/// address, and the connection's phase follows the request and response
+/// bodies (see [`connection`]).
+fn tracked_service(
+    app: Router,
+    peer: SocketAddr,
+    conn: Arc<ConnState>,
+) -> impl tower::Service<http::Request<Incoming>, Response = Response, Error = std::convert::Infallible, Future: Send>
+       + Clone
+       + Send
+       + 'static {
+    let on_response = conn.clone();
+    app.map_request(move |request: http::Request<Incoming>| {
+        let (mut parts, body) = request.into_parts();
+        parts.extensions.insert(ClientAddr(peer));
+        let reading_body = !http_body::Body::is_end_stream(&body);
+        conn.enter(if reading_body { Phase::Body } else { Phase::Busy });
+        http::Request::from_parts(parts, Body::new(PhaseBody::request(body, conn.clone())))
+    })
+    .map_response(move |response: Response| {
+        if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+            on_response.enter(Phase::Upgraded);
+        }
+        response.map(|body| Body::new(PhaseBody::response(body, on_response.clone())))
+    })
 }
 
 /// Runs the router on `listener` until `shutdown` resolves, then drains:
@@ -117,7 +158,13 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: impl F
     let connections = TaskTracker::new();
     let drain = CancellationToken::new();
     let force_close = CancellationToken::new();
-    let keepalive = state.config.server.keepalive_timeout;
+    let server_config = &state.config.server;
+    let timeouts = Timeouts {
+        keepalive: server_config.keepalive_timeout,
+        header: server_config.header_timeout,
+        body: server_config.body_timeout,
+    };
+    let max_header_bytes = server_config.max_header_bytes;
 
     tokio::pin!(shutdown);
     loop {
@@ -134,22 +181,20 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: impl F
             _ = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let service = app.clone().map_request(move |mut request: http::Request<Incoming>| {
-            request.extensions_mut().insert(ClientAddr(peer));
-            request
-        });
+        let conn = ConnState::new();
+        let io = TokioIo::new(GuardedIo::new(stream, conn.clone(), timeouts));
+        let service = tracked_service(app.clone(), peer, conn);
         let drain = drain.clone();
         let force_close = force_close.clone();
         connections.spawn(async move {
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
-                // hyper starts this timer whenever it waits for a request
-                // head, including on an idle keep-alive connection, so it is
-                // also the idle timeout: it must outlast the Google load
-                // balancer's 600 s keep-alive or clients see random 502s.
-                .header_read_timeout(keepalive)
+                // hyper's own head timer also runs on idle keep-alive
+                // connections; GuardedIo enforces both limits separately.
+                .header_read_timeout(None)
+                .max_header_size(max_header_bytes)
                 .keep_alive(true)
-                .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service))
+                .serve_connection(io, TowerToHyperService::new(service))
                 .with_upgrades();
             tokio::pin!(connection);
             let result = tokio::select! {

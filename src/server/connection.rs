@@ -1,0 +1,383 @@
+//! Per-connection time limits and head hygiene, below hyper.
+//!
+//! hyper has one timer for "waiting for a request head", which runs both
+//! while a keep-alive connection sits idle and while a head trickles in. The
+//! Google load balancer keeps idle backend connections for 600 s, so that
+//! timer must be long; a slowloris client must be cut short. So the socket
+//! is wrapped in a [`GuardedIo`] that knows which phase the connection is
+//! in ([`Phase`], moved along by the service wrapper in `server`) and
+//! enforces a separate deadline for each:
+//!
+//! | phase | deadline |
+//! |---|---|
+//! | idle, between requests | `keepalive_timeout` after the last response |
+//! | reading a head | `header_timeout` after its first byte |
+//! | reading a body | `body_timeout` after the last body byte |
+//! | request in progress, upgraded | none |
+//!
+//! It also refuses heads with a bare LF line ending (a request-smuggling
+//! ingredient the HTTP parser tolerates): such a byte is replaced by NUL, so
+//! the parser rejects the head with a 400.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
+
+/// Where a connection is in its request cycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Phase {
+    Idle = 0,
+    Head = 1,
+    Body = 2,
+    Busy = 3,
+    Upgraded = 4,
+}
+
+impl Phase {
+    fn from_u8(v: u8) -> Phase {
+        match v {
+            0 => Phase::Idle,
+            1 => Phase::Head,
+            2 => Phase::Body,
+            3 => Phase::Busy,
+            _ => Phase::Upgraded,
+        }
+    }
+}
+
+/// The connection-wide time limits.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub keepalive: Duration,
+    pub header: Duration,
+    pub body: Duration,
+}
+
+/// Shared between the socket wrapper and the request/response wrappers.
+pub struct ConnState {
+    origin: Instant,
+    phase: AtomicU8,
+    /// Milliseconds after `origin` when the current phase's clock started.
+    since_ms: AtomicU64,
+}
+
+impl ConnState {
+    pub fn new() -> Arc<ConnState> {
+        Arc::new(ConnState {
+            origin: Instant::now(),
+            phase: AtomicU8::new(Phase::Idle as u8),
+            since_ms: AtomicU64::new(0),
+        })
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.origin.elapsed().as_millis() as u64
+    }
+
+    pub fn phase(&self) -> Phase {
+        Phase::from_u8(self.phase.load(Ordering::Acquire))
+    }
+
+    pub fn enter(&self, phase: Phase) {
+        self.since_ms.store(self.now_ms(), Ordering::Release);
+        self.phase.store(phase as u8, Ordering::Release);
+    }
+
+    /// Moves `from` → `to` only if the connection is still in `from`.
+    pub fn advance(&self, from: Phase, to: Phase) {
+        if self
+            .phase
+            .compare_exchange(from as u8, to as u8, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            self.since_ms.store(self.now_ms(), Ordering::Release);
+        }
+    }
+
+    fn on_bytes_read(&self) {
+        match self.phase() {
+            Phase::Idle => self.advance(Phase::Idle, Phase::Head),
+            Phase::Body => self.since_ms.store(self.now_ms(), Ordering::Release),
+            _ => {}
+        }
+    }
+
+    fn deadline(&self, timeouts: &Timeouts) -> Option<Instant> {
+        let limit = match self.phase() {
+            Phase::Idle => timeouts.keepalive,
+            Phase::Head => timeouts.header,
+            Phase::Body => timeouts.body,
+            Phase::Busy | Phase::Upgraded => return None,
+        };
+        let since = Duration::from_millis(self.since_ms.load(Ordering::Acquire));
+        Some(self.origin + since + limit)
+    }
+}
+
+/// The socket as hyper sees it.
+pub struct GuardedIo<T> {
+    inner: T,
+    state: Arc<ConnState>,
+    timeouts: Timeouts,
+    timer: Pin<Box<Sleep>>,
+    head: HeadScan,
+}
+
+impl<T> GuardedIo<T> {
+    pub fn new(inner: T, state: Arc<ConnState>, timeouts: Timeouts) -> Self {
+        GuardedIo {
+            inner,
+            state,
+            timeouts,
+            timer: Box::pin(tokio::time::sleep(timeouts.keepalive)),
+            head: HeadScan::default(),
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for GuardedIo<T> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if let Some(deadline) = this.state.deadline(&this.timeouts) {
+            if this.timer.deadline() != deadline {
+                this.timer.as_mut().reset(deadline);
+            }
+            if this.timer.as_mut().poll(cx).is_ready() {
+                let phase = this.state.phase();
+                tracing::debug!(?phase, "closing connection: time limit reached");
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("{phase:?} time limit"),
+                )));
+            }
+        }
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = polled {
+            if buf.filled().len() > before {
+                let was_idle = this.state.phase() == Phase::Idle;
+                this.state.on_bytes_read();
+                if was_idle {
+                    this.head = HeadScan::default();
+                }
+                if this.state.phase() == Phase::Head {
+                    this.head.scan(&mut buf.filled_mut()[before..]);
+                }
+            }
+        }
+        polled
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for GuardedIo<T> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// A body that moves the connection's phase along: a request body at its
+/// end (reading → busy), a response body when dropped (→ idle, unless the
+/// connection was upgraded).
+pub struct PhaseBody<B> {
+    inner: B,
+    state: Arc<ConnState>,
+    is_request: bool,
+}
+
+impl<B> PhaseBody<B> {
+    pub fn request(inner: B, state: Arc<ConnState>) -> Self {
+        PhaseBody {
+            inner,
+            state,
+            is_request: true,
+        }
+    }
+
+    pub fn response(inner: B, state: Arc<ConnState>) -> Self {
+        PhaseBody {
+            inner,
+            state,
+            is_request: false,
+        }
+    }
+}
+
+impl<B: http_body::Body + Unpin> http_body::Body for PhaseBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if self.is_request && matches!(polled, Poll::Ready(None)) {
+            self.state.advance(Phase::Body, Phase::Busy);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl<B> Drop for PhaseBody<B> {
+    fn drop(&mut self) {
+        if !self.is_request && self.state.phase() != Phase::Upgraded {
+            self.state.enter(Phase::Idle);
+        }
+    }
+}
+
+/// Scans a request head as it arrives, up to its blank line. It poisons
+/// (replaces by NUL, so the parser answers 400):
+/// - any LF not preceded by CR;
+/// - the head's final LF when it carried both `Content-Length` and
+///   `Transfer-Encoding` — hyper would silently drop the former, but which
+///   one an upstream believes is how requests get smuggled.
+#[derive(Default)]
+struct HeadScan {
+    last: u8,
+    /// How much of "\r\n\r\n" was just matched.
+    matched: u8,
+    done: bool,
+    /// The first bytes of the current line, lower-cased.
+    line: [u8; LINE_PREFIX],
+    line_len: usize,
+    content_length: bool,
+    transfer_encoding: bool,
+}
+
+const LINE_PREFIX: usize = 18;
+
+impl HeadScan {
+    fn scan(&mut self, bytes: &mut [u8]) {
+        for byte in bytes.iter_mut() {
+            if self.done {
+                return;
+            }
+            if *byte == b'\n' && self.last != b'\r' {
+                *byte = 0;
+            }
+            if *byte == b'\n' {
+                self.end_line();
+            } else if *byte != b'\r' && self.line_len < LINE_PREFIX {
+                self.line[self.line_len] = byte.to_ascii_lowercase();
+                self.line_len += 1;
+            }
+            self.matched = match (self.matched, *byte) {
+                (0 | 2, b'\r') => self.matched + 1,
+                (1 | 3, b'\n') => self.matched + 1,
+                (_, b'\r') => 1,
+                _ => 0,
+            };
+            if self.matched == 4 {
+                self.done = true;
+                if self.content_length && self.transfer_encoding {
+                    *byte = 0;
+                }
+            }
+            self.last = *byte;
+        }
+    }
+
+    fn end_line(&mut self) {
+        let line = &self.line[..self.line_len];
+        self.content_length |= line.starts_with(b"content-length:");
+        self.transfer_encoding |= line.starts_with(b"transfer-encoding:");
+        self.line_len = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scanned(parts: &[&[u8]]) -> Vec<u8> {
+        let mut scan = HeadScan::default();
+        let mut out = Vec::new();
+        for part in parts {
+            let mut bytes = part.to_vec();
+            scan.scan(&mut bytes);
+            out.extend(bytes);
+        }
+        out
+    }
+
+    #[test]
+    fn crlf_heads_pass_untouched_even_split_across_reads() {
+        let head: &[u8] = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+        assert_eq!(scanned(&[head]), head);
+        assert_eq!(scanned(&[&head[..15], &head[15..]]), head);
+    }
+
+    #[test]
+    fn a_bare_lf_in_the_head_is_poisoned_but_the_body_is_not_scanned() {
+        let out = scanned(&[b"GET / HTTP/1.1\nHost: x\r\n\r\nbody\nwith lf"]);
+        assert_eq!(out[14], 0);
+        assert!(out.ends_with(b"body\nwith lf"));
+    }
+
+    #[test]
+    fn a_head_framed_by_both_length_and_chunking_is_poisoned_at_its_end() {
+        let head: &[u8] = b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let out = scanned(&[&head[..30], &head[30..]]);
+        assert_eq!(out[out.len() - 1], 0);
+        assert_eq!(&out[..out.len() - 1], &head[..head.len() - 1]);
+        let one: &[u8] = b"POST / HTTP/1.1\r\nContent-Length: 3\r\n\r\n";
+        assert_eq!(scanned(&[one]), one);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_phase_has_its_own_deadline() {
+        let state = ConnState::new();
+        let t = Timeouts {
+            keepalive: Duration::from_secs(620),
+            header: Duration::from_secs(30),
+            body: Duration::from_secs(60),
+        };
+        let start = Instant::now();
+        assert_eq!(state.deadline(&t), Some(start + t.keepalive));
+        state.on_bytes_read();
+        assert_eq!(state.phase(), Phase::Head);
+        assert_eq!(state.deadline(&t), Some(start + t.header));
+        state.enter(Phase::Busy);
+        assert_eq!(state.deadline(&t), None);
+        tokio::time::advance(Duration::from_secs(100)).await;
+        state.enter(Phase::Idle);
+        assert_eq!(state.deadline(&t), Some(start + Duration::from_secs(100) + t.keepalive));
+    }
+}
