@@ -21,6 +21,8 @@
 //! | [`server`] | shared state, route table and layers, accept loop, drain |
 //! | [`error`] | `RouterError` and its single mapping to HTTP |
 //! | [`pages`] | the HTML/JSON pages the router serves itself |
+//! | [`metrics`] | Prometheus metrics on their own listener |
+//! | [`telemetry`] | Cloud Logging JSON logs, the access log, request metrics |
 //! | [`demo`] | stand-in WebUI pods and the one-command demo |
 
 pub mod allocator;
@@ -28,12 +30,14 @@ pub mod auth;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod metrics;
 pub mod pages;
 pub mod proxy;
 pub mod reaper;
 pub mod routes;
 pub mod server;
 pub mod session;
+pub mod telemetry;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -43,22 +47,34 @@ use tokio::net::TcpListener;
 use crate::allocator::agones::Agones;
 use crate::allocator::{AllocError, Allocator, StaticPool};
 use crate::config::{BackendKind, Config};
+use crate::metrics::Metrics;
 use crate::server::AppState;
+
+/// Why the router could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot connect the backend: {0}")]
+    Backend(#[from] AllocError),
+    #[error("cannot serve: {0}")]
+    Io(#[from] std::io::Error),
+}
 
 /// Runs the router described by `config` on an already bound `listener`
 /// until `shutdown` resolves, then drains.
-pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Output = ()>) -> Result<(), AllocError> {
-    let allocator = connect_backend(&config).await?;
-    server::serve(listener, Arc::new(AppState::new(config, allocator)), shutdown).await;
+pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+    let state = Arc::new(build(config).await?);
+    server::serve(listener, state, shutdown).await?;
     Ok(())
 }
 
-/// The allocator `config.backend` describes, connected.
-pub async fn connect_backend(config: &Config) -> Result<Arc<dyn Allocator>, AllocError> {
-    Ok(match config.backend.kind {
+/// The router's shared state for `config`, its backend connected.
+pub async fn build(config: Config) -> Result<AppState, AllocError> {
+    let metrics = Metrics::new();
+    let allocator: Arc<dyn Allocator> = match config.backend.kind {
         BackendKind::Static => Arc::new(StaticPool::new(&config.backend.static_pool.upstreams)),
         kind @ (BackendKind::Agones | BackendKind::AgonesAllocator) => {
-            Arc::new(Agones::connect(&config.backend.agones, kind).await?)
+            Arc::new(Agones::connect(&config.backend.agones, kind, metrics.clone()).await?)
         }
-    })
+    };
+    Ok(AppState::new(config, allocator, metrics))
 }

@@ -8,15 +8,16 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use session_router::config::{Config, ConfigError};
+use session_router::config::{Config, ConfigError, LogConfig, LogFormat};
 use session_router::demo::{self, DemoOptions};
+use session_router::telemetry;
 
 #[derive(Parser)]
 #[command(version, about = "One dedicated GPU backend per signed-in user, behind Cloud IAP.")]
 struct Cli {
-    /// Log format: `json` (one object a line, for Cloud Logging) or `text`.
-    #[arg(long, global = true, default_value = "text", value_parser = ["json", "text"])]
-    log_format: String,
+    /// Overrides `[log] format`: `json` (Cloud Logging) or `text`.
+    #[arg(long, global = true, value_parser = ["json", "text"])]
+    log_format: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -48,19 +49,32 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(&cli.log_format);
+    let format_override = cli
+        .log_format
+        .as_deref()
+        .map(|f| if f == "json" { LogFormat::Json } else { LogFormat::Text });
     match cli.command {
         Command::CheckConfig { config } => check_config(&config),
-        Command::Serve { config } => exit(serve(&config)),
+        Command::Serve { config } => exit(serve(&config, format_override)),
         Command::Demo {
             listen,
             pods,
             idle_timeout,
-        } => exit(run_demo(DemoOptions {
-            listen,
-            pods: pods.max(1),
-            idle_timeout,
-        })),
+        } => {
+            // A demo runs for the person at the terminal: readable text,
+            // and the names they typed in.
+            telemetry::init(&LogConfig {
+                format: format_override.unwrap_or(LogFormat::Text),
+                level: "info".into(),
+                include_email: true,
+                project_id: None,
+            });
+            exit(run_demo(DemoOptions {
+                listen,
+                pods: pods.max(1),
+                idle_timeout,
+            }))
+        }
     }
 }
 
@@ -77,8 +91,13 @@ fn check_config(path: &std::path::Path) -> ExitCode {
     }
 }
 
-fn serve(path: &std::path::Path) -> anyhow::Result<()> {
-    let config = Config::load(path).map_err(|e| anyhow::anyhow!("invalid configuration {}:\n{e}", path.display()))?;
+fn serve(path: &std::path::Path, format_override: Option<LogFormat>) -> anyhow::Result<()> {
+    let mut config =
+        Config::load(path).map_err(|e| anyhow::anyhow!("invalid configuration {}:\n{e}", path.display()))?;
+    if let Some(format) = format_override {
+        config.log.format = format;
+    }
+    telemetry::init(&config.log);
     runtime()?.block_on(async {
         let listener = tokio::net::TcpListener::bind(config.server.listen)
             .await
@@ -133,17 +152,4 @@ async fn shutdown_signal() {
         _ = terminate => {}
     }
     tracing::info!("shutdown requested");
-}
-
-fn init_logging(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if format == "json" {
-        builder.json().flatten_event(true).init();
-    } else {
-        builder.init();
-    }
 }

@@ -84,6 +84,12 @@ async fn pass(state: &AppState) {
             }
         })
         .await;
+    // Waiting pages refresh every retry_after; a waiter silent for three
+    // of those has gone.
+    state.registry.prune_waiting(session_config.retry_after * 3);
+    if let Some(keys) = state.auth.key_store() {
+        keys.report_age();
+    }
     let held_here: HashSet<Arc<str>> = state
         .registry
         .sessions()

@@ -12,6 +12,7 @@ use session_router::allocator::agones::Agones;
 use session_router::allocator::{AllocError, Allocator};
 use session_router::auth::Identity;
 use session_router::config::Config;
+use session_router::metrics::Metrics;
 use support::{client, eventually, pods, set_cookie, FakeAgones, IapIssuer, TestRouter};
 
 const ASSERTION: &str = "x-goog-iap-jwt-assertion";
@@ -326,7 +327,7 @@ async fn an_idle_delete_aborts_when_the_gameserver_changed_meanwhile() {
     let pods = pods(1).await;
     fake.add_ready("gs-1", pods[0].addr);
     let config = agones_config(&fake);
-    let agones = Agones::connect(&config.backend.agones, config.backend.kind)
+    let agones = Agones::connect(&config.backend.agones, config.backend.kind, Metrics::new())
         .await
         .unwrap();
     assert!(eventually(Duration::from_secs(5), || async { agones.is_ready() }).await);

@@ -21,6 +21,24 @@ pub const ASSERTION_HEADER: &str = "x-goog-iap-jwt-assertion";
 /// Real IAP tokens are well under 2 KiB; anything far larger is not one.
 const MAX_TOKEN_BYTES: usize = 8 * 1024;
 
+/// How a token was found good.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Check {
+    /// Seen and verified before; still before its `exp`.
+    Cached,
+    /// Signature and claims checked now.
+    Verified,
+}
+
+impl Check {
+    pub fn label(self) -> &'static str {
+        match self {
+            Check::Cached => "cached",
+            Check::Verified => "verified",
+        }
+    }
+}
+
 pub struct IapVerifier {
     keys: Arc<KeyStore>,
     validation: Validation,
@@ -59,21 +77,26 @@ impl IapVerifier {
         &self.keys
     }
 
-    /// The identity in the request's single assertion header.
-    pub async fn verify_headers(&self, headers: &http::HeaderMap) -> Result<Identity, AuthError> {
+    /// The identity in the request's single assertion header, and whether
+    /// it came from the verified-token cache.
+    pub async fn verify_headers(&self, headers: &http::HeaderMap) -> Result<(Identity, Check), AuthError> {
         let mut values = headers.get_all(ASSERTION_HEADER).iter();
         let token = match (values.next(), values.next()) {
             (None, _) => return Err(AuthError::Missing),
             (Some(_), Some(_)) => return Err(AuthError::Duplicated),
             (Some(v), None) => v.to_str().map_err(|_| AuthError::Malformed("not ASCII"))?,
         };
-        self.verify(token).await
+        self.check(token).await
     }
 
     pub async fn verify(&self, token: &str) -> Result<Identity, AuthError> {
+        self.check(token).await.map(|(identity, _)| identity)
+    }
+
+    async fn check(&self, token: &str) -> Result<(Identity, Check), AuthError> {
         let now = unix_now();
         if let Some(identity) = self.cache.get(token, now) {
-            return Ok(identity);
+            return Ok((identity, Check::Cached));
         }
         if token.len() > MAX_TOKEN_BYTES {
             return Err(AuthError::Malformed("too long"));
@@ -99,7 +122,7 @@ impl IapVerifier {
         }
         let identity = Identity::new(&claims.sub, &claims.email, claims.hd.as_deref());
         self.cache.insert(token, identity.clone(), claims.exp, now);
-        Ok(identity)
+        Ok((identity, Check::Verified))
     }
 }
 

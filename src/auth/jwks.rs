@@ -11,6 +11,8 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use jsonwebtoken::DecodingKey;
+
+use crate::metrics::Metrics;
 use serde::Deserialize;
 use tokio::time::Instant;
 
@@ -48,6 +50,10 @@ pub struct KeyStore {
     /// of tokens with an unknown `kid` costs at most one fetch per interval.
     last_fetch: tokio::sync::Mutex<Option<Instant>>,
     refetch_interval: Duration,
+    /// When the current key set was fetched, in ms since `created`.
+    loaded_at_ms: std::sync::atomic::AtomicU64,
+    created: Instant,
+    metrics: Option<Arc<Metrics>>,
 }
 
 #[derive(Deserialize)]
@@ -78,6 +84,30 @@ impl KeyStore {
             loaded: AtomicBool::new(false),
             last_fetch: tokio::sync::Mutex::new(None),
             refetch_interval,
+            loaded_at_ms: std::sync::atomic::AtomicU64::new(0),
+            created: Instant::now(),
+            metrics: None,
+        }
+    }
+
+    /// Counts fetches and reports the key set's age in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// How long ago the cached key set was fetched, if ever.
+    pub fn age(&self) -> Option<Duration> {
+        self.is_loaded().then(|| {
+            let loaded = Duration::from_millis(self.loaded_at_ms.load(Ordering::Acquire));
+            self.created.elapsed().saturating_sub(loaded)
+        })
+    }
+
+    /// Updates the key-age gauge; called periodically.
+    pub fn report_age(&self) {
+        if let (Some(metrics), Some(age)) = (&self.metrics, self.age()) {
+            metrics.jwks_key_age_seconds.set(age.as_secs() as i64);
         }
     }
 
@@ -121,6 +151,20 @@ impl KeyStore {
     }
 
     async fn fetch(&self) -> Result<Duration, JwksError> {
+        let result = self.fetch_once().await;
+        if let Some(metrics) = &self.metrics {
+            let outcome = if result.is_ok() { "ok" } else { "error" };
+            metrics.jwks_refreshes.with_label_values(&[outcome]).inc();
+        }
+        if result.is_ok() {
+            self.loaded_at_ms
+                .store(self.created.elapsed().as_millis() as u64, Ordering::Release);
+        }
+        self.report_age();
+        result
+    }
+
+    async fn fetch_once(&self) -> Result<Duration, JwksError> {
         let url = &self.url;
         let fetch_error = |source| JwksError::Fetch {
             url: url.clone(),

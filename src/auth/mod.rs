@@ -17,6 +17,7 @@ use std::sync::Arc;
 use http::HeaderMap;
 
 use crate::config::{AuthConfig, AuthMode, Secret};
+use crate::metrics::Metrics;
 use crate::session::cookie::Signer;
 
 /// A verified user. Cheap to clone.
@@ -60,7 +61,9 @@ pub enum AuthError {
     Rejected(jsonwebtoken::errors::ErrorKind),
     #[error("token issued in the future")]
     IssuedInFuture,
-    #[error("{0} is not on the allowlist")]
+    /// The verified email, kept for the admin of the allowlist, never shown
+    /// in the message (logs hash emails unless configured otherwise).
+    #[error("account is not on the allowlist")]
     NotAllowed(Arc<str>),
     #[error("dev mode: not signed in")]
     SignInRequired,
@@ -123,36 +126,47 @@ enum Method {
 pub struct Authenticator {
     method: Method,
     allowlist: Allowlist,
+    metrics: Arc<Metrics>,
 }
 
 impl Authenticator {
-    pub fn new(config: &AuthConfig, secret: &Secret, dev_cookie_name: String) -> Self {
+    pub fn new(config: &AuthConfig, secret: &Secret, dev_cookie_name: String, metrics: Arc<Metrics>) -> Self {
         let method = match config.mode {
             AuthMode::Iap => {
-                let keys = Arc::new(jwks::KeyStore::new(
-                    config.jwks_url.clone(),
-                    config.jwks_refetch_interval,
-                ));
-                Method::Iap(iap::IapVerifier::new(config, keys))
+                let keys = jwks::KeyStore::new(config.jwks_url.clone(), config.jwks_refetch_interval)
+                    .with_metrics(metrics.clone());
+                Method::Iap(iap::IapVerifier::new(config, Arc::new(keys)))
             }
             AuthMode::Dev => Method::Dev(dev::DevSignIn::new(Signer::new(secret), dev_cookie_name)),
         };
         Authenticator {
             method,
             allowlist: Allowlist::new(&config.allowed_emails, &config.allowed_domains),
+            metrics,
         }
     }
 
     pub async fn identify(&self, headers: &HeaderMap) -> Result<Identity, AuthError> {
-        let identity = match &self.method {
-            Method::Iap(verifier) => verifier.verify_headers(headers).await?,
-            Method::Dev(dev) => dev.identify(headers)?,
+        let checked = match &self.method {
+            Method::Iap(verifier) => verifier.verify_headers(headers).await,
+            Method::Dev(dev) => dev.identify(headers).map(|identity| (identity, iap::Check::Verified)),
         };
-        if self.allowlist.permits(&identity) {
-            Ok(identity)
-        } else {
-            Err(AuthError::NotAllowed(identity.email))
-        }
+        let result = checked.and_then(|(identity, check)| {
+            if self.allowlist.permits(&identity) {
+                Ok((identity, check))
+            } else {
+                Err(AuthError::NotAllowed(identity.email))
+            }
+        });
+        let (result_label, reason) = match &result {
+            Ok((_, check)) => (check.label(), ""),
+            Err(e) => ("rejected", e.class()),
+        };
+        self.metrics
+            .token_checks
+            .with_label_values(&[result_label, reason])
+            .inc();
+        result.map(|(identity, _)| identity)
     }
 
     /// The IAP key store, which needs a background refresher; `None` in dev mode.

@@ -29,6 +29,34 @@ pub struct Config {
     pub auth: AuthConfig,
     pub session: SessionConfig,
     pub backend: BackendConfig,
+    pub log: LogConfig,
+    pub admin: AdminConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One JSON object a line, in Cloud Logging's shape.
+    Json,
+    Text,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A `tracing` filter such as `info` or `session_router=debug`; `RUST_LOG` wins.
+    pub level: String,
+    /// Log emails as they are (else a short hash).
+    pub include_email: bool,
+    /// Google Cloud project id, to turn `X-Cloud-Trace-Context` into
+    /// `projects/ID/traces/TRACE`.
+    pub project_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AdminConfig {
+    /// Lower-cased verified emails allowed on `/_router/admin`.
+    pub emails: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -51,6 +79,8 @@ pub struct ServerConfig {
     pub max_header_bytes: usize,
     /// Longest request target (path + query) accepted; longer → 414.
     pub max_uri_bytes: usize,
+    /// Where `/metrics` is served (never on `listen`); unset = off.
+    pub metrics_listen: Option<SocketAddr>,
     /// Extra origins (scheme://host[:port]) allowed to open WebSockets and
     /// post to `/_router/*`, besides the request's own origin.
     pub allowed_origins: Vec<String>,
@@ -122,6 +152,17 @@ pub enum BackendKind {
     Agones,
     /// The agones-allocator service's REST API (release still via Kubernetes).
     AgonesAllocator,
+}
+
+impl BackendKind {
+    /// The config spelling, also the metrics label.
+    pub fn label(self) -> &'static str {
+        match self {
+            BackendKind::Static => "static",
+            BackendKind::Agones => "agones",
+            BackendKind::AgonesAllocator => "agones-allocator",
+        }
+    }
 }
 
 /// `[backend.agones]`: used by both Agones backends.
@@ -291,9 +332,33 @@ impl Config {
                 "must be between 256 and 65000".into(),
             ));
         }
+        let metrics_key = server.key("metrics_listen");
+        let metrics_text = server.string("metrics_listen", "", &mut problems);
+        let metrics_listen = if metrics_text.is_empty() {
+            None
+        } else {
+            match metrics_text.parse::<SocketAddr>() {
+                Ok(addr) if addr == listen && addr.port() != 0 => {
+                    problems.push(Problem::new(
+                        &metrics_key,
+                        "must differ from server.listen: metrics are never on the main port".into(),
+                    ));
+                    None
+                }
+                Ok(addr) => Some(addr),
+                Err(_) => {
+                    problems.push(Problem::new(
+                        &metrics_key,
+                        format!("{metrics_text:?} is not an address:port such as \"0.0.0.0:9090\""),
+                    ));
+                    None
+                }
+            }
+        };
         let allowed_origins = read_origins(&mut server, &mut problems);
         server.finish(&mut problems);
         let server = ServerConfig {
+            metrics_listen,
             listen,
             drain_timeout,
             keepalive_timeout,
@@ -322,6 +387,16 @@ impl Config {
                 "must be shorter than session.idle_timeout, or other replicas release pods that are in use".into(),
             ));
         }
+        let log = read_log(&mut root, &mut problems);
+        let mut admin_section = root.section("admin", &mut problems);
+        let admin = AdminConfig {
+            emails: admin_section
+                .strings("emails", &mut problems)
+                .into_iter()
+                .map(|e| e.trim().to_ascii_lowercase())
+                .collect(),
+        };
+        admin_section.finish(&mut problems);
         root.finish(&mut problems);
 
         if problems.is_empty() {
@@ -330,6 +405,8 @@ impl Config {
                 auth,
                 session,
                 backend,
+                log,
+                admin,
             })
         } else {
             Err(ConfigError::Invalid(problems))
@@ -340,6 +417,39 @@ impl Config {
     /// `check-config`.
     pub fn render(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}"))
+    }
+}
+
+fn read_log(root: &mut Section<'_>, problems: &mut Vec<Problem>) -> LogConfig {
+    let mut log = root.section("log", problems);
+    let format_key = log.key("format");
+    let format = match log.string("format", "json", problems).as_str() {
+        "json" => LogFormat::Json,
+        "text" => LogFormat::Text,
+        other => {
+            problems.push(Problem::new(
+                &format_key,
+                format!("{other:?} is not \"json\" or \"text\""),
+            ));
+            LogFormat::Json
+        }
+    };
+    let level_key = log.key("level");
+    let level = log.string("level", "info", problems);
+    if tracing_subscriber::EnvFilter::try_new(&level).is_err() {
+        problems.push(Problem::new(
+            &level_key,
+            format!("{level:?} is not a log filter such as \"info\" or \"session_router=debug\""),
+        ));
+    }
+    let include_email = log.boolean("include_email", false, problems);
+    let project_id = log.string("project_id", "", problems);
+    log.finish(problems);
+    LogConfig {
+        format,
+        level,
+        include_email,
+        project_id: (!project_id.is_empty()).then_some(project_id),
     }
 }
 

@@ -96,6 +96,17 @@ impl<'a> Section<'a> {
         out
     }
 
+    pub(super) fn boolean(&mut self, key: &'a str, default: bool, problems: &mut Vec<Problem>) -> bool {
+        match self.value(key) {
+            None => default,
+            Some(Value::Boolean(b)) => *b,
+            Some(other) => {
+                problems.push(Problem::new(&self.key(key), wrong_type("true or false", other)));
+                default
+            }
+        }
+    }
+
     pub(super) fn integer(&mut self, key: &'a str, default: u64, problems: &mut Vec<Problem>) -> u64 {
         match self.value(key) {
             None => default,

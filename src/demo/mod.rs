@@ -9,9 +9,8 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 
-use crate::allocator::StaticPool;
 use crate::config::{Config, ConfigError};
-use crate::server::{serve, AppState};
+use crate::server::serve;
 pub use pod::DemoPod;
 
 /// Knobs of the demo, all with defaults from the command line.
@@ -40,6 +39,8 @@ listen = "{listen}"
 drain_timeout = "2s"
 [auth]
 mode = "dev"
+[log]
+format = "text"
 [session]
 idle_timeout = "{idle}"
 activity_ignore_paths = ["/internal/ping"]
@@ -66,8 +67,11 @@ pub async fn run(options: DemoOptions, shutdown: impl std::future::Future<Output
     let config = config(&options, &pods)?;
     let listener = TcpListener::bind(config.server.listen).await?;
     let addr = listener.local_addr()?;
-    let allocator = Arc::new(StaticPool::new(&config.backend.static_pool.upstreams));
-    let state = Arc::new(AppState::new(config, allocator));
+    let state = Arc::new(
+        crate::build(config)
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))?,
+    );
     println!(
         "session-router demo: {} stand-in WebUI pods, idle timeout {}",
         pods.len(),
@@ -80,6 +84,6 @@ pub async fn run(options: DemoOptions, shutdown: impl std::future::Future<Output
     println!("Open http://{addr}/ in a browser and sign in with any name.");
     println!("Each name gets its own pod; when all are taken you see the waiting page.");
     println!("Press Ctrl-C to stop.");
-    serve(listener, state, shutdown).await;
+    serve(listener, state, shutdown).await?;
     Ok(())
 }

@@ -21,6 +21,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::metrics::Metrics;
 use crate::session::cookie::remove_cookies;
 use crate::session::Session;
 use activity_io::{ActivityBody, ActivityIo};
@@ -66,6 +67,7 @@ pub struct Forwarder {
     /// Cancelled at the end of a drain: every relay still open closes.
     stop_relays: CancellationToken,
     strip_cookies: Vec<String>,
+    metrics: Arc<Metrics>,
 }
 
 /// What the caller knows about the request being forwarded.
@@ -78,7 +80,7 @@ pub struct Exchange<'a> {
 
 impl Forwarder {
     /// `strip_cookies` are the router's own cookie names, never forwarded.
-    pub fn new(connect_timeout: Duration, strip_cookies: Vec<String>) -> Self {
+    pub fn new(connect_timeout: Duration, strip_cookies: Vec<String>, metrics: Arc<Metrics>) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(connect_timeout));
         connector.set_nodelay(true);
@@ -90,6 +92,7 @@ impl Forwarder {
             relays: TaskTracker::new(),
             stop_relays: CancellationToken::new(),
             strip_cookies,
+            metrics,
         }
     }
 
@@ -146,8 +149,14 @@ impl Forwarder {
         let in_flight = exchange
             .counts_as_activity
             .then(|| crate::session::Activity::begin(session));
+        let sent = tokio::time::Instant::now();
         let result = self.client.request(Request::from_parts(parts, body)).await;
         drop(in_flight);
+        if result.is_ok() {
+            self.metrics
+                .upstream_header_seconds
+                .observe(sent.elapsed().as_secs_f64());
+        }
         let mut response = result.map_err(|source| {
             let upstream = upstream.to_string();
             if client_body_failed.load(Ordering::Acquire) {
@@ -171,6 +180,7 @@ impl Forwarder {
                 upstream_upgrade,
                 session.clone(),
                 self.stop_relays.clone(),
+                self.metrics.clone(),
             ));
             let (mut parts, _) = response.into_parts();
             headers::to_client(&mut parts.headers, true);
@@ -191,7 +201,13 @@ impl Forwarder {
 /// Copies bytes both ways between the client and the upstream after a 101,
 /// until either side closes, the session's backend is released, or the
 /// drain period ends. Bytes are copied as they come: no framing, no size cap.
-async fn relay(client: OnUpgrade, upstream: OnUpgrade, session: Arc<Session>, stop: CancellationToken) {
+async fn relay(
+    client: OnUpgrade,
+    upstream: OnUpgrade,
+    session: Arc<Session>,
+    stop: CancellationToken,
+    metrics: Arc<Metrics>,
+) {
     let (client, upstream) = match tokio::try_join!(client, upstream) {
         Ok(pair) => pair,
         Err(e) => {
@@ -199,6 +215,8 @@ async fn relay(client: OnUpgrade, upstream: OnUpgrade, session: Arc<Session>, st
             return;
         }
     };
+    metrics.open_websockets.inc();
+    let _open = scopeguard(|| metrics.open_websockets.dec());
     let mut client = ActivityIo::new(TokioIo::new(client), session.clone());
     let mut upstream = ActivityIo::new(TokioIo::new(upstream), session.clone());
     tokio::select! {
@@ -212,4 +230,17 @@ async fn relay(client: OnUpgrade, upstream: OnUpgrade, session: Arc<Session>, st
         }
         _ = stop.cancelled() => {}
     }
+}
+
+/// Runs `f` when dropped, however the scope ends.
+fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
 }

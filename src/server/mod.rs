@@ -29,11 +29,13 @@ use crate::allocator::Allocator;
 use crate::auth::{AuthError, Authenticator, Identity};
 use crate::config::Config;
 use crate::error::{render_errors, ErrorPages};
+use crate::metrics::Metrics;
 use crate::proxy::Forwarder;
 use crate::reaper;
 use crate::routes;
 use crate::session::cookie::{CookieCodec, Signer};
 use crate::session::Registry;
+use crate::telemetry;
 use connection::{ConnState, GuardedIo, Phase, PhaseBody, Timeouts};
 
 /// The peer address of the connection a request came in on.
@@ -47,10 +49,13 @@ pub struct AppState {
     pub registry: Registry,
     pub cookies: CookieCodec,
     pub forwarder: Forwarder,
+    pub metrics: Arc<Metrics>,
+    /// Where `/metrics` ended up listening, once bound.
+    metrics_addr: std::sync::OnceLock<SocketAddr>,
 }
 
 impl AppState {
-    pub fn new(config: Config, allocator: Arc<dyn Allocator>) -> Self {
+    pub fn new(config: Config, allocator: Arc<dyn Allocator>, metrics: Arc<Metrics>) -> Self {
         let session = &config.session;
         let dev_cookie = format!("{}_dev", session.cookie_name);
         let signer = Signer::new(&session.cookie_secret);
@@ -58,14 +63,26 @@ impl AppState {
         let forwarder = Forwarder::new(
             config.backend.connect_timeout,
             vec![session.cookie_name.clone(), dev_cookie.clone()],
+            metrics.clone(),
         );
+        metrics
+            .backend_info
+            .with_label_values(&[config.backend.kind.label()])
+            .set(1);
         AppState {
-            auth: Authenticator::new(&config.auth, &session.cookie_secret, dev_cookie),
-            registry: Registry::new(allocator),
+            auth: Authenticator::new(&config.auth, &session.cookie_secret, dev_cookie, metrics.clone()),
+            registry: Registry::new(allocator, metrics.clone()),
             cookies,
             forwarder,
+            metrics,
+            metrics_addr: std::sync::OnceLock::new(),
             config: Arc::new(config),
         }
+    }
+
+    /// The address `/metrics` is served on, once the server started.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr.get().copied()
     }
 
     pub async fn identify(&self, headers: &HeaderMap) -> Result<Identity, AuthError> {
@@ -111,8 +128,10 @@ pub fn app(state: Arc<AppState>) -> Router {
             state.config.server.max_uri_bytes,
             limits::refuse_malformed,
         ))
-        // Outermost: turns every RouterError below into a logged, rendered page.
+        // Turns every RouterError below into a logged, rendered page.
         .layer(axum::middleware::from_fn_with_state(error_pages, render_errors))
+        // Outermost: metrics and the access log see every final response.
+        .layer(axum::middleware::from_fn_with_state(state.clone(), telemetry::observe))
         .with_state(state)
 }
 
@@ -146,9 +165,24 @@ fn tracked_service(
 /// Runs the router on `listener` until `shutdown` resolves, then drains:
 /// stops accepting, lets in-flight requests and open streams finish for up
 /// to `server.drain_timeout`, and closes what is left.
-pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: impl Future<Output = ()>) {
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<AppState>,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
     let background = CancellationToken::new();
     let tasks = TaskTracker::new();
+    if let Some(addr) = state.config.server.metrics_listen {
+        let metrics_listener = TcpListener::bind(addr).await?;
+        let bound = metrics_listener.local_addr()?;
+        let _ = state.metrics_addr.set(bound);
+        tracing::info!(listen = %bound, "metrics listening");
+        tasks.spawn(crate::metrics::serve(
+            metrics_listener,
+            state.metrics.clone(),
+            background.clone(),
+        ));
+    }
     if let Some(keys) = state.auth.key_store() {
         tasks.spawn(keys.clone().keep_fresh(background.clone()));
     }
@@ -239,4 +273,5 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: impl F
     background.cancel();
     tasks.close();
     tasks.wait().await;
+    Ok(())
 }

@@ -7,15 +7,18 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use dashmap::DashMap;
 use tokio::sync::OnceCell;
+use tokio::time::Instant;
 
 use super::cookie::PinnedBackend;
 use super::Session;
 use crate::allocator::{AllocError, Allocator};
 use crate::auth::Identity;
+use crate::metrics::Metrics;
+use crate::telemetry;
 
 type Slot = Arc<OnceCell<Arc<Session>>>;
 
@@ -31,14 +34,30 @@ pub enum SessionError {
 pub struct Registry {
     sessions: DashMap<Arc<str>, Slot>,
     allocator: Arc<dyn Allocator>,
+    metrics: Arc<Metrics>,
+    /// Users shown the waiting page: when they started waiting and when
+    /// they last asked.
+    waiting: DashMap<Arc<str>, Waiting>,
+}
+
+#[derive(Clone, Copy)]
+struct Waiting {
+    since: Instant,
+    last_asked: Instant,
 }
 
 impl Registry {
-    pub fn new(allocator: Arc<dyn Allocator>) -> Self {
+    pub fn new(allocator: Arc<dyn Allocator>, metrics: Arc<Metrics>) -> Self {
         Registry {
             sessions: DashMap::new(),
             allocator,
+            metrics,
+            waiting: DashMap::new(),
         }
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     pub fn allocator(&self) -> &Arc<dyn Allocator> {
@@ -65,7 +84,7 @@ impl Registry {
             if self.allocator.still_held(identity, &session.lease) {
                 return Ok(session);
             }
-            tracing::info!(user = %identity.email, backend = %session.lease, "backend gone or reassigned; allocating again");
+            tracing::info!(user_id = %telemetry::user_id(&identity.sub), backend = %session.lease.backend, "backend gone or reassigned; allocating again");
             self.forget(&session);
         }
         let slot = self
@@ -76,14 +95,25 @@ impl Registry {
             .clone();
         let result = slot
             .get_or_try_init(|| async {
+                let user_id = telemetry::user_id(&identity.sub);
+                let email = telemetry::email(&identity.email);
                 let lease = match pin.and_then(|pin| self.allocator.adopt(identity, pin)) {
                     Some(lease) => {
-                        tracing::info!(user = %identity.email, backend = %lease, "re-attached backend from cookie");
+                        tracing::info!(%user_id, %email, backend = %lease.backend, "session pinned: re-attached the backend named by the cookie");
                         lease
                     }
                     None => {
-                        let lease = self.allocator.allocate(identity).await?;
-                        tracing::info!(user = %identity.email, backend = %lease, "allocated backend");
+                        let started = Instant::now();
+                        let allocated = self.allocator.allocate(identity).await;
+                        self.metrics.allocation_seconds.observe(started.elapsed().as_secs_f64());
+                        let outcome = match &allocated {
+                            Ok(_) => "allocated",
+                            Err(AllocError::NoCapacity) => "unallocated",
+                            Err(_) => "error",
+                        };
+                        self.metrics.allocations.with_label_values(&[outcome]).inc();
+                        let lease = allocated?;
+                        tracing::info!(%user_id, %email, backend = %lease.backend, upstream = %lease.upstream, "session allocated");
                         lease
                     }
                 };
@@ -92,15 +122,60 @@ impl Registry {
             .await;
         match result {
             Ok(session) if session.is_releasing() => Err(SessionError::Releasing),
-            Ok(session) => Ok(session.clone()),
+            Ok(session) => {
+                self.stop_waiting(&identity.sub);
+                self.metrics.sessions_active.set(self.sessions.len() as i64);
+                Ok(session.clone())
+            }
             Err(e) => {
                 // Leave no empty slot behind, unless a concurrent request
                 // has meanwhile filled it.
                 self.sessions
                     .remove_if(&identity.sub, |_, s| Arc::ptr_eq(s, &slot) && s.get().is_none());
+                if matches!(e, SessionError::Alloc(AllocError::NoCapacity)) {
+                    self.start_waiting(identity);
+                }
                 Err(e)
             }
         }
+    }
+
+    fn start_waiting(&self, identity: &Identity) {
+        let now = Instant::now();
+        let mut fresh = false;
+        self.waiting
+            .entry(identity.sub.clone())
+            .and_modify(|w| w.last_asked = now)
+            .or_insert_with(|| {
+                fresh = true;
+                Waiting {
+                    since: now,
+                    last_asked: now,
+                }
+            });
+        if fresh {
+            let user_id = telemetry::user_id(&identity.sub);
+            tracing::info!(%user_id, email = %telemetry::email(&identity.email), "session waiting: no backend free");
+        }
+        self.metrics.users_waiting.set(self.waiting.len() as i64);
+    }
+
+    fn stop_waiting(&self, sub: &str) {
+        if let Some((_, waited)) = self.waiting.remove(sub) {
+            self.metrics.wait_seconds.observe(waited.since.elapsed().as_secs_f64());
+            self.metrics.users_waiting.set(self.waiting.len() as i64);
+        }
+    }
+
+    /// Forgets waiters that stopped asking (closed the tab) for `patience`.
+    pub fn prune_waiting(&self, patience: Duration) {
+        self.waiting.retain(|_, w| w.last_asked.elapsed() < patience);
+        self.metrics.users_waiting.set(self.waiting.len() as i64);
+    }
+
+    /// How many users this replica is showing the waiting page.
+    pub fn waiting(&self) -> usize {
+        self.waiting.len()
     }
 
     /// Releases the session's backend, and only once that is confirmed
@@ -110,13 +185,17 @@ impl Registry {
         if session.releasing.swap(true, Ordering::AcqRel) {
             return Ok(false);
         }
+        let user_id = telemetry::user_id(&session.identity.sub);
+        let backend = &session.lease.backend;
         if let Err(e) = self.allocator.release(&session.identity, &session.lease, reason).await {
             session.releasing.store(false, Ordering::Release);
-            tracing::warn!(user = %session.identity.email, backend = %session.lease, reason, error = %e, "release failed; will retry");
+            self.metrics.release(reason, false);
+            tracing::warn!(%user_id, %backend, reason, error = %e, "release failed; will retry");
             return Err(e.into());
         }
         self.forget(session);
-        tracing::info!(user = %session.identity.email, backend = %session.lease, reason, "released backend");
+        self.metrics.release(reason, true);
+        tracing::info!(%user_id, email = %telemetry::email(&session.identity.email), %backend, reason, "session released");
         Ok(true)
     }
 
@@ -126,6 +205,7 @@ impl Registry {
         self.sessions.remove_if(&session.identity.sub, |_, slot| {
             slot.get().is_some_and(|s| Arc::ptr_eq(s, session))
         });
+        self.metrics.sessions_active.set(self.sessions.len() as i64);
         session.closed.cancel();
     }
 
@@ -194,7 +274,7 @@ mod tests {
             allocations: AtomicUsize::new(0),
             fail_releases: false.into(),
         });
-        (Registry::new(pool.clone()), pool)
+        (Registry::new(pool.clone(), Metrics::new()), pool)
     }
 
     fn user(name: &str) -> Identity {

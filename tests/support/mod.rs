@@ -97,12 +97,16 @@ api_timeout = "3s"
             Config::from_toml(text, Some(SECRET.to_vec())).unwrap_or_else(|e| panic!("test config invalid:\n{e}"));
         let listener = TcpListener::bind(config.server.listen).await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let allocator = session_router::connect_backend(&config).await.unwrap();
-        let state = Arc::new(AppState::new(config, allocator));
+        let state = Arc::new(session_router::build(config).await.unwrap());
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(serve(listener, state.clone(), async move {
-            let _ = stopped.await;
-        }));
+        let state_for_task = state.clone();
+        let task = tokio::spawn(async move {
+            serve(listener, state_for_task, async move {
+                let _ = stopped.await;
+            })
+            .await
+            .expect("router serves");
+        });
         let router = TestRouter {
             addr,
             state,

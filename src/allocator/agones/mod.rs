@@ -35,6 +35,7 @@ use rand::Rng;
 use super::{AllocError, Allocator, Lease};
 use crate::auth::Identity;
 use crate::config::{AgonesConfig, BackendKind};
+use crate::metrics::Metrics;
 use crate::session::cookie::PinnedBackend;
 use transport::{Outcome, Transport};
 use types::GameServer;
@@ -53,6 +54,7 @@ pub struct Agones {
     cache_ready: Arc<AtomicBool>,
     /// The watch feeding `cache`; stopped when the allocator is dropped.
     watch: tokio::task::JoinHandle<()>,
+    metrics: Arc<Metrics>,
 }
 
 impl Drop for Agones {
@@ -68,6 +70,24 @@ fn backend_error(message: impl Into<String>) -> AllocError {
     }
 }
 
+/// How a Kubernetes call failed, for callers that treat some answers as
+/// outcomes rather than errors.
+enum CallError {
+    NotFound,
+    Conflict,
+    Failed(AllocError),
+}
+
+impl From<CallError> for AllocError {
+    fn from(e: CallError) -> AllocError {
+        match e {
+            CallError::NotFound => backend_error("not found"),
+            CallError::Conflict => AllocError::Conflict,
+            CallError::Failed(e) => e,
+        }
+    }
+}
+
 /// What deleting a GameServer came to.
 enum Deleted {
     Now,
@@ -77,7 +97,11 @@ enum Deleted {
 impl Agones {
     /// Connects to Kubernetes (and the allocator service, for that kind) and
     /// starts watching the fleet's GameServers.
-    pub async fn connect(config: &AgonesConfig, kind: BackendKind) -> Result<Agones, AllocError> {
+    pub async fn connect(
+        config: &AgonesConfig,
+        kind: BackendKind,
+        metrics: Arc<Metrics>,
+    ) -> Result<Agones, AllocError> {
         let kube_config = match &config.kube_api_url {
             Some(url) => {
                 let uri = url
@@ -105,16 +129,19 @@ impl Agones {
         let stream = reflector::reflector(writer, watcher(gameservers.clone(), watch_config)).default_backoff();
         let ready = cache_ready.clone();
         let ready_store = cache.clone();
+        let watch_metrics = metrics.clone();
         let watch = tokio::spawn(async move {
             let mark_ready = async move {
                 if ready_store.wait_until_ready().await.is_ok() {
                     ready.store(true, Ordering::Release);
                 }
             };
-            let drive = stream.for_each(|event| async move {
-                if let Err(e) = event {
+            let drive = stream.for_each(|event| {
+                if let Err(e) = &event {
+                    watch_metrics.kube_call("watch", "error");
                     tracing::warn!(error = %e, "GameServer watch error; retrying");
                 }
+                std::future::ready(())
             });
             tokio::join!(mark_ready, drive);
         });
@@ -125,6 +152,7 @@ impl Agones {
             cache,
             cache_ready,
             watch,
+            metrics,
         })
     }
 
@@ -153,24 +181,38 @@ impl Agones {
         })
     }
 
+    /// One Kubernetes call, bounded by `api_timeout` and counted by verb.
     async fn call<T>(
         &self,
+        verb: &str,
         what: &str,
         call: impl std::future::Future<Output = kube::Result<T>>,
-    ) -> Result<T, AllocError> {
-        match tokio::time::timeout(self.config.api_timeout, call).await {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) => Err(backend_error(format!("{what}: {e}"))),
-            Err(_) => Err(backend_error(format!(
-                "{what}: no answer within {:?}",
-                self.config.api_timeout
-            ))),
-        }
+    ) -> Result<T, CallError> {
+        let result = tokio::time::timeout(self.config.api_timeout, call).await;
+        let (outcome, error) = match result {
+            Ok(Ok(value)) => {
+                self.metrics.kube_call(verb, "ok");
+                return Ok(value);
+            }
+            Ok(Err(kube::Error::Api(status))) if status.code == 404 => ("not_found", CallError::NotFound),
+            Ok(Err(kube::Error::Api(status))) if status.code == 409 => ("conflict", CallError::Conflict),
+            Ok(Err(e)) => ("error", CallError::Failed(backend_error(format!("{what}: {e}")))),
+            Err(_) => (
+                "timeout",
+                CallError::Failed(backend_error(format!(
+                    "{what}: no answer within {:?}",
+                    self.config.api_timeout
+                ))),
+            ),
+        };
+        self.metrics.kube_call(verb, outcome);
+        Err(error)
     }
 
     async fn get(&self, name: &str) -> Result<Option<GameServer>, AllocError> {
-        self.call(&format!("get GameServer {name}"), self.gameservers.get_opt(name))
-            .await
+        Ok(self
+            .call("get", &format!("get GameServer {name}"), self.gameservers.get_opt(name))
+            .await?)
     }
 
     /// Deletes `name` if it still has `resource_version` (when given).
@@ -183,15 +225,10 @@ impl Agones {
             ..DeleteParams::default()
         };
         let what = format!("delete GameServer {name}");
-        match tokio::time::timeout(self.config.api_timeout, self.gameservers.delete(name, &params)).await {
-            Ok(Ok(_)) => Ok(Deleted::Now),
-            Ok(Err(kube::Error::Api(status))) if status.code == 404 => Ok(Deleted::AlreadyGone),
-            Ok(Err(kube::Error::Api(status))) if status.code == 409 => Err(AllocError::Conflict),
-            Ok(Err(e)) => Err(backend_error(format!("{what}: {e}"))),
-            Err(_) => Err(backend_error(format!(
-                "{what}: no answer within {:?}",
-                self.config.api_timeout
-            ))),
+        match self.call("delete", &what, self.gameservers.delete(name, &params)).await {
+            Ok(_) => Ok(Deleted::Now),
+            Err(CallError::NotFound) => Ok(Deleted::AlreadyGone),
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -202,11 +239,22 @@ impl Agones {
         let deadline = tokio::time::Instant::now() + self.config.allocation_retry_window;
         let mut backoff = Duration::from_millis(100);
         loop {
-            let outcome = self.transport.allocate(&self.config, label, &user.email).await?;
-            let answer = match outcome {
+            let outcome = self.transport.allocate(&self.config, label, &user.email).await;
+            let verb = self.transport.verb();
+            let counted = match &outcome {
+                Ok(Outcome::Allocated(_)) => "ok",
+                Ok(Outcome::UnAllocated) => "unallocated",
+                Ok(Outcome::Contention) => "contention",
+                Err(_) => "error",
+            };
+            self.metrics.kube_call(verb, counted);
+            let answer = match outcome? {
                 Outcome::Allocated(status) => return Ok(status),
                 Outcome::UnAllocated => "UnAllocated",
-                Outcome::Contention => "Contention",
+                Outcome::Contention => {
+                    self.metrics.allocations.with_label_values(&["contention"]).inc();
+                    "Contention"
+                }
             };
             let jittered = backoff.mul_f64(rand::thread_rng().gen_range(0.5..1.5));
             if tokio::time::Instant::now() + jittered > deadline {
@@ -223,6 +271,7 @@ impl Agones {
     async fn settle_duplicates(&self, label: &str, allocated: GameServer) -> Result<GameServer, AllocError> {
         let list = self
             .call(
+                "list",
                 "list the user's GameServers",
                 self.gameservers
                     .list(&ListParams::default().labels(&self.user_selector(label))),
@@ -361,12 +410,14 @@ impl Allocator for Agones {
         let stamp = humantime::format_rfc3339_millis(at).to_string();
         let patch = serde_json::json!({ "metadata": { "annotations": { LAST_ACTIVITY: stamp } } });
         self.call(
+            "patch",
             &format!("record activity on GameServer {}", lease.backend),
             self.gameservers
                 .patch(&lease.backend, &PatchParams::default(), &Patch::Merge(&patch)),
         )
         .await
         .map(|_| ())
+        .map_err(AllocError::from)
     }
 
     async fn sweep(&self, idle_timeout: Duration, held_here: &HashSet<Arc<str>>) {
@@ -398,8 +449,14 @@ impl Allocator for Agones {
                     }
                     "idle"
                 };
-                match self.delete(gs.name(), gs.metadata.resource_version.clone()).await {
-                    Ok(Deleted::Now) => tracing::info!(gameserver = gs.name(), reason, "released GameServer"),
+                let deleted = self.delete(gs.name(), gs.metadata.resource_version.clone()).await;
+                match &deleted {
+                    Ok(Deleted::Now) => self.metrics.release(reason, true),
+                    Err(AllocError::Backend { .. }) => self.metrics.release(reason, false),
+                    _ => {}
+                }
+                match deleted {
+                    Ok(Deleted::Now) => tracing::info!(gameserver = gs.name(), reason, "session released by sweep"),
                     Ok(Deleted::AlreadyGone) => {}
                     Err(AllocError::Conflict) => {
                         tracing::debug!(gameserver = gs.name(), "GameServer changed meanwhile; not released")

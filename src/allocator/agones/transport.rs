@@ -77,6 +77,14 @@ impl Transport {
         Ok(Transport::AllocatorService { http, url })
     }
 
+    /// The metrics verb of an allocation call.
+    pub(super) fn verb(&self) -> &'static str {
+        match self {
+            Transport::Kubernetes(_) => "create",
+            Transport::AllocatorService { .. } => "allocator_service",
+        }
+    }
+
     pub(super) async fn allocate(
         &self,
         config: &AgonesConfig,

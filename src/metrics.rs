@@ -1,0 +1,232 @@
+//! Prometheus metrics, served on their own listener (`server.metrics_listen`)
+//! and never on the main port.
+//!
+//! Names follow Prometheus conventions: a `session_router_` prefix, base
+//! units (seconds, bytes), `_total` counters. Labels are bounded sets —
+//! never a user, an email, a path or a backend name.
+
+use std::sync::Arc;
+
+use axum::routing::get;
+use axum::Router;
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Latency buckets (seconds) from 1 ms to 2 min: upstream answers range
+/// from a cached asset to a long generation.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+];
+/// Waiting for a GPU can take many minutes.
+const WAIT_BUCKETS: &[f64] = &[1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 3600.0];
+
+pub struct Metrics {
+    registry: Registry,
+    /// By `kind` (proxied, router, health) and status `class` (2xx, …).
+    pub requests: IntCounterVec,
+    pub upstream_header_seconds: Histogram,
+    pub open_websockets: IntGauge,
+    /// Streamed (proxied) response bodies still being sent.
+    pub open_streams: IntGauge,
+    /// By `direction`: `to_upstream` (request bodies), `to_client` (responses).
+    pub proxied_bytes: IntCounterVec,
+    pub sessions_active: IntGauge,
+    /// By `outcome`: allocated, unallocated, contention, error.
+    pub allocations: IntCounterVec,
+    pub allocation_seconds: Histogram,
+    /// By `reason`: user, idle, max_lifetime, dead_pod, admin, duplicate.
+    pub releases: IntCounterVec,
+    pub release_failures: IntCounterVec,
+    pub users_waiting: IntGauge,
+    pub wait_seconds: Histogram,
+    /// By `result`: cached, verified, rejected; and `reason` class for rejections.
+    pub token_checks: IntCounterVec,
+    /// By `outcome`: ok, error.
+    pub jwks_refreshes: IntCounterVec,
+    /// Seconds since the signing keys were last fetched successfully.
+    pub jwks_key_age_seconds: IntGauge,
+    /// By `verb` (create, get, list, watch, patch, delete) and `outcome`.
+    pub kube_api_calls: IntCounterVec,
+    /// Per-backend-kind flag, for dashboards: 1 for the configured kind.
+    pub backend_info: IntGaugeVec,
+}
+
+fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let metric = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    registry.register(Box::new(metric.clone())).expect("unique metric");
+    metric
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+    let metric = IntGauge::new(name, help).expect("valid metric");
+    registry.register(Box::new(metric.clone())).expect("unique metric");
+    metric
+}
+
+fn histogram(registry: &Registry, name: &str, help: &str, buckets: &[f64]) -> Histogram {
+    let metric = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec())).expect("valid metric");
+    registry.register(Box::new(metric.clone())).expect("unique metric");
+    metric
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Metrics> {
+        let r = Registry::new();
+        let backend_info = IntGaugeVec::new(
+            Opts::new("session_router_backend_info", "The configured backend kind (value 1)."),
+            &["kind"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(backend_info.clone())).expect("unique metric");
+        Arc::new(Metrics {
+            requests: counter(
+                &r,
+                "session_router_requests_total",
+                "HTTP requests answered, by kind and status class.",
+                &["kind", "class"],
+            ),
+            upstream_header_seconds: histogram(
+                &r,
+                "session_router_upstream_response_header_seconds",
+                "Time from sending a request upstream to its response headers.",
+                LATENCY_BUCKETS,
+            ),
+            open_websockets: gauge(
+                &r,
+                "session_router_open_websockets",
+                "Upgraded connections being relayed.",
+            ),
+            open_streams: gauge(
+                &r,
+                "session_router_open_streams",
+                "Proxied response bodies still streaming.",
+            ),
+            proxied_bytes: counter(
+                &r,
+                "session_router_proxied_bytes_total",
+                "Body bytes proxied, by direction.",
+                &["direction"],
+            ),
+            sessions_active: gauge(
+                &r,
+                "session_router_sessions_active",
+                "Sessions (user → backend) held by this replica.",
+            ),
+            allocations: counter(
+                &r,
+                "session_router_allocations_total",
+                "Allocation attempts, by outcome.",
+                &["outcome"],
+            ),
+            allocation_seconds: histogram(
+                &r,
+                "session_router_allocation_seconds",
+                "Time to obtain a backend for a user, successful or not.",
+                LATENCY_BUCKETS,
+            ),
+            releases: counter(
+                &r,
+                "session_router_releases_total",
+                "Confirmed backend releases, by reason.",
+                &["reason"],
+            ),
+            release_failures: counter(
+                &r,
+                "session_router_release_failures_total",
+                "Failed release attempts, by reason.",
+                &["reason"],
+            ),
+            users_waiting: gauge(
+                &r,
+                "session_router_users_waiting",
+                "Users currently shown the waiting page by this replica.",
+            ),
+            wait_seconds: histogram(
+                &r,
+                "session_router_wait_seconds",
+                "Time users spent on the waiting page before getting a backend.",
+                WAIT_BUCKETS,
+            ),
+            token_checks: counter(
+                &r,
+                "session_router_token_checks_total",
+                "Identity checks, by result and rejection reason class.",
+                &["result", "reason"],
+            ),
+            jwks_refreshes: counter(
+                &r,
+                "session_router_jwks_refreshes_total",
+                "JWKS fetches, by outcome.",
+                &["outcome"],
+            ),
+            jwks_key_age_seconds: gauge(
+                &r,
+                "session_router_jwks_key_age_seconds",
+                "Seconds since the signing keys were last fetched successfully.",
+            ),
+            kube_api_calls: counter(
+                &r,
+                "session_router_kube_api_calls_total",
+                "Kubernetes and allocator-service calls, by verb and outcome.",
+                &["verb", "outcome"],
+            ),
+            backend_info,
+            registry: r,
+        })
+    }
+
+    /// The exposition text.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding cannot fail");
+        String::from_utf8(out).expect("metrics text is UTF-8")
+    }
+
+    /// Counts one Kubernetes/allocator call.
+    pub fn kube_call(&self, verb: &str, outcome: &str) {
+        self.kube_api_calls.with_label_values(&[verb, outcome]).inc();
+    }
+
+    pub fn release(&self, reason: &str, ok: bool) {
+        if ok {
+            self.releases.with_label_values(&[reason]).inc();
+        } else {
+            self.release_failures.with_label_values(&[reason]).inc();
+        }
+    }
+}
+
+/// The status class label of a status code.
+pub fn class(status: http::StatusCode) -> &'static str {
+    match status.as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+/// Serves `GET /metrics` on `listener` until `stop`.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, stop: CancellationToken) {
+    let app = Router::new().route(
+        "/metrics",
+        get(move || {
+            let metrics = metrics.clone();
+            async move {
+                (
+                    [(http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+                    metrics.render(),
+                )
+            }
+        }),
+    );
+    let _ = axum::serve(listener, app)
+        .with_graceful_shutdown(async move { stop.cancelled().await })
+        .await;
+}
