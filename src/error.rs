@@ -32,6 +32,8 @@ pub enum RouterError {
     CrossOrigin(String),
     #[error("no such router endpoint")]
     NotFound,
+    #[error("not an admin")]
+    NotAdmin,
     /// The client sent something no handler may see.
     #[error("malformed request: {0}")]
     Malformed(&'static str),
@@ -46,7 +48,9 @@ struct Failure(Arc<RouterError>);
 impl RouterError {
     pub fn status(&self) -> StatusCode {
         match self {
-            RouterError::Auth(AuthError::NotAllowed(_)) | RouterError::CrossOrigin(_) => StatusCode::FORBIDDEN,
+            RouterError::Auth(AuthError::NotAllowed(_)) | RouterError::CrossOrigin(_) | RouterError::NotAdmin => {
+                StatusCode::FORBIDDEN
+            }
             RouterError::Auth(AuthError::KeysUnavailable) => StatusCode::SERVICE_UNAVAILABLE,
             RouterError::Auth(AuthError::SignInRequired) => StatusCode::SEE_OTHER,
             RouterError::Auth(_) => StatusCode::UNAUTHORIZED,
@@ -100,6 +104,7 @@ pub async fn render_errors(State(settings): State<ErrorPages>, request: Request,
             pages::forbidden(wants_html, "Your account is not allowed to use this service.")
         }
         RouterError::CrossOrigin(_) => pages::forbidden(wants_html, "Cross-site requests are not allowed."),
+        RouterError::NotAdmin => pages::forbidden(wants_html, "This page is for administrators."),
         RouterError::Auth(AuthError::KeysUnavailable) => pages::starting_up(wants_html, retry),
         RouterError::Auth(_) => pages::unauthorized(),
         RouterError::Session(_) => pages::waiting(wants_html, retry),

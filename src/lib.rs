@@ -17,6 +17,7 @@
 //! | [`allocator`] | the `Allocator` trait and its backends: `static` pool, Agones (Kubernetes API or allocator service) |
 //! | [`proxy`] | streaming forwarder, header rules, WebSocket relay |
 //! | [`reaper`] | idle and max-lifetime release |
+//! | [`admin`] | the operator's sessions view and forced release |
 //! | [`routes`] | request handlers: the proxy path and `/_router/*`, `/healthz`, `/readyz` |
 //! | [`server`] | shared state, route table and layers, accept loop, drain |
 //! | [`error`] | `RouterError` and its single mapping to HTTP |
@@ -25,6 +26,7 @@
 //! | [`telemetry`] | Cloud Logging JSON logs, the access log, request metrics |
 //! | [`demo`] | stand-in WebUI pods and the one-command demo |
 
+pub mod admin;
 pub mod allocator;
 pub mod auth;
 pub mod config;

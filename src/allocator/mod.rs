@@ -89,10 +89,48 @@ pub trait Allocator: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Every user's backend across the whole deployment (all replicas), as
+    /// far as the backend system records it, without a network call.
+    /// `None`: only this process knows (use the session table).
+    fn deployment_sessions(&self) -> Option<Vec<BackendSession>> {
+        None
+    }
+
+    /// How many backends are free, taken and in total.
+    fn capacity(&self) -> Capacity;
+
+    /// Releases a backend by name for an operator, whichever replica holds
+    /// it. `Ok(false)` if there is no such user backend.
+    async fn release_backend(&self, _backend: &str, _reason: &'static str) -> Result<bool, AllocError> {
+        Ok(false)
+    }
+
     /// Releases backends no replica is using any more: idle ones whose
     /// session lives on no replica here (`held_here` names this replica's),
     /// and duplicates. Run by every replica's reaper.
     async fn sweep(&self, _idle_timeout: Duration, _held_here: &HashSet<Arc<str>>) {}
+}
+
+/// One user's backend as the backend system records it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BackendSession {
+    pub backend: String,
+    /// The user's email when recorded, else their label.
+    pub user: String,
+    pub node: Option<String>,
+    #[serde(skip)]
+    pub allocated_at: Option<SystemTime>,
+    #[serde(skip)]
+    pub last_activity: Option<SystemTime>,
+}
+
+/// Backend counts for the admin view.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct Capacity {
+    pub ready: usize,
+    pub allocated: usize,
+    pub reserved: usize,
+    pub total: usize,
 }
 
 impl fmt::Display for Lease {

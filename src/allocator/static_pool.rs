@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use http::uri::Authority;
 use http::Uri;
 
-use super::{AllocError, Allocator, Lease};
+use super::{AllocError, Allocator, Capacity, Lease};
 use crate::auth::Identity;
 use crate::session::cookie::PinnedBackend;
 
@@ -70,6 +70,16 @@ impl Allocator for StaticPool {
                 holders[index] = Some(user.sub.clone());
                 Some(self.leases[index].clone())
             }
+        }
+    }
+
+    fn capacity(&self) -> Capacity {
+        let free = self.free();
+        Capacity {
+            ready: free,
+            allocated: self.leases.len() - free,
+            reserved: 0,
+            total: self.leases.len(),
         }
     }
 

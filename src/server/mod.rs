@@ -115,6 +115,8 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/readyz", get(routes::readyz))
         .route("/_router/status", get(routes::status))
         .route("/_router/release", post(routes::release))
+        .route("/_router/admin", get(crate::admin::view))
+        .route("/_router/admin/release", post(crate::admin::release))
         .route(
             "/_router/dev/login",
             get(routes::dev_sign_in_form).post(routes::dev_sign_in),

@@ -254,6 +254,9 @@ mod tests {
         fn adopt(&self, user: &Identity, pin: &PinnedBackend) -> Option<Lease> {
             self.pool.adopt(user, pin)
         }
+        fn capacity(&self) -> crate::allocator::Capacity {
+            self.pool.capacity()
+        }
         async fn release(&self, user: &Identity, lease: &Lease, reason: &'static str) -> Result<(), AllocError> {
             if self.fail_releases.load(Ordering::SeqCst) {
                 return Err(AllocError::Backend {

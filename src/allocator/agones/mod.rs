@@ -32,7 +32,7 @@ use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use rand::Rng;
 
-use super::{AllocError, Allocator, Lease};
+use super::{AllocError, Allocator, BackendSession, Capacity, Lease};
 use crate::auth::Identity;
 use crate::config::{AgonesConfig, BackendKind};
 use crate::metrics::Metrics;
@@ -400,6 +400,58 @@ impl Allocator for Agones {
 
     fn replaces_unreachable(&self) -> bool {
         true
+    }
+
+    fn deployment_sessions(&self) -> Option<Vec<BackendSession>> {
+        let mut sessions: Vec<BackendSession> = self
+            .cache
+            .state()
+            .iter()
+            .filter(|gs| gs.state() == "Allocated")
+            .filter_map(|gs| {
+                let label = gs.label(&self.config.user_label)?;
+                Some(BackendSession {
+                    backend: gs.name().to_string(),
+                    user: gs.annotation(EMAIL_ANNOTATION).unwrap_or(label).to_string(),
+                    node: gs
+                        .status
+                        .as_ref()
+                        .map(|s| s.node_name.clone())
+                        .filter(|n| !n.is_empty()),
+                    allocated_at: gs.annotation(LAST_ALLOCATED).and_then(parse_time),
+                    last_activity: last_seen(gs),
+                })
+            })
+            .collect();
+        sessions.sort_by(|a, b| a.backend.cmp(&b.backend));
+        Some(sessions)
+    }
+
+    fn capacity(&self) -> Capacity {
+        let mut capacity = Capacity::default();
+        for gs in self.cache.state() {
+            capacity.total += 1;
+            match gs.state() {
+                "Ready" => capacity.ready += 1,
+                "Allocated" => capacity.allocated += 1,
+                "Reserved" => capacity.reserved += 1,
+                _ => {}
+            }
+        }
+        capacity
+    }
+
+    async fn release_backend(&self, backend: &str, reason: &'static str) -> Result<bool, AllocError> {
+        let Some(gs) = self.get(backend).await? else {
+            return Ok(false);
+        };
+        // Only user backends: a server without the user label is not ours.
+        if gs.label(&self.config.user_label).is_none() || gs.state() != "Allocated" {
+            return Ok(false);
+        }
+        let deleted = self.delete(backend, gs.metadata.resource_version.clone()).await;
+        self.metrics.release(reason, deleted.is_ok());
+        deleted.map(|d| matches!(d, Deleted::Now))
     }
 
     fn activity_elsewhere(&self, lease: &Lease) -> Option<SystemTime> {

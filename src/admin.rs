@@ -1,0 +1,216 @@
+//! The operator's view: every session of the deployment and a way to take a
+//! GPU back. Only verified identities listed in `admin.emails` get in.
+//!
+//! On Agones the list comes from the fleet's Allocated GameServers (so it
+//! spans all replicas), merged with this replica's own activity; on the
+//! static pool it is this process's table. Forced releases take the same
+//! confirmed path as idle ones, with reason `admin`.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use axum::extract::State;
+use axum::response::{Html, IntoResponse, Response};
+use axum::{Form, Json};
+use http::HeaderMap;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::allocator::{BackendSession, Capacity};
+use crate::auth::{origin, Identity};
+use crate::error::RouterError;
+use crate::pages::{self, escape};
+use crate::server::AppState;
+
+type Shared = State<Arc<AppState>>;
+
+/// One row of the admin table.
+#[derive(Serialize)]
+struct Row {
+    user: String,
+    backend: String,
+    node: Option<String>,
+    allocated_at: Option<String>,
+    last_activity: Option<String>,
+    idle_seconds: Option<u64>,
+    lifetime_seconds: Option<u64>,
+    /// Whether this replica holds the session (others only in the fleet).
+    on_this_replica: bool,
+}
+
+async fn admin(state: &AppState, headers: &HeaderMap) -> Result<Identity, RouterError> {
+    let identity = state.identify(headers).await?;
+    let email = identity.email.to_ascii_lowercase();
+    if state.config.admin.emails.contains(&email) {
+        Ok(identity)
+    } else {
+        Err(RouterError::NotAdmin)
+    }
+}
+
+fn stamp(t: Option<SystemTime>) -> Option<String> {
+    t.map(|t| humantime::format_rfc3339_seconds(t).to_string())
+}
+
+fn seconds_since(t: Option<SystemTime>, now: SystemTime) -> Option<u64> {
+    t.map(|t| now.duration_since(t).unwrap_or_default().as_secs())
+}
+
+fn rows(state: &AppState) -> Vec<Row> {
+    let now = SystemTime::now();
+    let local = state.registry.sessions();
+    let recorded: Vec<BackendSession> = state.registry.allocator().deployment_sessions().unwrap_or_else(|| {
+        local
+            .iter()
+            .map(|s| BackendSession {
+                backend: s.lease.backend.to_string(),
+                user: s.identity.email.to_string(),
+                node: None,
+                allocated_at: Some(s.allocated_at),
+                last_activity: None,
+            })
+            .collect()
+    });
+    recorded
+        .into_iter()
+        .map(|r| {
+            let here = local.iter().find(|s| *s.lease.backend == r.backend);
+            let local_activity = here.map(|s| now - s.activity.idle_for());
+            let last_activity = r.last_activity.max(local_activity);
+            Row {
+                on_this_replica: here.is_some(),
+                user: r.user,
+                backend: r.backend,
+                node: r.node,
+                allocated_at: stamp(r.allocated_at),
+                last_activity: stamp(last_activity),
+                idle_seconds: seconds_since(last_activity, now),
+                lifetime_seconds: seconds_since(r.allocated_at, now),
+            }
+        })
+        .collect()
+}
+
+/// `GET /_router/admin`: the sessions table, fleet capacity and waiting users.
+pub async fn view(State(state): Shared, headers: HeaderMap) -> Result<Response, RouterError> {
+    admin(&state, &headers).await?;
+    let rows = rows(&state);
+    let capacity = state.registry.allocator().capacity();
+    let waiting = state.registry.waiting();
+    if !pages::wants_html(&headers) {
+        return Ok(Json(json!({
+            "backend": state.config.backend.kind.label(),
+            "sessions": rows,
+            "capacity": capacity,
+            "waiting_on_this_replica": waiting,
+        }))
+        .into_response());
+    }
+    Ok(Html(page(
+        &rows,
+        capacity,
+        waiting,
+        state.config.session.idle_timeout.as_secs(),
+    ))
+    .into_response())
+}
+
+fn page(rows: &[Row], capacity: Capacity, waiting: usize, idle_timeout: u64) -> String {
+    let dash = || "—".to_string();
+    let body_rows: String = rows
+        .iter()
+        .map(|r| {
+            format!(
+                r#"<tr><td>{user}</td><td>{backend}</td><td>{node}</td><td>{allocated}</td><td>{last}</td><td>{idle}</td><td>{lifetime}</td><td>{here}</td>
+<td><form method="post" action="/_router/admin/release"><input type="hidden" name="target" value="{backend}"><button type="submit">Release</button></form></td></tr>"#,
+                user = escape(&r.user),
+                backend = escape(&r.backend),
+                node = escape(r.node.as_deref().unwrap_or("—")),
+                allocated = r.allocated_at.clone().unwrap_or_else(dash),
+                last = r.last_activity.clone().unwrap_or_else(dash),
+                idle = r.idle_seconds.map_or_else(dash, |s| format!("{s} s")),
+                lifetime = r.lifetime_seconds.map_or_else(dash, |s| format!("{s} s")),
+                here = if r.on_this_replica { "yes" } else { "" },
+            )
+        })
+        .collect();
+    let table = if rows.is_empty() {
+        "<p>No sessions.</p>".to_string()
+    } else {
+        format!(
+            r#"<table border="1" cellpadding="4" cellspacing="0">
+<tr><th>User</th><th>Backend</th><th>Node</th><th>Allocated at</th><th>Last activity</th><th>Idle</th><th>Lifetime</th><th>This replica</th><th></th></tr>
+{body_rows}</table>"#
+        )
+    };
+    let body = format!(
+        r#"<p>Backends: {ready} ready, {allocated} allocated, {reserved} reserved, {total} in all. Users waiting on this replica: {waiting}. Idle timeout: {idle_timeout} s.</p>
+{table}
+<p class="muted">Release deletes the user's backend now (reason <code>admin</code>); the fleet replaces it.</p>"#,
+        ready = capacity.ready,
+        allocated = capacity.allocated,
+        reserved = capacity.reserved,
+        total = capacity.total,
+    );
+    pages::document("Sessions", &body, None).replace("max-width:36rem", "max-width:72rem")
+}
+
+#[derive(Deserialize)]
+pub struct ReleaseForm {
+    /// A backend (GameServer) name or a user's email.
+    target: String,
+}
+
+/// `POST /_router/admin/release`: releases one user's backend now.
+pub async fn release(
+    State(state): Shared,
+    headers: HeaderMap,
+    Form(form): Form<ReleaseForm>,
+) -> Result<Response, RouterError> {
+    origin::check(&headers, &state.config.server.allowed_origins).map_err(RouterError::CrossOrigin)?;
+    let operator = admin(&state, &headers).await?;
+    let target = form.target.trim();
+    let local = state
+        .registry
+        .sessions()
+        .into_iter()
+        .find(|s| *s.lease.backend == *target || s.identity.email.eq_ignore_ascii_case(target));
+    let released = match local {
+        Some(session) => {
+            state.registry.release(&session, "admin").await?;
+            Some(session.lease.backend.to_string())
+        }
+        None => {
+            let by_user = state
+                .registry
+                .allocator()
+                .deployment_sessions()
+                .unwrap_or_default()
+                .into_iter()
+                .find(|r| r.backend == target || r.user.eq_ignore_ascii_case(target))
+                .map(|r| r.backend);
+            let backend = by_user.unwrap_or_else(|| target.to_string());
+            let done = state
+                .registry
+                .allocator()
+                .release_backend(&backend, "admin")
+                .await
+                .map_err(crate::session::SessionError::from)?;
+            done.then_some(backend)
+        }
+    };
+    let Some(backend) = released else {
+        return Err(RouterError::NotFound);
+    };
+    tracing::info!(
+        operator = %crate::telemetry::user_id(&operator.sub),
+        %backend,
+        reason = "admin",
+        "admin released a backend"
+    );
+    if pages::wants_html(&headers) {
+        Ok(pages::redirect("/_router/admin"))
+    } else {
+        Ok(Json(json!({ "released": backend })).into_response())
+    }
+}
