@@ -21,6 +21,17 @@ fn label(name: &str) -> String {
     user_label_value(&format!("{name}@example.com"))
 }
 
+/// `n` stand-in pods and a fake Agones whose Ready GameServers `gs-1` …
+/// `gs-n` point at them.
+async fn fleet(n: usize) -> (Vec<support::DemoPod>, FakeAgones) {
+    let pods = pods(n).await;
+    let fake = FakeAgones::start().await;
+    for (i, pod) in pods.iter().enumerate() {
+        fake.add_ready(&format!("gs-{}", i + 1), pod.addr);
+    }
+    (pods, fake)
+}
+
 async fn whoami(router: &TestRouter, token: &str, cookie: Option<&str>) -> reqwest::Response {
     let mut request = client().get(router.url("/whoami")).header(ASSERTION, token);
     if let Some(cookie) = cookie {
@@ -39,10 +50,7 @@ async fn pod_of(router: &TestRouter, token: &str) -> String {
 #[tokio::test]
 async fn the_first_request_allocates_a_labelled_gameserver_and_routes_to_its_pod() {
     let issuer = IapIssuer::start().await;
-    let pods = pods(2).await;
-    let fake = FakeAgones::start().await;
-    fake.add_ready("gs-1", pods[0].addr);
-    fake.add_ready("gs-2", pods[1].addr);
+    let (_pods, fake) = fleet(2).await;
     let router = TestRouter::agones(&issuer, &fake, "agones", "", "").await;
     assert_eq!(pod_of(&router, &issuer.user("alice")).await, "pod-1");
     assert_eq!(fake.held_by("accounts.google.com.alice.example.com"), vec!["gs-1"]);
@@ -62,10 +70,7 @@ async fn the_first_request_allocates_a_labelled_gameserver_and_routes_to_its_pod
 #[tokio::test]
 async fn the_same_user_through_another_replica_reaches_the_same_pod() {
     let issuer = IapIssuer::start().await;
-    let pods = pods(2).await;
-    let fake = FakeAgones::start().await;
-    fake.add_ready("gs-1", pods[0].addr);
-    fake.add_ready("gs-2", pods[1].addr);
+    let (_pods, fake) = fleet(2).await;
     let a = TestRouter::agones(&issuer, &fake, "agones", "", "").await;
     let b = TestRouter::agones(&issuer, &fake, "agones", "", "").await;
     // Bob first so Alice's pod is not simply "the first Ready one".
@@ -83,9 +88,7 @@ async fn the_same_user_through_another_replica_reaches_the_same_pod() {
 #[tokio::test]
 async fn a_valid_cookie_costs_no_api_call_even_on_a_fresh_replica() {
     let issuer = IapIssuer::start().await;
-    let pods = pods(1).await;
-    let fake = FakeAgones::start().await;
-    fake.add_ready("gs-1", pods[0].addr);
+    let (_pods, fake) = fleet(1).await;
     let a = TestRouter::agones(&issuer, &fake, "agones", "", "").await;
     let first = whoami(&a, &issuer.user("alice"), None).await;
     let cookie = set_cookie(&first, "session_router").unwrap();
@@ -133,9 +136,7 @@ async fn two_users_get_two_pods_and_a_third_waits_until_one_is_ready() {
 #[tokio::test]
 async fn contention_is_retried_and_allocation_succeeds() {
     let issuer = IapIssuer::start().await;
-    let pods = pods(1).await;
-    let fake = FakeAgones::start().await;
-    fake.add_ready("gs-1", pods[0].addr);
+    let (_pods, fake) = fleet(1).await;
     let router = TestRouter::agones(&issuer, &fake, "agones", "", "").await;
     fake.contend(2);
     assert_eq!(pod_of(&router, &issuer.user("alice")).await, "pod-1");
@@ -190,10 +191,7 @@ async fn the_allocator_service_mode_handles_200_429_and_409() {
 #[tokio::test]
 async fn long_and_odd_emails_get_valid_stable_labels_and_the_default_is_the_originals() {
     let issuer = IapIssuer::start().await;
-    let pods = pods(2).await;
-    let fake = FakeAgones::start().await;
-    fake.add_ready("gs-1", pods[0].addr);
-    fake.add_ready("gs-2", pods[1].addr);
+    let (_pods, fake) = fleet(2).await;
     let router = TestRouter::agones(&issuer, &fake, "agones", "", "").await;
     pod_of(&router, &issuer.user("alice")).await;
     assert_eq!(fake.held_by("accounts.google.com.alice.example.com").len(), 1);
@@ -212,10 +210,7 @@ async fn long_and_odd_emails_get_valid_stable_labels_and_the_default_is_the_orig
 #[tokio::test]
 async fn a_dead_pod_is_released_and_the_user_lands_on_a_new_one() {
     let issuer = IapIssuer::start().await;
-    let mut pods = pods(2).await;
-    let fake = FakeAgones::start().await;
-    fake.add_ready("gs-1", pods[0].addr);
-    fake.add_ready("gs-2", pods[1].addr);
+    let (mut pods, fake) = fleet(2).await;
     let router = TestRouter::agones(&issuer, &fake, "agones", "", "").await;
     let alice = issuer.user("alice");
     assert_eq!(pod_of(&router, &alice).await, "pod-1");
@@ -230,10 +225,7 @@ async fn a_dead_pod_is_released_and_the_user_lands_on_a_new_one() {
 #[tokio::test]
 async fn a_post_to_a_dead_pod_is_not_replayed_but_gets_a_reload_page() {
     let issuer = IapIssuer::start().await;
-    let mut pods = pods(2).await;
-    let fake = FakeAgones::start().await;
-    fake.add_ready("gs-1", pods[0].addr);
-    fake.add_ready("gs-2", pods[1].addr);
+    let (mut pods, fake) = fleet(2).await;
     let router = TestRouter::agones(&issuer, &fake, "agones", "", "").await;
     let alice = issuer.user("alice");
     assert_eq!(pod_of(&router, &alice).await, "pod-1");
@@ -256,10 +248,7 @@ async fn a_post_to_a_dead_pod_is_not_replayed_but_gets_a_reload_page() {
 #[tokio::test]
 async fn a_gameserver_deleted_elsewhere_is_replaced_on_the_next_request() {
     let issuer = IapIssuer::start().await;
-    let pods = pods(2).await;
-    let fake = FakeAgones::start().await;
-    fake.add_ready("gs-1", pods[0].addr);
-    fake.add_ready("gs-2", pods[1].addr);
+    let (_pods, fake) = fleet(2).await;
     let router = TestRouter::agones(&issuer, &fake, "agones", "", "").await;
     let alice = issuer.user("alice");
     assert_eq!(pod_of(&router, &alice).await, "pod-1");
@@ -274,10 +263,7 @@ async fn a_gameserver_deleted_elsewhere_is_replaced_on_the_next_request() {
 #[tokio::test]
 async fn release_and_idle_release_delete_the_gameserver() {
     let issuer = IapIssuer::start().await;
-    let pods = pods(2).await;
-    let fake = FakeAgones::start().await;
-    fake.add_ready("gs-1", pods[0].addr);
-    fake.add_ready("gs-2", pods[1].addr);
+    let (_pods, fake) = fleet(2).await;
     let router = TestRouter::agones(&issuer, &fake, "agones", "idle_timeout = \"1s\"", "").await;
     let alice = issuer.user("alice");
     assert_eq!(pod_of(&router, &alice).await, "pod-1");
@@ -299,9 +285,7 @@ async fn release_and_idle_release_delete_the_gameserver() {
 #[tokio::test]
 async fn activity_on_one_replica_keeps_another_replicas_reaper_from_deleting() {
     let issuer = IapIssuer::start().await;
-    let pods = pods(1).await;
-    let fake = FakeAgones::start().await;
-    fake.add_ready("gs-1", pods[0].addr);
+    let (_pods, fake) = fleet(1).await;
     let a = TestRouter::agones(&issuer, &fake, "agones", "idle_timeout = \"1s\"", "").await;
     let b = TestRouter::agones(&issuer, &fake, "agones", "idle_timeout = \"1s\"", "").await;
     let alice = issuer.user("alice");
@@ -357,10 +341,7 @@ async fn an_idle_delete_aborts_when_the_gameserver_changed_meanwhile() {
 #[tokio::test]
 async fn duplicate_allocations_across_replicas_are_cleaned_up_to_the_oldest() {
     let issuer = IapIssuer::start().await;
-    let pods = pods(2).await;
-    let fake = FakeAgones::start().await;
-    fake.add_ready("gs-1", pods[0].addr);
-    fake.add_ready("gs-2", pods[1].addr);
+    let (_pods, fake) = fleet(2).await;
     // Two replicas raced and each allocated a server to Alice.
     fake.allocate_directly("gs-2", &label("alice"));
     fake.allocate_directly("gs-1", &label("alice"));

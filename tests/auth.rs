@@ -216,20 +216,12 @@ async fn cached_keys_keep_working_when_the_jwks_endpoint_fails() {
 async fn allowlists_admit_listed_users_and_refuse_others_with_403() {
     let issuer = IapIssuer::start().await;
     let pods = pods(1).await;
-    let text = format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-[auth]
-audiences = ["{aud}"]
-jwks_url = "{jwks}"
-allowed_domains = ["example.com"]
-[backend.static]
-upstreams = [{upstreams}]
-"#,
-        aud = support::AUDIENCE,
-        jwks = issuer.jwks_url(),
-        upstreams = support::upstream_list(&[&pods[0]]),
+    let text = support::static_config(
+        &issuer,
+        "",
+        r#"allowed_domains = ["example.com"]"#,
+        "",
+        &support::upstream_list(&[&pods[0]]),
     );
     let router = TestRouter::start(&text).await;
     assert_eq!(whoami(&router, Some(&issuer.user("alice"))).await.status(), 200);
@@ -262,20 +254,7 @@ async fn readiness_waits_for_the_signing_keys() {
     let issuer = IapIssuer::start().await;
     issuer.set_failing(true);
     let pods = pods(1).await;
-    let text = format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-[auth]
-audiences = ["{aud}"]
-jwks_url = "{jwks}"
-[backend.static]
-upstreams = [{upstreams}]
-"#,
-        aud = support::AUDIENCE,
-        jwks = issuer.jwks_url(),
-        upstreams = support::upstream_list(&[&pods[0]]),
-    );
+    let text = support::static_config(&issuer, "", "", "", &support::upstream_list(&[&pods[0]]));
     let config = session_router::config::Config::from_toml(&text, Some(support::SECRET.to_vec())).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

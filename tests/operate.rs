@@ -49,22 +49,12 @@ fn sample(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]
 async fn metrics_move_with_the_traffic_and_live_only_on_their_own_port() {
     let issuer = IapIssuer::start().await;
     let pods = pods(1).await;
-    let text = format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-metrics_listen = "127.0.0.1:0"
-[auth]
-audiences = ["{aud}"]
-jwks_url = "{jwks}"
-[session]
-idle_timeout = "1s"
-[backend.static]
-upstreams = [{up}]
-"#,
-        aud = support::AUDIENCE,
-        jwks = issuer.jwks_url(),
-        up = support::upstream_list(&[&pods[0]]),
+    let text = support::static_config(
+        &issuer,
+        r#"metrics_listen = "127.0.0.1:0""#,
+        "",
+        "[session]\nidle_timeout = \"1s\"",
+        &support::upstream_list(&[&pods[0]]),
     );
     let router = TestRouter::start(&text).await;
     let alice = issuer.user("alice");

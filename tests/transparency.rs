@@ -170,19 +170,7 @@ async fn an_unreachable_upstream_gets_a_readable_502_and_the_session_survives() 
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.local_addr().unwrap()
     };
-    let text = format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-[auth]
-audiences = ["{aud}"]
-jwks_url = "{jwks}"
-[backend.static]
-upstreams = ["http://{dead}"]
-"#,
-        aud = support::AUDIENCE,
-        jwks = issuer.jwks_url(),
-    );
+    let text = support::static_config(&issuer, "", "", "", &format!("\"http://{dead}\""));
     let router = TestRouter::start(&text).await;
     let token = issuer.user("alice");
     let page = client()

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use session_router::config::Config;
-use session_router::demo::DemoPod;
+pub use session_router::demo::DemoPod;
 use session_router::server::{serve, AppState};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -36,22 +36,14 @@ impl TestRouter {
     /// its static pool. `extra` is appended to the config (its own sections).
     pub async fn iap(issuer: &IapIssuer, pods: &[&DemoPod], session: &str) -> TestRouter {
         let text = format!(
-            r#"
-[server]
-listen = "127.0.0.1:0"
-drain_timeout = "1s"
-[auth]
-mode = "iap"
-audiences = ["{AUDIENCE}"]
-jwks_url = "{jwks}"
-jwks_refetch_interval = "200ms"
+            r#"{head}
 [session]
 retry_after = "2s"
 {session}
 [backend.static]
 upstreams = [{upstreams}]
 "#,
-            jwks = issuer.jwks_url(),
+            head = iap_head(issuer, "", ""),
             upstreams = upstream_list(pods),
         );
         TestRouter::start(&text).await
@@ -62,14 +54,7 @@ upstreams = [{upstreams}]
     /// extra lines for those sections.
     pub async fn agones(issuer: &IapIssuer, fake: &FakeAgones, kind: &str, session: &str, agones: &str) -> TestRouter {
         let text = format!(
-            r#"
-[server]
-listen = "127.0.0.1:0"
-drain_timeout = "1s"
-[auth]
-mode = "iap"
-audiences = ["{AUDIENCE}"]
-jwks_url = "{jwks}"
+            r#"{head}
 [session]
 retry_after = "2s"
 {session}
@@ -85,7 +70,7 @@ activity_sync_interval = "200ms"
 api_timeout = "3s"
 {agones}
 "#,
-            jwks = issuer.jwks_url(),
+            head = iap_head(issuer, "", ""),
             fleet = fake_agones::FLEET,
             api = fake.url(),
         );
@@ -155,6 +140,35 @@ impl Drop for TestRouter {
             task.abort();
         }
     }
+}
+
+/// The `[server]` and `[auth]` sections of an `iap`-mode test router on an
+/// ephemeral port, trusting `issuer`; `server` and `auth` add lines to them.
+pub fn iap_head(issuer: &IapIssuer, server: &str, auth: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+drain_timeout = "1s"
+{server}
+[auth]
+mode = "iap"
+audiences = ["{AUDIENCE}"]
+jwks_url = "{jwks}"
+jwks_refetch_interval = "200ms"
+{auth}
+"#,
+        jwks = issuer.jwks_url(),
+    )
+}
+
+/// A static-pool `iap` router config: [`iap_head`], further sections
+/// (`more`) and the pool (`upstreams`, a TOML list body, see [`upstream_list`]).
+pub fn static_config(issuer: &IapIssuer, server: &str, auth: &str, more: &str, upstreams: &str) -> String {
+    format!(
+        "{head}\n{more}\n[backend.static]\nupstreams = [{upstreams}]\n",
+        head = iap_head(issuer, server, auth),
+    )
 }
 
 pub fn upstream_list(pods: &[&DemoPod]) -> String {
