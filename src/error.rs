@@ -107,6 +107,9 @@ pub async fn render_errors(State(settings): State<ErrorPages>, request: Request,
         RouterError::NotAdmin => pages::forbidden(wants_html, "This page is for administrators."),
         RouterError::Auth(AuthError::KeysUnavailable) => pages::starting_up(wants_html, retry),
         RouterError::Auth(_) => pages::unauthorized(),
+        RouterError::Session(SessionError::Alloc(AllocError::Backend { .. } | AllocError::Conflict)) => {
+            pages::backend_unavailable(wants_html, retry)
+        }
         RouterError::Session(_) => pages::waiting(wants_html, retry),
         RouterError::Malformed(_) | RouterError::UriTooLong(_) | RouterError::Proxy(ProxyError::ClientBody { .. }) => {
             pages::client_error(error.status())

@@ -64,8 +64,14 @@ impl Allocator for StaticPool {
             .iter()
             .position(|l| *l.backend == *pin.backend && l.upstream.as_str() == pin.upstream)?;
         let mut holders = self.holders();
+        let holds_another = holders
+            .iter()
+            .enumerate()
+            .any(|(i, h)| i != index && h.as_deref() == Some(&*user.sub));
         match &holders[index] {
             Some(holder) if **holder != *user.sub => None,
+            // Never a second backend for one user: allocate returns theirs.
+            _ if holds_another => None,
             _ => {
                 holders[index] = Some(user.sub.clone());
                 Some(self.leases[index].clone())
@@ -136,6 +142,15 @@ mod tests {
         let a = pool.allocate(&user("a")).await.unwrap();
         assert_eq!(pool.adopt(&user("b"), &pin_for(&a)), None);
         assert_eq!(pool.adopt(&user("a"), &pin_for(&a)), Some(a.clone()));
+    }
+
+    #[tokio::test]
+    async fn a_cookie_never_gives_a_user_a_second_backend() {
+        let pool = pool(2);
+        let a = pool.allocate(&user("a")).await.unwrap();
+        let other = pool.leases.iter().find(|l| l.backend != a.backend).unwrap().clone();
+        assert_eq!(pool.adopt(&user("a"), &pin_for(&other)), None);
+        assert_eq!(pool.free(), 1);
     }
 
     #[tokio::test]

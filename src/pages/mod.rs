@@ -106,6 +106,26 @@ pub fn waiting(wants_html: bool, retry: Duration) -> Response {
     with_retry_after(response, retry)
 }
 
+/// 503 when the backend system (Kubernetes, the allocator) failed: the user
+/// is told it is a hiccup, not a queue.
+pub fn backend_unavailable(wants_html: bool, retry: Duration) -> Response {
+    let response = if wants_html {
+        html(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "GPU scheduler unavailable",
+            "<p>The GPU scheduler did not answer. This page tries again by itself.</p>",
+            Some(retry),
+        )
+    } else {
+        json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "backend_unavailable",
+            "the backend system did not answer; retry after the Retry-After delay",
+        )
+    };
+    with_retry_after(response, retry)
+}
+
 /// 503 until the signing keys are loaded.
 pub fn starting_up(wants_html: bool, retry: Duration) -> Response {
     let response = if wants_html {
