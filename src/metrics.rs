@@ -23,6 +23,9 @@ const LATENCY_BUCKETS: &[f64] = &[
 /// Waiting for a GPU can take many minutes.
 const WAIT_BUCKETS: &[f64] = &[1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 3600.0];
 
+/// Every reason a backend is released for.
+pub const RELEASE_REASONS: [&str; 6] = ["user", "idle", "max_lifetime", "dead_pod", "admin", "duplicate"];
+
 pub struct Metrics {
     registry: Registry,
     /// By `kind` (proxied, router, health) and status `class` (2xx, …).
@@ -81,7 +84,7 @@ impl Metrics {
         )
         .expect("valid metric");
         r.register(Box::new(backend_info.clone())).expect("unique metric");
-        Arc::new(Metrics {
+        let metrics = Metrics {
             requests: counter(
                 &r,
                 "session_router_requests_total",
@@ -175,7 +178,41 @@ impl Metrics {
             ),
             backend_info,
             registry: r,
-        })
+        };
+        metrics.start_at_zero();
+        Arc::new(metrics)
+    }
+
+    /// Creates every series of the bounded label sets at 0, so dashboards
+    /// and alerts see them before the first event (a missing series is not
+    /// a zero in PromQL).
+    fn start_at_zero(&self) {
+        for kind in ["proxied", "router", "health"] {
+            for class in ["1xx", "2xx", "3xx", "4xx", "5xx"] {
+                self.requests.with_label_values(&[kind, class]);
+            }
+        }
+        for direction in ["to_upstream", "to_client"] {
+            self.proxied_bytes.with_label_values(&[direction]);
+        }
+        for outcome in ["allocated", "unallocated", "contention", "error"] {
+            self.allocations.with_label_values(&[outcome]);
+        }
+        for reason in RELEASE_REASONS {
+            self.releases.with_label_values(&[reason]);
+            self.release_failures.with_label_values(&[reason]);
+        }
+        self.token_checks.with_label_values(&["cached", ""]);
+        self.token_checks.with_label_values(&["verified", ""]);
+        for reason in crate::auth::AuthError::CLASSES {
+            self.token_checks.with_label_values(&["rejected", reason]);
+        }
+        for outcome in ["ok", "error"] {
+            self.jwks_refreshes.with_label_values(&[outcome]);
+            for verb in ["create", "allocator_service", "get", "list", "watch", "patch", "delete"] {
+                self.kube_api_calls.with_label_values(&[verb, outcome]);
+            }
+        }
     }
 
     /// The exposition text.

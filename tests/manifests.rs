@@ -333,7 +333,7 @@ fn every_manifest_is_typed_and_no_field_is_dropped() {
             ("ServiceAccount", b.service_accounts.len()),
             ("Role", b.roles.len()),
             ("RoleBinding", b.role_bindings.len()),
-            ("ConfigMap", b.config_maps.len()),
+            ("ConfigMap", b.config_maps.len() - 1),
             ("Deployment", b.deployments.len()),
             ("PodDisruptionBudget", b.pdbs.len()),
             ("Service", b.services.len()),
@@ -343,11 +343,13 @@ fn every_manifest_is_typed_and_no_field_is_dropped() {
             ("ManagedCertificate", b.certificates.len()),
             ("Fleet", b.fleets.len()),
             ("FleetAutoscaler", b.autoscalers.len()),
+            ("PodMonitoring", b.pod_monitorings.len()),
         ];
         for (kind, n) in counts {
             assert_eq!(n, 1, "{}: expected one {kind}, rendered {n}", deploy.dir);
         }
-        assert_eq!(deploy.rendered.objects.len(), counts.len(), "{}", deploy.dir);
+        // Two ConfigMaps: the router's config and the Grafana dashboard.
+        assert_eq!(deploy.rendered.objects.len(), counts.len() + 1, "{}", deploy.dir);
     }
 }
 
@@ -1210,6 +1212,86 @@ fn kubectl_kustomize_renders_what_the_tests_check() {
                 v, &modelled[k],
                 "{dir}: {k} differs between kubectl kustomize and the model"
             );
+        }
+    }
+}
+
+#[test]
+fn metrics_are_scraped_from_the_pods_and_never_exposed_through_the_service() {
+    for deploy in [base(), allocator_overlay()] {
+        let monitoring = one(&deploy.bundle.pod_monitorings, "PodMonitoring");
+        let deployment = one(&deploy.bundle.deployments, "Deployment");
+        assert!(
+            selects(&monitoring.spec.selector, &template_labels(deployment)),
+            "{}: the PodMonitoring must select the router's pods",
+            deploy.dir
+        );
+        let endpoint = &monitoring.spec.endpoints[0];
+        assert_eq!(endpoint.path, "/metrics");
+        let port = container_port(deploy.router(), &endpoint.port);
+        assert_eq!(
+            Some(port as u16),
+            deploy.config.server.metrics_listen.map(|a| a.port()),
+            "{}: scrape the metrics_listen port",
+            deploy.dir
+        );
+        for service in &deploy.bundle.services {
+            for service_port in service.spec.iter().flat_map(|s| s.ports.iter().flatten()) {
+                let target = match &service_port.target_port {
+                    Some(IntOrString::String(name)) => container_port(deploy.router(), name),
+                    Some(IntOrString::Int(n)) => *n,
+                    None => service_port.port,
+                };
+                assert_ne!(target, port, "{}: a Service exposes the metrics port", deploy.dir);
+            }
+        }
+    }
+}
+
+#[test]
+fn the_dashboard_queries_only_metrics_the_router_exports() {
+    let dashboard: serde_json::Value = serde_json::from_str(&read("k8s/router/grafana-dashboard.json")).unwrap();
+    let exported = session_router::metrics::Metrics::new().render();
+    let mut names: BTreeSet<String> = exported
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_string)
+        .collect();
+    // Histograms expose these series too.
+    for histogram in names.clone().iter().filter(|n| n.ends_with("_seconds")) {
+        for suffix in ["_bucket", "_count", "_sum"] {
+            names.insert(format!("{histogram}{suffix}"));
+        }
+    }
+    let panels = dashboard["panels"].as_array().expect("panels");
+    let titles: Vec<&str> = panels.iter().filter_map(|p| p["title"].as_str()).collect();
+    for wanted in [
+        "Sessions",
+        "waiting",
+        "Allocation latency",
+        "Request rate",
+        "Releases by reason",
+    ] {
+        assert!(
+            titles.iter().any(|t| t.contains(wanted)),
+            "no panel about {wanted}: {titles:?}"
+        );
+    }
+    for panel in panels {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"].as_str().unwrap();
+            let used: Vec<&str> = expr
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .filter(|t| t.starts_with("session_router_"))
+                .collect();
+            assert!(!used.is_empty(), "{expr} queries no router metric");
+            for name in used {
+                assert!(
+                    names.contains(name),
+                    "the dashboard queries {name}, which the router does not export"
+                );
+            }
         }
     }
 }

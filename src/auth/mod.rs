@@ -70,6 +70,17 @@ pub enum AuthError {
 }
 
 impl AuthError {
+    /// Every value [`AuthError::class`] returns.
+    pub const CLASSES: [&'static str; 7] = [
+        "missing",
+        "malformed",
+        "algorithm",
+        "unknown_key",
+        "keys_unavailable",
+        "claims",
+        "not_allowed",
+    ];
+
     /// A short, fixed label for logs and metrics (never user data).
     pub fn class(&self) -> &'static str {
         match self {

@@ -13,7 +13,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, PodTemplateSpec, Service, ServiceAcc
 use k8s_openapi::api::networking::v1::{Ingress, NetworkPolicy};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -208,6 +208,31 @@ pub struct FixedInterval {
     pub seconds: i32,
 }
 
+/// `monitoring.googleapis.com/v1` PodMonitoring (Google Managed Prometheus).
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PodMonitoring {
+    pub api_version: String,
+    pub kind: String,
+    pub metadata: ObjectMeta,
+    pub spec: PodMonitoringSpec,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PodMonitoringSpec {
+    pub selector: LabelSelector,
+    pub endpoints: Vec<ScrapeEndpoint>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ScrapeEndpoint {
+    pub port: String,
+    pub path: String,
+    pub interval: String,
+}
+
 /// Every object of a rendering, by kind.
 #[derive(Default)]
 pub struct Bundle {
@@ -224,6 +249,7 @@ pub struct Bundle {
     pub certificates: Vec<ManagedCertificate>,
     pub fleets: Vec<Fleet>,
     pub autoscalers: Vec<FleetAutoscaler>,
+    pub pod_monitorings: Vec<PodMonitoring>,
 }
 
 impl Bundle {
@@ -247,6 +273,7 @@ impl Bundle {
                 ("networking.gke.io/v1", "ManagedCertificate") => b.certificates.push(typed(o)),
                 ("agones.dev/v1", "Fleet") => b.fleets.push(typed(o)),
                 ("autoscaling.agones.dev/v1", "FleetAutoscaler") => b.autoscalers.push(typed(o)),
+                ("monitoring.googleapis.com/v1", "PodMonitoring") => b.pod_monitorings.push(typed(o)),
                 (v, k) => panic!("{}: {v} {k} has no typed schema in this test; add one", o.source),
             }
         }
