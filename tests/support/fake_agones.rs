@@ -14,6 +14,9 @@
 //!   429 / 409 / 400 bodies.
 //!
 //! Every request is recorded, so tests can assert which calls were made.
+//! Faults can be switched on: an outage (`set_down`), a slow server
+//! (`set_api_delay`), allocations applied but answered too late
+//! (`lose_allocation_responses`).
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -53,6 +56,13 @@ struct Inner {
     without_addresses: bool,
     /// Delay before answering allocations (to make races overlap).
     allocation_delay: Duration,
+    /// Delay before answering any request (a slow API server).
+    api_delay: Duration,
+    /// While true, every request is answered 503 (an API outage).
+    down: bool,
+    /// The next this-many allocations are applied but never answered in
+    /// time (the response is lost: the caller times out).
+    lose_allocations: u32,
 }
 
 struct World {
@@ -60,6 +70,8 @@ struct World {
     events: broadcast::Sender<Event>,
     /// While true, watch streams hold back new events (a slow watch).
     watch_paused: tokio::sync::watch::Sender<bool>,
+    /// Flips to true when the API goes down: open watch streams end.
+    outage: tokio::sync::watch::Sender<bool>,
 }
 
 pub struct FakeAgones {
@@ -81,6 +93,7 @@ impl FakeAgones {
             inner: Mutex::new(Inner::default()),
             events,
             watch_paused: tokio::sync::watch::channel(false).0,
+            outage: tokio::sync::watch::channel(false).0,
         });
         let app = Router::new()
             .route(
@@ -222,6 +235,25 @@ impl FakeAgones {
         self.inner().allocation_delay = delay;
     }
 
+    /// An API outage: while `down`, every request (watches included) is
+    /// answered 503 and open watch streams end; `false` recovers.
+    pub fn set_down(&self, down: bool) {
+        self.inner().down = down;
+        self.world.outage.send_replace(down);
+    }
+
+    /// A slow API server: every request waits `delay` before it is handled.
+    pub fn set_api_delay(&self, delay: Duration) {
+        self.inner().api_delay = delay;
+    }
+
+    /// The next `n` allocations are applied (the GameServer becomes
+    /// Allocated to the user) but their response never arrives in time: the
+    /// handler holds it back for a minute, so the caller times out.
+    pub fn lose_allocation_responses(&self, n: u32) {
+        self.inner().lose_allocations = n;
+    }
+
     /// Every request so far, as `METHOD /path?query`.
     pub fn calls(&self) -> Vec<String> {
         self.inner().calls.clone()
@@ -234,8 +266,38 @@ impl FakeAgones {
 
 async fn record(State(world): State<Arc<World>>, request: Request, next: Next) -> Response {
     let line = format!("{} {}", request.method(), request.uri());
-    world.inner.lock().unwrap().calls.push(line);
+    let delay = {
+        let mut inner = world.inner.lock().unwrap();
+        inner.calls.push(line);
+        inner.api_delay
+    };
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    if world.inner.lock().unwrap().down {
+        return status_error(
+            503,
+            "ServiceUnavailable",
+            "the server is currently unable to handle the request",
+        );
+    }
     next.run(request).await
+}
+
+/// Whether this allocation's response is to be lost (see
+/// [`FakeAgones::lose_allocation_responses`]); counts it down.
+fn take_lost_response(world: &World) -> bool {
+    let mut inner = world.inner.lock().unwrap();
+    if inner.lose_allocations == 0 {
+        return false;
+    }
+    inner.lose_allocations -= 1;
+    true
+}
+
+/// Holds a lost response back far longer than any caller waits.
+async fn withhold_response() {
+    tokio::time::sleep(Duration::from_secs(60)).await;
 }
 
 /// Applies a change: bumps the resourceVersion, stores or removes the
@@ -408,6 +470,9 @@ async fn kubernetes_allocation(State(world): State<Arc<World>>, Path(ns): Path<S
     } else {
         Allocation::UnAllocated
     };
+    if matches!(outcome, Allocation::Allocated(_)) && take_lost_response(&world) {
+        withhold_response().await;
+    }
     let status = match outcome {
         Allocation::Allocated(gs) => json!({
             "state": "Allocated",
@@ -455,12 +520,16 @@ async fn service_allocation(State(world): State<Arc<World>>, body: Bytes) -> Res
         // Exactly what a missing namespace looks like: nothing to allocate.
         return rpc(429, 8, "there is no available GameServer to allocate");
     }
-    match allocate(
+    let outcome = allocate(
         &world,
         &selectors,
         &labels,
         &string_map(&request["metadata"]["annotations"]),
-    ) {
+    );
+    if matches!(outcome, Allocation::Allocated(_)) && take_lost_response(&world) {
+        withhold_response().await;
+    }
+    match outcome {
         Allocation::Allocated(gs) => {
             let mut answer = json!({
                 "gameServerName": gs["metadata"]["name"],
@@ -501,6 +570,7 @@ async fn list_or_watch(
     let timeout = Duration::from_secs(query.get("timeoutSeconds").and_then(|v| v.parse().ok()).unwrap_or(290));
     let mut events = world.events.subscribe();
     let mut paused = world.watch_paused.subscribe();
+    let mut outage = world.outage.subscribe();
     let backlog: Vec<Event> = {
         let inner = world.inner.lock().unwrap();
         inner.log.iter().filter(|e| e.rv > since).cloned().collect()
@@ -520,6 +590,7 @@ async fn list_or_watch(
         loop {
             tokio::select! {
                 _ = &mut deadline => return,
+                _ = async { let _ = outage.wait_for(|down| *down).await; } => return,
                 received = events.recv() => match received {
                     Ok(e) if e.rv > last => {
                         last = e.rv;
