@@ -343,8 +343,8 @@ async fn duplicate_allocations_across_replicas_are_cleaned_up_to_the_oldest() {
     let issuer = IapIssuer::start().await;
     let (_pods, fake) = fleet(2).await;
     // Two replicas raced and each allocated a server to Alice.
-    fake.allocate_directly("gs-2", &label("alice"));
-    fake.allocate_directly("gs-1", &label("alice"));
+    fake.allocate_directly("gs-2", "alice@example.com");
+    fake.allocate_directly("gs-1", "alice@example.com");
     let router = TestRouter::agones(&issuer, &fake, "agones", "", "").await;
     assert_eq!(
         pod_of(&router, &issuer.user("alice")).await,

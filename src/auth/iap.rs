@@ -48,6 +48,10 @@ pub struct IapVerifier {
 
 #[derive(Deserialize)]
 struct Claims {
+    /// Also checked by jsonwebtoken, which accepts a list too; IAP sends
+    /// one string, and anything else is refused here.
+    #[allow(dead_code)]
+    iss: String,
     sub: String,
     email: String,
     iat: u64,

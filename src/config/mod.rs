@@ -21,6 +21,8 @@ pub const COOKIE_SECRET_ENV: &str = "SESSION_ROUTER_COOKIE_SECRET";
 /// The issuer every IAP token carries.
 pub const IAP_ISSUER: &str = "https://cloud.google.com/iap";
 const MIN_SECRET_BYTES: usize = 32;
+/// Connection time limits beyond this are a typo, not a policy.
+const MAX_CONNECTION_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// The validated configuration of one router process.
 #[derive(Debug, Clone, Serialize)]
@@ -314,8 +316,11 @@ impl Config {
             ("header_timeout", header_timeout),
             ("body_timeout", body_timeout),
         ] {
-            if value.is_zero() {
-                problems.push(Problem::new(&server.key(key), "must be more than 0s".into()));
+            if value.is_zero() || value > MAX_CONNECTION_TIMEOUT {
+                problems.push(Problem::new(
+                    &server.key(key),
+                    "must be more than 0s and at most 7d".into(),
+                ));
             }
         }
         let max_header_bytes = server.integer("max_header_bytes", 64 * 1024, &mut problems) as usize;

@@ -118,7 +118,8 @@ impl ConnState {
             Phase::Busy | Phase::Upgraded => return None,
         };
         let since = Duration::from_millis(self.since_ms.load(Ordering::Acquire));
-        Some(self.origin + since + limit)
+        // An unrepresentable deadline is no deadline (config bounds it anyway).
+        self.origin.checked_add(since)?.checked_add(limit)
     }
 }
 

@@ -185,15 +185,17 @@ impl FakeAgones {
         change(&self.world, &mut inner, "DELETED", name, None);
     }
 
-    /// Allocates `name` to `label` as another replica would have.
-    pub fn allocate_directly(&self, name: &str, label: &str) {
+    /// Allocates `name` to the user with `email` as another replica would
+    /// have (the same labels the router sets).
+    pub fn allocate_directly(&self, name: &str, email: &str) {
+        use session_router::allocator::agones::{label, USER_HASH_LABEL};
+        let labels = BTreeMap::from([
+            ("user".to_string(), label::user_label_value(email)),
+            (USER_HASH_LABEL.to_string(), label::user_hash(email)),
+        ]);
         let mut inner = self.inner();
         let mut gs = inner.servers.get(name).cloned().unwrap();
-        apply_allocation(
-            &mut gs,
-            &BTreeMap::from([("user".into(), label.into())]),
-            &BTreeMap::new(),
-        );
+        apply_allocation(&mut gs, &labels, &BTreeMap::new());
         change(&self.world, &mut inner, "MODIFIED", name, Some(gs));
     }
 

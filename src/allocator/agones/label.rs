@@ -37,6 +37,18 @@ pub fn user_label_value(email: &str) -> String {
     format!("{stem}-{hash}")
 }
 
+/// A collision-free companion to [`user_label_value`]: that value maps
+/// `alice.smith@example.com` and `alice@smith.example.com` alike (both `:`
+/// and `@` become `.`), so allocation also matches on this hash of the
+/// exact email. 40 hex characters: a valid label value.
+pub fn user_hash(email: &str) -> String {
+    Sha256::digest(email.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<String>()[..40]
+        .to_string()
+}
+
 /// `(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?`, at most 63 characters.
 pub fn is_valid_value(value: &str) -> bool {
     if value.len() > MAX_VALUE {
@@ -114,6 +126,14 @@ mod tests {
         let other_long = format!("{}b@example.com", "a".repeat(79));
         assert_ne!(user_label_value(&long), user_label_value(&other_long));
         assert!(user_label_value(odd).starts_with("accounts.google.com.o-brien-sd.example.com-"));
+    }
+
+    #[test]
+    fn emails_that_share_a_label_value_have_different_hashes() {
+        let (a, b) = ("alice.smith@example.com", "alice@smith.example.com");
+        assert_eq!(user_label_value(a), user_label_value(b));
+        assert_ne!(user_hash(a), user_hash(b));
+        assert!(is_valid_value(&user_hash(a)));
     }
 
     #[test]

@@ -44,6 +44,9 @@ pub const FLEET_LABEL: &str = "agones.dev/fleet";
 pub const LAST_ALLOCATED: &str = "agones.dev/last-allocated";
 pub const LAST_ACTIVITY: &str = "session-router.dev/last-activity";
 pub const EMAIL_ANNOTATION: &str = "session-router.dev/email";
+/// Label carrying [`label::user_hash`], which tells apart users whose user
+/// label values coincide.
+pub const USER_HASH_LABEL: &str = "session-router.dev/user-hash";
 const BACKEND: &str = "agones";
 
 pub struct Agones {
@@ -160,8 +163,13 @@ impl Agones {
         self.cache.get(&ObjectRef::new(name).within(&self.config.namespace))
     }
 
-    fn user_selector(&self, label: &str) -> String {
-        format!("{FLEET_LABEL}={},{}={label}", self.config.fleet, self.config.user_label)
+    fn user_selector(&self, email: &str) -> String {
+        let labels = user_labels(&self.config, email);
+        let mut selector = format!("{FLEET_LABEL}={}", self.config.fleet);
+        for (key, value) in labels {
+            selector.push_str(&format!(",{key}={value}"));
+        }
+        selector
     }
 
     fn lease_for(
@@ -235,11 +243,11 @@ impl Agones {
     /// Asks for the user's server until one is allocated, retrying
     /// contention and transient "nothing free" answers with jittered
     /// exponential backoff within the retry window.
-    async fn allocate_with_retries(&self, user: &Identity, label: &str) -> Result<types::AllocationStatus, AllocError> {
+    async fn allocate_with_retries(&self, user: &Identity) -> Result<types::AllocationStatus, AllocError> {
         let deadline = tokio::time::Instant::now() + self.config.allocation_retry_window;
         let mut backoff = Duration::from_millis(100);
         loop {
-            let outcome = self.transport.allocate(&self.config, label, &user.email).await;
+            let outcome = self.transport.allocate(&self.config, &user.email).await;
             let verb = self.transport.verb();
             let counted = match &outcome {
                 Ok(Outcome::Allocated(_)) => "ok",
@@ -268,13 +276,13 @@ impl Agones {
 
     /// If replicas raced and the user holds several Allocated servers, keeps
     /// the oldest and deletes the rest. Returns the one kept.
-    async fn settle_duplicates(&self, label: &str, allocated: GameServer) -> Result<GameServer, AllocError> {
+    async fn settle_duplicates(&self, email: &str, allocated: GameServer) -> Result<GameServer, AllocError> {
         let list = self
             .call(
                 "list",
                 "list the user's GameServers",
                 self.gameservers
-                    .list(&ListParams::default().labels(&self.user_selector(label))),
+                    .list(&ListParams::default().labels(&self.user_selector(email))),
             )
             .await?;
         let mut mine: Vec<GameServer> = list.items.into_iter().filter(|gs| gs.state() == "Allocated").collect();
@@ -294,8 +302,11 @@ impl Agones {
         Ok(keep)
     }
 
-    fn is_users(&self, gs: &GameServer, label: &str) -> bool {
-        gs.label(&self.config.user_label) == Some(label)
+    /// Whether `gs` carries this user's labels (value and hash).
+    fn is_users(&self, gs: &GameServer, email: &str) -> bool {
+        user_labels(&self.config, email)
+            .iter()
+            .all(|(key, value)| gs.label(key) == Some(value.as_str()))
     }
 }
 
@@ -322,8 +333,7 @@ fn last_seen(gs: &GameServer) -> Option<SystemTime> {
 #[async_trait]
 impl Allocator for Agones {
     async fn allocate(&self, user: &Identity) -> Result<Lease, AllocError> {
-        let label = label::user_label_value(&user.email);
-        let status = self.allocate_with_retries(user, &label).await?;
+        let status = self.allocate_with_retries(user).await?;
         let name = status.game_server_name.clone();
         let gs = match self.cached(&name) {
             Some(gs) => (*gs).clone(),
@@ -332,7 +342,7 @@ impl Allocator for Agones {
                 .await?
                 .ok_or_else(|| backend_error(format!("allocated GameServer {name} vanished")))?,
         };
-        let kept = self.settle_duplicates(&label, gs).await?;
+        let kept = self.settle_duplicates(&user.email, gs).await?;
         let allocation = (kept.name() == name).then_some(&status);
         self.lease_for(Some(&kept), allocation)
     }
@@ -342,8 +352,7 @@ impl Allocator for Agones {
             return None;
         }
         let gs = self.cached(&pin.backend)?;
-        let label = label::user_label_value(&user.email);
-        if gs.state() != "Allocated" || !self.is_users(&gs, &label) {
+        if gs.state() != "Allocated" || !self.is_users(&gs, &user.email) {
             return None;
         }
         let lease = self.lease_for(Some(&gs), None).ok()?;
@@ -351,16 +360,16 @@ impl Allocator for Agones {
     }
 
     async fn release(&self, user: &Identity, lease: &Lease, reason: &'static str) -> Result<(), AllocError> {
-        let label = label::user_label_value(&user.email);
+        let email = &user.email;
         // The cached copy is what an idle decision was based on; but the
         // cache may lag (not yet showing the allocation), so only the API
         // may say the server is gone or no longer the user's.
-        let known = match self.cached(&lease.backend).filter(|gs| self.is_users(gs, &label)) {
+        let known = match self.cached(&lease.backend).filter(|gs| self.is_users(gs, email)) {
             Some(gs) => Some((*gs).clone()),
             None => self.get(&lease.backend).await?,
         };
         let Some(gs) = known else { return Ok(()) };
-        if !self.is_users(&gs, &label) {
+        if !self.is_users(&gs, email) {
             return Ok(());
         }
         match self.delete(&lease.backend, gs.metadata.resource_version.clone()).await {
@@ -371,7 +380,7 @@ impl Allocator for Agones {
                 let Some(fresh) = self.get(&lease.backend).await? else {
                     return Ok(());
                 };
-                if !self.is_users(&fresh, &label) {
+                if !self.is_users(&fresh, email) {
                     return Ok(());
                 }
                 self.delete(&lease.backend, fresh.metadata.resource_version.clone())
@@ -484,7 +493,8 @@ impl Allocator for Agones {
             }
             // Servers allocated by someone else carry no user label: never ours to touch.
             if let Some(user) = gs.label(&self.config.user_label) {
-                by_user.entry(user.to_string()).or_default().push(gs);
+                let key = gs.label(USER_HASH_LABEL).unwrap_or(user).to_string();
+                by_user.entry(key).or_default().push(gs);
             }
         }
         for (_, mut servers) in by_user {
@@ -520,10 +530,19 @@ impl Allocator for Agones {
     }
 }
 
+/// The labels that mark a GameServer as this user's: the configured user
+/// label (the original front end's value) and the exact-email hash.
+fn user_labels(config: &AgonesConfig, email: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (config.user_label.clone(), label::user_label_value(email)),
+        (USER_HASH_LABEL.to_string(), label::user_hash(email)),
+    ])
+}
+
 /// Labels and annotations an allocation puts on the user's GameServer.
-fn allocation_metadata(config: &AgonesConfig, label: &str, email: &str) -> types::AllocationMetadata {
+fn allocation_metadata(config: &AgonesConfig, email: &str) -> types::AllocationMetadata {
     types::AllocationMetadata {
-        labels: BTreeMap::from([(config.user_label.clone(), label.to_string())]),
+        labels: user_labels(config, email),
         annotations: BTreeMap::from([(EMAIL_ANNOTATION.to_string(), email.to_string())]),
     }
 }

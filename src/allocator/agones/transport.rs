@@ -9,7 +9,7 @@ use kube::api::{Api, PostParams};
 use super::types::{
     AllocationSpec, AllocationStatus, AllocatorServiceRequest, GameServerAllocation, RpcStatus, Selector,
 };
-use super::{allocation_metadata, backend_error, FLEET_LABEL};
+use super::{allocation_metadata, backend_error, user_labels, FLEET_LABEL};
 use crate::allocator::AllocError;
 use crate::config::AgonesConfig;
 
@@ -30,12 +30,14 @@ pub(super) enum Transport {
 /// The two selectors, in order: the user's own Allocated server, then any
 /// Ready one of the fleet. `allocated`/`ready` are the state spellings of
 /// the API in use.
-fn selectors(config: &AgonesConfig, label: &str, allocated: &str, ready: &str) -> Vec<Selector> {
+fn selectors(config: &AgonesConfig, email: &str, allocated: &str, ready: &str) -> Vec<Selector> {
     let fleet = (FLEET_LABEL.to_string(), config.fleet.clone());
+    let mut own = user_labels(config, email);
+    own.insert(fleet.0.clone(), fleet.1.clone());
     vec![
         Selector {
             game_server_state: allocated.into(),
-            match_labels: BTreeMap::from([fleet.clone(), (config.user_label.clone(), label.to_string())]),
+            match_labels: own,
         },
         Selector {
             game_server_state: ready.into(),
@@ -85,15 +87,10 @@ impl Transport {
         }
     }
 
-    pub(super) async fn allocate(
-        &self,
-        config: &AgonesConfig,
-        label: &str,
-        email: &str,
-    ) -> Result<Outcome, AllocError> {
+    pub(super) async fn allocate(&self, config: &AgonesConfig, email: &str) -> Result<Outcome, AllocError> {
         match self {
-            Transport::Kubernetes(api) => kubernetes_allocate(api, config, label, email).await,
-            Transport::AllocatorService { http, url } => service_allocate(http, url, config, label, email).await,
+            Transport::Kubernetes(api) => kubernetes_allocate(api, config, email).await,
+            Transport::AllocatorService { http, url } => service_allocate(http, url, config, email).await,
         }
     }
 }
@@ -101,16 +98,15 @@ impl Transport {
 async fn kubernetes_allocate(
     api: &Api<GameServerAllocation>,
     config: &AgonesConfig,
-    label: &str,
     email: &str,
 ) -> Result<Outcome, AllocError> {
     let request = GameServerAllocation {
         api_version: "allocation.agones.dev/v1".into(),
         kind: "GameServerAllocation".into(),
         spec: AllocationSpec {
-            selectors: selectors(config, label, "Allocated", "Ready"),
+            selectors: selectors(config, email, "Allocated", "Ready"),
             scheduling: config.scheduling.clone(),
-            metadata: allocation_metadata(config, label, email),
+            metadata: allocation_metadata(config, email),
         },
         ..GameServerAllocation::default()
     };
@@ -140,14 +136,13 @@ async fn service_allocate(
     http: &reqwest::Client,
     url: &str,
     config: &AgonesConfig,
-    label: &str,
     email: &str,
 ) -> Result<Outcome, AllocError> {
     let request = AllocatorServiceRequest {
         namespace: config.namespace.clone(),
-        game_server_selectors: selectors(config, label, "ALLOCATED", "READY"),
+        game_server_selectors: selectors(config, email, "ALLOCATED", "READY"),
         scheduling: config.scheduling.clone(),
-        metadata: allocation_metadata(config, label, email),
+        metadata: allocation_metadata(config, email),
     };
     let endpoint = format!("{url}/gameserverallocation");
     let response = http
