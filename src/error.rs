@@ -34,9 +34,6 @@ pub enum RouterError {
     NotFound,
     #[error("not an admin")]
     NotAdmin,
-    /// The client sent something no handler may see.
-    #[error("malformed request: {0}")]
-    Malformed(&'static str),
     #[error("request URI of {0} bytes is over the limit")]
     UriTooLong(usize),
 }
@@ -55,7 +52,7 @@ impl RouterError {
             RouterError::Auth(AuthError::SignInRequired) => StatusCode::SEE_OTHER,
             RouterError::Auth(_) => StatusCode::UNAUTHORIZED,
             RouterError::Session(_) => StatusCode::SERVICE_UNAVAILABLE,
-            RouterError::Malformed(_) | RouterError::Proxy(ProxyError::ClientBody { .. }) => StatusCode::BAD_REQUEST,
+            RouterError::Proxy(ProxyError::ClientBody { .. }) => StatusCode::BAD_REQUEST,
             RouterError::Proxy(_) => StatusCode::BAD_GATEWAY,
             RouterError::NotFound => StatusCode::NOT_FOUND,
             RouterError::UriTooLong(_) => StatusCode::URI_TOO_LONG,
@@ -111,7 +108,7 @@ pub async fn render_errors(State(settings): State<ErrorPages>, request: Request,
             pages::backend_unavailable(wants_html, retry)
         }
         RouterError::Session(_) => pages::waiting(wants_html, retry),
-        RouterError::Malformed(_) | RouterError::UriTooLong(_) | RouterError::Proxy(ProxyError::ClientBody { .. }) => {
+        RouterError::UriTooLong(_) | RouterError::Proxy(ProxyError::ClientBody { .. }) => {
             pages::client_error(error.status())
         }
         RouterError::Proxy(_) => pages::bad_gateway(wants_html, retry),

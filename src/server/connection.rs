@@ -164,12 +164,10 @@ impl<T: AsyncRead + Unpin> AsyncRead for GuardedIo<T> {
         let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = polled {
             if buf.filled().len() > before {
-                let was_idle = this.state.phase() == Phase::Idle;
                 this.state.on_bytes_read();
-                if was_idle {
-                    this.head = HeadScan::default();
-                }
-                if this.state.phase() == Phase::Head {
+                // Every byte of the request stream, pipelined ones too; an
+                // upgraded connection carries another protocol.
+                if this.state.phase() != Phase::Upgraded {
                     this.head.scan(&mut buf.filled_mut()[before..]);
                 }
             }
@@ -263,63 +261,157 @@ impl<B> Drop for PhaseBody<B> {
     }
 }
 
-/// Scans a request head as it arrives, up to its blank line. It poisons
-/// (replaces by NUL, so the parser answers 400):
-/// - any LF not preceded by CR;
-/// - the head's final LF when it carried both `Content-Length` and
+/// Follows the request stream — each head, then its body by its framing,
+/// then the next head — and poisons (replaces by NUL, so the parser answers
+/// 400):
+/// - any LF in a head not preceded by CR;
+/// - a head's final LF when it carried both `Content-Length` and
 ///   `Transfer-Encoding` — hyper would silently drop the former, but which
 ///   one an upstream believes is how requests get smuggled.
+///
+/// Bodies are skipped, never altered. Whatever it cannot follow (an upgrade,
+/// a framing the parser will refuse anyway) ends the scan for the
+/// connection rather than risk touching body bytes.
 #[derive(Default)]
 struct HeadScan {
+    at: Framing,
     last: u8,
-    /// How much of "\r\n\r\n" was just matched.
-    matched: u8,
-    done: bool,
     /// The first bytes of the current line, lower-cased.
-    line: [u8; LINE_PREFIX],
-    line_len: usize,
-    content_length: bool,
-    transfer_encoding: bool,
+    line: Vec<u8>,
+    content_length: Option<u64>,
+    length_seen: bool,
+    chunked: bool,
+    upgrade: bool,
 }
 
-const LINE_PREFIX: usize = 18;
+#[derive(Default, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    #[default]
+    Head,
+    /// Body bytes still to skip.
+    Body(u64),
+    ChunkSize,
+    ChunkData(u64),
+    /// The CRLF after a chunk's data.
+    ChunkEnd(u8),
+    Trailers,
+    Stop,
+}
+
+/// Enough of a header line to read the headers that decide framing.
+const LINE_PREFIX: usize = 64;
 
 impl HeadScan {
     fn scan(&mut self, bytes: &mut [u8]) {
-        for byte in bytes.iter_mut() {
-            if self.done {
-                return;
-            }
-            if *byte == b'\n' && self.last != b'\r' {
-                *byte = 0;
-            }
-            if *byte == b'\n' {
-                self.end_line();
-            } else if *byte != b'\r' && self.line_len < LINE_PREFIX {
-                self.line[self.line_len] = byte.to_ascii_lowercase();
-                self.line_len += 1;
-            }
-            self.matched = match (self.matched, *byte) {
-                (0 | 2, b'\r') => self.matched + 1,
-                (1 | 3, b'\n') => self.matched + 1,
-                (_, b'\r') => 1,
-                _ => 0,
-            };
-            if self.matched == 4 {
-                self.done = true;
-                if self.content_length && self.transfer_encoding {
-                    *byte = 0;
+        let mut i = 0;
+        while i < bytes.len() {
+            match self.at {
+                Framing::Stop => return,
+                Framing::Body(left) => {
+                    let take = left.min((bytes.len() - i) as u64);
+                    i += take as usize;
+                    self.at = if take == left {
+                        Framing::Head
+                    } else {
+                        Framing::Body(left - take)
+                    };
+                    continue;
                 }
+                Framing::ChunkData(left) => {
+                    let take = left.min((bytes.len() - i) as u64);
+                    i += take as usize;
+                    self.at = if take == left {
+                        Framing::ChunkEnd(0)
+                    } else {
+                        Framing::ChunkData(left - take)
+                    };
+                    continue;
+                }
+                Framing::ChunkEnd(seen) => {
+                    let expected = if seen == 0 { b'\r' } else { b'\n' };
+                    self.at = match (bytes[i] == expected, seen) {
+                        (true, 0) => Framing::ChunkEnd(1),
+                        (true, _) => Framing::ChunkSize,
+                        (false, _) => Framing::Stop,
+                    };
+                }
+                Framing::Head | Framing::Trailers | Framing::ChunkSize => self.line_byte(&mut bytes[i]),
             }
-            self.last = *byte;
+            i += 1;
         }
     }
 
-    fn end_line(&mut self) {
-        let line = &self.line[..self.line_len];
-        self.content_length |= line.starts_with(b"content-length:");
-        self.transfer_encoding |= line.starts_with(b"transfer-encoding:");
-        self.line_len = 0;
+    fn line_byte(&mut self, byte: &mut u8) {
+        if *byte == b'\n' && self.last != b'\r' {
+            if self.at == Framing::Head {
+                *byte = 0;
+                self.at = Framing::Stop;
+                return;
+            }
+        }
+        self.last = *byte;
+        if *byte != b'\n' {
+            if *byte != b'\r' && self.line.len() < LINE_PREFIX {
+                self.line.push(byte.to_ascii_lowercase());
+            }
+            return;
+        }
+        let line = std::mem::take(&mut self.line);
+        match self.at {
+            Framing::Head if line.is_empty() => self.end_head(byte),
+            Framing::Head => self.header(&line),
+            Framing::Trailers if line.is_empty() => self.at = Framing::Head,
+            Framing::Trailers => {}
+            Framing::ChunkSize => {
+                let size = std::str::from_utf8(&line)
+                    .ok()
+                    .and_then(|l| u64::from_str_radix(l.split(';').next()?.trim(), 16).ok());
+                self.at = match size {
+                    Some(0) => Framing::Trailers,
+                    Some(n) => Framing::ChunkData(n),
+                    None => Framing::Stop,
+                };
+            }
+            _ => {}
+        }
+    }
+
+    fn header(&mut self, line: &[u8]) {
+        let value = |name: &[u8]| {
+            line.strip_prefix(name)
+                .map(|v| String::from_utf8_lossy(v).trim().to_string())
+        };
+        if let Some(v) = value(b"content-length:") {
+            self.length_seen = true;
+            self.content_length = v.parse().ok();
+        } else if let Some(v) = value(b"transfer-encoding:") {
+            self.chunked |= v.contains("chunked");
+        } else if line.starts_with(b"upgrade:") {
+            self.upgrade = true;
+        }
+    }
+
+    fn end_head(&mut self, final_lf: &mut u8) {
+        let both = self.length_seen && self.chunked;
+        if both {
+            *final_lf = 0;
+        }
+        self.at = if both || self.upgrade {
+            Framing::Stop
+        } else if self.chunked {
+            Framing::ChunkSize
+        } else {
+            match (self.length_seen, self.content_length) {
+                (false, _) | (true, Some(0)) => Framing::Head,
+                (true, Some(n)) => Framing::Body(n),
+                // An unreadable length: the parser refuses the request.
+                (true, None) => Framing::Stop,
+            }
+        };
+        self.length_seen = false;
+        self.content_length = None;
+        self.chunked = false;
+        self.upgrade = false;
     }
 }
 
@@ -346,10 +438,37 @@ mod tests {
     }
 
     #[test]
-    fn a_bare_lf_in_the_head_is_poisoned_but_the_body_is_not_scanned() {
-        let out = scanned(&[b"GET / HTTP/1.1\nHost: x\r\n\r\nbody\nwith lf"]);
+    fn a_bare_lf_in_the_head_is_poisoned() {
+        let out = scanned(&[b"GET / HTTP/1.1\nHost: x\r\n\r\n"]);
         assert_eq!(out[14], 0);
-        assert!(out.ends_with(b"body\nwith lf"));
+    }
+
+    #[test]
+    fn bodies_are_skipped_untouched_and_the_next_head_is_checked() {
+        let body = b"POST /a HTTP/1.1\r\nContent-Length: 9\r\n\r\nline\nfeed";
+        let next = b"GET /b HTTP/1.1\nHost: x\r\n\r\n";
+        let mut stream = body.to_vec();
+        stream.extend_from_slice(next);
+        let out = scanned(&[&stream[..30], &stream[30..]]);
+        assert_eq!(&out[..body.len()], body, "the body is not touched");
+        assert_eq!(out[body.len() + 15], 0, "the pipelined head's bare LF is poisoned");
+    }
+
+    #[test]
+    fn chunked_bodies_are_followed_to_the_next_head() {
+        let first = b"POST /a HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab\ncd\r\n0\r\n\r\n";
+        let second = b"POST /b HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let mut stream = first.to_vec();
+        stream.extend_from_slice(second);
+        let out = scanned(&[&stream]);
+        assert_eq!(&out[..first.len()], first);
+        assert_eq!(out[out.len() - 1], 0, "the second head's framing conflict is poisoned");
+    }
+
+    #[test]
+    fn an_upgrade_ends_the_scan() {
+        let stream = b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n\x81\x05hel\nlo";
+        assert_eq!(scanned(&[stream]), stream);
     }
 
     #[test]

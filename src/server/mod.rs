@@ -125,10 +125,10 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/_router", any(routes::not_found))
         .route("/_router/{*rest}", any(routes::not_found))
         .fallback(routes::proxy)
-        // Refuses what must not reach any handler (over-long URI, ambiguous framing).
+        // Refuses over-long URIs before any handler sees them.
         .layer(axum::middleware::from_fn_with_state(
             state.config.server.max_uri_bytes,
-            limits::refuse_malformed,
+            limits::refuse_long_uri,
         ))
         // Turns every RouterError below into a logged, rendered page.
         .layer(axum::middleware::from_fn_with_state(error_pages, render_errors))
