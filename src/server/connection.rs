@@ -342,12 +342,10 @@ impl HeadScan {
     }
 
     fn line_byte(&mut self, byte: &mut u8) {
-        if *byte == b'\n' && self.last != b'\r' {
-            if self.at == Framing::Head {
-                *byte = 0;
-                self.at = Framing::Stop;
-                return;
-            }
+        if *byte == b'\n' && self.last != b'\r' && self.at == Framing::Head {
+            *byte = 0;
+            self.at = Framing::Stop;
+            return;
         }
         self.last = *byte;
         if *byte != b'\n' {
