@@ -90,6 +90,7 @@ async fn pass(state: &AppState) {
     if let Some(keys) = state.auth.key_store() {
         keys.report_age();
     }
+    state.auth.purge_expired();
     let held_here: HashSet<Arc<str>> = state
         .registry
         .sessions()

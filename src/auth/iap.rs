@@ -81,6 +81,11 @@ impl IapVerifier {
         &self.keys
     }
 
+    /// Drops expired verified tokens; called periodically.
+    pub fn purge_expired(&self) {
+        self.cache.purge(unix_now());
+    }
+
     /// The identity in the request's single assertion header, and whether
     /// it came from the verified-token cache.
     pub async fn verify_headers(&self, headers: &http::HeaderMap) -> Result<(Identity, Check), AuthError> {
@@ -167,12 +172,26 @@ impl TokenCache {
             return;
         }
         if self.entries.len() >= self.capacity {
-            self.entries.retain(|_, (_, exp)| *exp > now);
+            self.purge(now);
+            // Still full of live tokens: make room by dropping the one that
+            // expires first, so new tokens keep being cached.
             if self.entries.len() >= self.capacity {
-                return;
+                let soonest = self
+                    .entries
+                    .iter()
+                    .min_by_key(|entry| entry.value().1)
+                    .map(|entry| entry.key().clone());
+                if let Some(key) = soonest {
+                    self.entries.remove(&key);
+                }
             }
         }
         self.entries.insert(token.into(), (identity, exp));
+    }
+
+    /// Drops every expired entry, so the cache shrinks back after a burst.
+    fn purge(&self, now: u64) {
+        self.entries.retain(|_, (_, exp)| *exp > now);
     }
 }
 
@@ -206,10 +225,10 @@ mod tests {
         let cache = TokenCache::new(2);
         cache.insert("a", alice(), 100, 0);
         cache.insert("b", alice(), 100, 0);
-        cache.insert("c", alice(), 100, 0);
+        cache.insert("c", alice(), 90, 0);
         assert_eq!(cache.entries.len(), 2);
-        // Once entries expire they make room.
-        cache.insert("d", alice(), 300, 150);
-        assert!(cache.get("d", 160).is_some());
+        assert!(cache.get("c", 10).is_some(), "a new token still gets cached");
+        cache.purge(95);
+        assert_eq!(cache.entries.len(), 1, "the expired entry is purged");
     }
 }

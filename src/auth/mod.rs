@@ -188,6 +188,13 @@ impl Authenticator {
         }
     }
 
+    /// Periodic housekeeping: drops expired verified tokens.
+    pub fn purge_expired(&self) {
+        if let Method::Iap(verifier) = &self.method {
+            verifier.purge_expired();
+        }
+    }
+
     /// The dev sign-in, when this router runs in dev mode.
     pub fn dev(&self) -> Option<&dev::DevSignIn> {
         match &self.method {
