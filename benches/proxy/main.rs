@@ -2,8 +2,8 @@
 //! the same machine, in the same run, interleaved round by round.
 //!
 //! ```sh
-//! cargo bench --bench proxy               # full run, ~5 minutes
-//! cargo bench --bench proxy -- --smoke    # CI subset, under a minute
+//! cargo bench --bench proxy               # full run, ~3 minutes after the build
+//! cargo bench --bench proxy -- --smoke    # CI subset, ~35 s after the build
 //! ```
 //!
 //! See `benches/README.md` for what is measured, how, and the targets.
