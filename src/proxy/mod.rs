@@ -7,28 +7,36 @@
 pub mod activity_io;
 pub mod headers;
 
+use std::io;
 use std::net::IpAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
+use bytes::Bytes;
 use http::{Request, Response, StatusCode, Uri};
-use hyper::upgrade::OnUpgrade;
+use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{copy_bidirectional_with_sizes, AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::metrics::Metrics;
+use crate::server::connection::GuardedIo;
 use crate::session::cookie::remove_cookies;
 use crate::session::Session;
 use activity_io::{ActivityBody, ActivityIo};
 use headers::Forwarded;
 
-/// Per-direction buffer of a WebSocket relay. Two of these live as long as
-/// the socket, so they dominate the memory of many idle sockets.
+/// Per-direction buffer of a WebSocket relay, held only while bytes move:
+/// an idle socket holds none (see [`pipe`]).
 const RELAY_BUFFER_BYTES: usize = 8 * 1024;
 /// Pooled upstream connections idle longer than this are closed.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -217,10 +225,8 @@ async fn relay(
     };
     metrics.open_websockets.inc();
     let _open = scopeguard(|| metrics.open_websockets.dec());
-    let mut client = ActivityIo::new(TokioIo::new(client), session.clone());
-    let mut upstream = ActivityIo::new(TokioIo::new(upstream), session.clone());
     tokio::select! {
-        copied = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, RELAY_BUFFER_BYTES, RELAY_BUFFER_BYTES) => {
+        copied = copy_both_ways(client, upstream, &session) => {
             if let Err(e) = copied {
                 tracing::debug!(error = %e, backend = %session.lease, "relay ended with an error");
             }
@@ -229,6 +235,131 @@ async fn relay(
             tracing::debug!(backend = %session.lease, "relay closed: backend released");
         }
         _ = stop.cancelled() => {}
+    }
+}
+
+/// The client side of an upgrade, as the accept loop wrapped it.
+type ClientSocket = TokioIo<GuardedIo<TcpStream>>;
+/// The upstream side, as the connector made it.
+type UpstreamSocket = TokioIo<TcpStream>;
+
+/// Relays both ways until both directions are closed. On the plain sockets
+/// the server and the connector produce (always, in practice), no buffer is
+/// held while a socket is silent: one is taken when it becomes readable and
+/// given back once it has nothing more to read. Anything else falls back to
+/// a buffered copy.
+async fn copy_both_ways(client: Upgraded, upstream: Upgraded, session: &Arc<Session>) -> io::Result<()> {
+    match (client.downcast::<ClientSocket>(), upstream.downcast::<UpstreamSocket>()) {
+        (Ok(client), Ok(upstream)) => {
+            let (client_read, client_write) = client.io.into_inner().into_inner().into_split();
+            let (upstream_read, upstream_write) = upstream.io.into_inner().into_split();
+            tokio::try_join!(
+                pipe(client_read, upstream_write, client.read_buf, session),
+                pipe(upstream_read, client_write, upstream.read_buf, session),
+            )?;
+            Ok(())
+        }
+        (client, upstream) => {
+            let client = client.map(|p| Prefixed::new(p.read_buf, p.io.into_inner().into_inner()));
+            let upstream = upstream.map(|p| Prefixed::new(p.read_buf, p.io.into_inner()));
+            let mut client = ActivityIo::new(Either::from(client), session.clone());
+            let mut upstream = ActivityIo::new(Either::from(upstream), session.clone());
+            copy_bidirectional_with_sizes(&mut client, &mut upstream, RELAY_BUFFER_BYTES, RELAY_BUFFER_BYTES).await?;
+            Ok(())
+        }
+    }
+}
+
+/// One direction: `pending` (bytes read past the handshake) first, then
+/// whatever `from` delivers until it closes; then `to` is shut down, which
+/// passes the half-close on.
+async fn pipe(from: OwnedReadHalf, mut to: OwnedWriteHalf, pending: Bytes, session: &Arc<Session>) -> io::Result<()> {
+    if !pending.is_empty() {
+        session.activity.touch();
+        to.write_all(&pending).await?;
+    }
+    drop(pending);
+    loop {
+        from.readable().await?;
+        let mut buf = Vec::with_capacity(RELAY_BUFFER_BYTES);
+        loop {
+            buf.clear();
+            match from.try_read_buf(&mut buf) {
+                Ok(0) => return to.shutdown().await,
+                Ok(n) => {
+                    session.activity.touch();
+                    to.write_all(&buf[..n]).await?;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// A socket some of whose bytes were already read (past the handshake).
+struct Prefixed {
+    pending: Bytes,
+    io: TcpStream,
+}
+
+impl Prefixed {
+    fn new(pending: Bytes, io: TcpStream) -> Self {
+        Prefixed { pending, io }
+    }
+}
+
+/// Either a plain socket or whatever else an upgrade produced.
+enum Either {
+    Plain(Prefixed),
+    Other(TokioIo<Upgraded>),
+}
+
+impl From<Result<Prefixed, Upgraded>> for Either {
+    fn from(side: Result<Prefixed, Upgraded>) -> Self {
+        match side {
+            Ok(plain) => Either::Plain(plain),
+            Err(other) => Either::Other(TokioIo::new(other)),
+        }
+    }
+}
+
+impl AsyncRead for Either {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Either::Plain(p) => {
+                if !p.pending.is_empty() {
+                    let n = p.pending.len().min(buf.remaining());
+                    buf.put_slice(&p.pending.split_to(n));
+                    return Poll::Ready(Ok(()));
+                }
+                Pin::new(&mut p.io).poll_read(cx, buf)
+            }
+            Either::Other(o) => Pin::new(o).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Either {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Either::Plain(p) => Pin::new(&mut p.io).poll_write(cx, buf),
+            Either::Other(o) => Pin::new(o).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Either::Plain(p) => Pin::new(&mut p.io).poll_flush(cx),
+            Either::Other(o) => Pin::new(o).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Either::Plain(p) => Pin::new(&mut p.io).poll_shutdown(cx),
+            Either::Other(o) => Pin::new(o).poll_shutdown(cx),
+        }
     }
 }
 

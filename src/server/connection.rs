@@ -133,6 +133,12 @@ pub struct GuardedIo<T> {
 }
 
 impl<T> GuardedIo<T> {
+    /// The socket itself, once the connection is upgraded and its bytes
+    /// are relayed without hyper (and without time limits).
+    pub fn into_inner(self) -> T {
+        self.inner
+    }
+
     pub fn new(inner: T, state: Arc<ConnState>, timeouts: Timeouts) -> Self {
         GuardedIo {
             inner,

@@ -4,7 +4,7 @@
 //! - [`connection`]: per-connection time limits and head hygiene under hyper.
 //! - [`limits`]: request-level refusals (over-long URI, ambiguous framing).
 
-mod connection;
+pub(crate) mod connection;
 mod limits;
 
 use std::future::Future;
