@@ -12,7 +12,7 @@ use std::time::Duration;
 use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use http::StatusCode;
+use http::{StatusCode, Uri};
 
 use crate::allocator::AllocError;
 use crate::auth::AuthError;
@@ -74,7 +74,8 @@ pub struct ErrorPages {
     pub retry_after: Duration,
 }
 
-/// Logs and renders every [`RouterError`] returned below this layer.
+/// Logs and renders every [`RouterError`] returned below this layer (the
+/// router's own endpoints; the proxy path calls [`render`] itself).
 pub async fn render_errors(State(settings): State<ErrorPages>, request: Request, next: Next) -> Response {
     let wants_html = pages::wants_html(request.headers());
     let uri = request.uri().clone();
@@ -82,7 +83,18 @@ pub async fn render_errors(State(settings): State<ErrorPages>, request: Request,
     let Some(Failure(error)) = response.extensions_mut().remove::<Failure>() else {
         return response;
     };
-    match &*error {
+    let mut page = render(&error, wants_html, &uri, &settings);
+    // Keep any cookie the handler already set.
+    for value in response.headers().get_all(http::header::SET_COOKIE) {
+        page.headers_mut().append(http::header::SET_COOKIE, value.clone());
+    }
+    page
+}
+
+/// Logs `error` with its full reason and renders the page the client gets
+/// (HTML when it asked for it), which never carries the reason.
+pub fn render(error: &RouterError, wants_html: bool, uri: &Uri, settings: &ErrorPages) -> Response {
+    match error {
         RouterError::Proxy(ProxyError::ClientBody { .. }) => {
             tracing::info!(path = uri.path(), error = %error, "request refused")
         }
@@ -95,8 +107,8 @@ pub async fn render_errors(State(settings): State<ErrorPages>, request: Request,
         _ => tracing::info!(path = uri.path(), error = %error, "request refused"),
     }
     let retry = settings.retry_after;
-    let mut page = match &*error {
-        RouterError::Auth(AuthError::SignInRequired) if wants_html => pages::sign_in_redirect(&uri),
+    match error {
+        RouterError::Auth(AuthError::SignInRequired) if wants_html => pages::sign_in_redirect(uri),
         RouterError::Auth(AuthError::NotAllowed(_)) => {
             pages::forbidden(wants_html, "Your account is not allowed to use this service.")
         }
@@ -113,10 +125,5 @@ pub async fn render_errors(State(settings): State<ErrorPages>, request: Request,
         }
         RouterError::Proxy(_) => pages::bad_gateway(wants_html, retry),
         RouterError::NotFound => pages::not_found(wants_html),
-    };
-    // Keep any cookie the handler already set.
-    for value in response.headers().get_all(http::header::SET_COOKIE) {
-        page.headers_mut().append(http::header::SET_COOKIE, value.clone());
     }
-    page
 }

@@ -12,6 +12,12 @@ use session_router::config::{Config, ConfigError, LogConfig, LogFormat};
 use session_router::demo::{self, DemoOptions};
 use session_router::telemetry;
 
+/// glibc's allocator serialises threads that free each other's memory
+/// (tasks move between runtime workers), which showed up as futex waits
+/// on the request path; mimalloc frees to the owning thread without a lock.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(version, about = "One dedicated GPU backend per signed-in user, behind Cloud IAP.")]
 struct Cli {
@@ -117,6 +123,10 @@ fn run_demo(options: DemoOptions) -> anyhow::Result<()> {
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        // Log lines wait in a per-thread buffer until the worker runs out of
+        // work (see telemetry::stderr).
+        .on_thread_park(telemetry::stderr::flush_before_park)
+        .on_thread_stop(telemetry::stderr::flush_thread)
         .build()
         .context("cannot start the async runtime")
 }

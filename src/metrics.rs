@@ -10,7 +10,7 @@ use std::sync::Arc;
 use axum::routing::get;
 use axum::Router;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -22,6 +22,10 @@ const LATENCY_BUCKETS: &[f64] = &[
 ];
 /// Waiting for a GPU can take many minutes.
 const WAIT_BUCKETS: &[f64] = &[1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 3600.0];
+
+/// Every `kind` label of `requests`.
+pub const REQUEST_KINDS: [&str; 3] = ["proxied", "router", "health"];
+const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
 /// Every reason a backend is released for.
 pub const RELEASE_REASONS: [&str; 6] = ["user", "idle", "max_lifetime", "dead_pod", "admin", "duplicate"];
@@ -55,6 +59,30 @@ pub struct Metrics {
     pub kube_api_calls: IntCounterVec,
     /// Per-backend-kind flag, for dashboards: 1 for the configured kind.
     pub backend_info: IntGaugeVec,
+    /// The series every request increments, looked up once: a
+    /// `with_label_values` hashes the labels and takes a lock each time.
+    hot: HotSeries,
+}
+
+struct HotSeries {
+    /// `requests` by [`REQUEST_KINDS`] index, then status class.
+    requests: [[IntCounter; 5]; 3],
+    to_upstream: IntCounter,
+    to_client: IntCounter,
+    token_cached: IntCounter,
+    token_verified: IntCounter,
+}
+
+impl HotSeries {
+    fn new(requests: &IntCounterVec, proxied_bytes: &IntCounterVec, token_checks: &IntCounterVec) -> Self {
+        HotSeries {
+            requests: REQUEST_KINDS.map(|kind| STATUS_CLASSES.map(|class| requests.with_label_values(&[kind, class]))),
+            to_upstream: proxied_bytes.with_label_values(&["to_upstream"]),
+            to_client: proxied_bytes.with_label_values(&["to_client"]),
+            token_cached: token_checks.with_label_values(&["cached", ""]),
+            token_verified: token_checks.with_label_values(&["verified", ""]),
+        }
+    }
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -84,13 +112,29 @@ impl Metrics {
         )
         .expect("valid metric");
         r.register(Box::new(backend_info.clone())).expect("unique metric");
+        let requests = counter(
+            &r,
+            "session_router_requests_total",
+            "HTTP requests answered, by kind and status class.",
+            &["kind", "class"],
+        );
+        let proxied_bytes = counter(
+            &r,
+            "session_router_proxied_bytes_total",
+            "Body bytes proxied, by direction.",
+            &["direction"],
+        );
+        let token_checks = counter(
+            &r,
+            "session_router_token_checks_total",
+            "Identity checks, by result and rejection reason class.",
+            &["result", "reason"],
+        );
         let metrics = Metrics {
-            requests: counter(
-                &r,
-                "session_router_requests_total",
-                "HTTP requests answered, by kind and status class.",
-                &["kind", "class"],
-            ),
+            hot: HotSeries::new(&requests, &proxied_bytes, &token_checks),
+            requests,
+            proxied_bytes,
+            token_checks,
             upstream_header_seconds: histogram(
                 &r,
                 "session_router_upstream_response_header_seconds",
@@ -106,12 +150,6 @@ impl Metrics {
                 &r,
                 "session_router_open_streams",
                 "Proxied response bodies still streaming.",
-            ),
-            proxied_bytes: counter(
-                &r,
-                "session_router_proxied_bytes_total",
-                "Body bytes proxied, by direction.",
-                &["direction"],
             ),
             sessions_active: gauge(
                 &r,
@@ -153,12 +191,6 @@ impl Metrics {
                 "Time users spent on the waiting page before getting a backend.",
                 WAIT_BUCKETS,
             ),
-            token_checks: counter(
-                &r,
-                "session_router_token_checks_total",
-                "Identity checks, by result and rejection reason class.",
-                &["result", "reason"],
-            ),
             jwks_refreshes: counter(
                 &r,
                 "session_router_jwks_refreshes_total",
@@ -186,15 +218,9 @@ impl Metrics {
     /// Creates every series of the bounded label sets at 0, so dashboards
     /// and alerts see them before the first event (a missing series is not
     /// a zero in PromQL).
+    /// (`requests`, `proxied_bytes` and the accepted `token_checks` already
+    /// exist: [`HotSeries`] made them.)
     fn start_at_zero(&self) {
-        for kind in ["proxied", "router", "health"] {
-            for class in ["1xx", "2xx", "3xx", "4xx", "5xx"] {
-                self.requests.with_label_values(&[kind, class]);
-            }
-        }
-        for direction in ["to_upstream", "to_client"] {
-            self.proxied_bytes.with_label_values(&[direction]);
-        }
         for outcome in ["allocated", "unallocated", "contention", "error"] {
             self.allocations.with_label_values(&[outcome]);
         }
@@ -202,8 +228,6 @@ impl Metrics {
             self.releases.with_label_values(&[reason]);
             self.release_failures.with_label_values(&[reason]);
         }
-        self.token_checks.with_label_values(&["cached", ""]);
-        self.token_checks.with_label_values(&["verified", ""]);
         for reason in crate::auth::AuthError::CLASSES {
             self.token_checks.with_label_values(&["rejected", reason]);
         }
@@ -224,6 +248,33 @@ impl Metrics {
         String::from_utf8(out).expect("metrics text is UTF-8")
     }
 
+    /// Counts one answered request; `kind` is one of [`REQUEST_KINDS`].
+    pub fn count_request(&self, kind: &str, status: http::StatusCode) {
+        let kind = REQUEST_KINDS.iter().position(|k| *k == kind).unwrap_or(0);
+        let class = (status.as_u16() / 100).clamp(1, 5) as usize - 1;
+        self.hot.requests[kind][class].inc();
+    }
+
+    /// `proxied_bytes` towards the upstream (request bodies).
+    pub fn to_upstream_bytes(&self) -> &IntCounter {
+        &self.hot.to_upstream
+    }
+
+    /// `proxied_bytes` towards the client (response bodies).
+    pub fn to_client_bytes(&self) -> &IntCounter {
+        &self.hot.to_client
+    }
+
+    /// Counts one identity check: `result` cached, verified or rejected,
+    /// with the rejection's `reason` class.
+    pub fn count_token_check(&self, result: &str, reason: &str) {
+        match (result, reason) {
+            ("cached", "") => self.hot.token_cached.inc(),
+            ("verified", "") => self.hot.token_verified.inc(),
+            _ => self.token_checks.with_label_values(&[result, reason]).inc(),
+        }
+    }
+
     /// Counts one Kubernetes/allocator call.
     pub fn kube_call(&self, verb: &str, outcome: &str) {
         self.kube_api_calls.with_label_values(&[verb, outcome]).inc();
@@ -235,17 +286,6 @@ impl Metrics {
         } else {
             self.release_failures.with_label_values(&[reason]).inc();
         }
-    }
-}
-
-/// The status class label of a status code.
-pub fn class(status: http::StatusCode) -> &'static str {
-    match status.as_u16() {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
     }
 }
 

@@ -6,30 +6,38 @@
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use axum::extract::{Query, Request, State};
+use std::net::IpAddr;
+
+use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Response};
-use axum::{Extension, Form, Json};
+use axum::{Form, Json};
+use bytes::Bytes;
 use http::header::SET_COOKIE;
-use http::{HeaderMap, Method, StatusCode};
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::Empty;
 use serde::Deserialize;
 use serde_json::json;
 
 use crate::auth::{origin, Identity};
 use crate::error::RouterError;
 use crate::pages::{self, escape};
-use crate::proxy::{headers::is_upgrade, Exchange, ProxyError};
-use crate::server::{AppState, ClientAddr};
+use crate::proxy::{headers::is_upgrade, BoxError, Exchange, ProxyError, UpstreamBody};
+use crate::server::AppState;
 use crate::session::cookie::{set_cookie, unix};
 use crate::session::Session;
 
 type Shared = State<Arc<AppState>>;
 
 /// Everything not claimed by a router endpoint goes to the user's backend.
-pub async fn proxy(
-    State(state): Shared,
-    Extension(ClientAddr(client)): Extension<ClientAddr>,
-    request: Request,
-) -> Result<Response, RouterError> {
+pub async fn proxy<B>(
+    state: &AppState,
+    request: Request<B>,
+    client_ip: IpAddr,
+) -> Result<Response<UpstreamBody>, RouterError>
+where
+    B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
     let identity = state.identify(request.headers()).await?;
     if is_upgrade(request.headers()) {
         check_origin(&state, request.headers())?;
@@ -44,7 +52,7 @@ pub async fn proxy(
     let replay = if replaceable { replayable(&request) } else { None };
     let exchange = Exchange {
         session: &session,
-        client_ip: client.ip(),
+        client_ip,
         counts_as_activity,
     };
     let first = state.forwarder.forward(request, exchange).await;
@@ -58,7 +66,7 @@ pub async fn proxy(
             session = state.registry.get_or_allocate(&identity, None).await?;
             let exchange = Exchange {
                 session: &session,
-                client_ip: client.ip(),
+                client_ip,
                 counts_as_activity,
             };
             state.forwarder.forward(request, exchange).await?
@@ -83,7 +91,7 @@ pub async fn proxy(
 
 /// A copy of the request to send again if the first attempt never reached
 /// the backend: only for idempotent methods without a body.
-fn replayable(request: &Request) -> Option<Request> {
+fn replayable<B: http_body::Body>(request: &Request<B>) -> Option<Request<Empty<Bytes>>> {
     let idempotent = matches!(
         *request.method(),
         Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
@@ -91,7 +99,7 @@ fn replayable(request: &Request) -> Option<Request> {
     if !idempotent || !http_body::Body::is_end_stream(request.body()) {
         return None;
     }
-    let mut copy = Request::new(axum::body::Body::empty());
+    let mut copy = Request::new(Empty::new());
     *copy.method_mut() = request.method().clone();
     *copy.uri_mut() = request.uri().clone();
     *copy.version_mut() = request.version();

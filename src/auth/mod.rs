@@ -173,10 +173,7 @@ impl Authenticator {
             Ok((_, check)) => (check.label(), ""),
             Err(e) => ("rejected", e.class()),
         };
-        self.metrics
-            .token_checks
-            .with_label_values(&[result_label, reason])
-            .inc();
+        self.metrics.count_token_check(result_label, reason);
         result.map(|(identity, _)| identity)
     }
 

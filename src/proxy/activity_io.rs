@@ -23,10 +23,11 @@ pub struct ActivityBody<B> {
 }
 
 impl<B> ActivityBody<B> {
-    pub fn new(inner: B, session: Arc<Session>) -> Self {
+    /// A response body: `session` when it counts as activity.
+    pub fn response(inner: B, session: Option<Arc<Session>>) -> Self {
         ActivityBody {
             inner,
-            session: Some(session),
+            session,
             failed: None,
         }
     }

@@ -15,9 +15,12 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::body::Body;
 use bytes::Bytes;
 use http::{Request, Response, StatusCode, Uri};
+use http_body::Frame;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -67,10 +70,15 @@ pub enum ProxyError {
     Uri(#[from] http::Error),
 }
 
+/// Any error a body can fail with.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// A request body on its way upstream, boxed once whatever the client sent.
+type Outgoing = UnsyncBoxBody<Bytes, BoxError>;
+
 /// The request-independent part of forwarding: the pooled client, and the
 /// relays of upgraded connections (which the HTTP server no longer tracks).
 pub struct Forwarder {
-    client: Client<HttpConnector, Body>,
+    client: Client<HttpConnector, Outgoing>,
     relays: TaskTracker,
     /// Cancelled at the end of a drain: every relay still open closes.
     stop_relays: CancellationToken,
@@ -123,11 +131,15 @@ impl Forwarder {
         }
     }
 
-    pub async fn forward(
+    pub async fn forward<B>(
         &self,
-        mut request: Request<Body>,
+        mut request: Request<B>,
         exchange: Exchange<'_>,
-    ) -> Result<Response<Body>, ProxyError> {
+    ) -> Result<Response<UpstreamBody>, ProxyError>
+    where
+        B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: Into<BoxError>,
+    {
         let session = exchange.session;
         let upstream = &session.lease.upstream;
         let wants_upgrade = headers::is_upgrade(request.headers());
@@ -152,7 +164,9 @@ impl Forwarder {
         remove_cookies(&mut parts.headers, &names);
         let client_body_failed = Arc::new(AtomicBool::new(false));
         let activity = exchange.counts_as_activity.then(|| session.clone());
-        let body = Body::new(ActivityBody::request(body, activity, client_body_failed.clone()));
+        let body = ActivityBody::request(body, activity, client_body_failed.clone())
+            .map_err(Into::into)
+            .boxed_unsync();
 
         let in_flight = exchange
             .counts_as_activity
@@ -192,17 +206,43 @@ impl Forwarder {
             ));
             let (mut parts, _) = response.into_parts();
             headers::to_client(&mut parts.headers, true);
-            return Ok(Response::from_parts(parts, Body::empty()));
+            return Ok(Response::from_parts(parts, UpstreamBody(None)));
         }
 
         let (mut parts, body) = response.into_parts();
         headers::to_client(&mut parts.headers, false);
-        let body = if exchange.counts_as_activity {
-            Body::new(ActivityBody::new(body, session.clone()))
-        } else {
-            Body::new(body)
-        };
-        Ok(Response::from_parts(parts, body))
+        let activity = exchange.counts_as_activity.then(|| session.clone());
+        Ok(Response::from_parts(
+            parts,
+            UpstreamBody(Some(ActivityBody::response(body, activity))),
+        ))
+    }
+}
+
+/// A response body from the upstream as the client receives it, touching
+/// the session while its bytes move. Empty after a 101.
+pub struct UpstreamBody(Option<ActivityBody<Incoming>>);
+
+impl http_body::Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match &mut self.0 {
+            Some(body) => Pin::new(body).poll_frame(cx),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.as_ref().is_none_or(http_body::Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match &self.0 {
+            Some(body) => body.size_hint(),
+            None => http_body::SizeHint::with_exact(0),
+        }
     }
 }
 

@@ -154,16 +154,24 @@ impl<T: AsyncRead + Unpin> AsyncRead for GuardedIo<T> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
         if let Some(deadline) = this.state.deadline(&this.timeouts) {
-            if this.timer.deadline() != deadline {
+            // The timer may run early, never late: it is re-armed when the
+            // limit moves closer, and when it fires before the limit (which
+            // moves later as the connection goes through its requests).
+            // Re-arming takes the runtime's timer lock, so not doing it at
+            // every phase change keeps requests from contending on it.
+            if deadline < this.timer.deadline() {
                 this.timer.as_mut().reset(deadline);
             }
-            if this.timer.as_mut().poll(cx).is_ready() {
-                let phase = this.state.phase();
-                tracing::debug!(?phase, "closing connection: time limit reached");
-                return Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("{phase:?} time limit"),
-                )));
+            while this.timer.as_mut().poll(cx).is_ready() {
+                if this.timer.deadline() >= deadline {
+                    let phase = this.state.phase();
+                    tracing::debug!(?phase, "closing connection: time limit reached");
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("{phase:?} time limit"),
+                    )));
+                }
+                this.timer.as_mut().reset(deadline);
             }
         }
         let before = buf.filled().len();
@@ -277,13 +285,14 @@ impl<B> Drop for PhaseBody<B> {
 ///
 /// Bodies are skipped, never altered. Whatever it cannot follow (an upgrade,
 /// a framing the parser will refuse anyway) ends the scan for the
-/// connection rather than risk touching body bytes.
+/// connection rather than risk touching body bytes. It looks at each byte
+/// of a head once, jumping from line feed to line feed, and allocates
+/// nothing.
 #[derive(Default)]
 struct HeadScan {
     at: Framing,
     last: u8,
-    /// The first bytes of the current line, lower-cased.
-    line: Vec<u8>,
+    line: LinePrefix,
     content_length: Option<u64>,
     length_seen: bool,
     chunked: bool,
@@ -307,6 +316,41 @@ enum Framing {
 /// Enough of a header line to read the headers that decide framing.
 const LINE_PREFIX: usize = 64;
 
+/// The first [`LINE_PREFIX`] bytes of the current line, lower-cased, CRs
+/// left out.
+#[derive(Clone, Copy)]
+struct LinePrefix {
+    bytes: [u8; LINE_PREFIX],
+    len: usize,
+}
+
+impl Default for LinePrefix {
+    fn default() -> Self {
+        LinePrefix {
+            bytes: [0; LINE_PREFIX],
+            len: 0,
+        }
+    }
+}
+
+impl LinePrefix {
+    fn extend(&mut self, content: &[u8]) {
+        for &byte in content {
+            if self.len == LINE_PREFIX {
+                return;
+            }
+            if byte != b'\r' {
+                self.bytes[self.len] = byte.to_ascii_lowercase();
+                self.len += 1;
+            }
+        }
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+}
+
 impl HeadScan {
     fn scan(&mut self, bytes: &mut [u8]) {
         let mut i = 0;
@@ -321,7 +365,6 @@ impl HeadScan {
                     } else {
                         Framing::Body(left - take)
                     };
-                    continue;
                 }
                 Framing::ChunkData(left) => {
                     let take = left.min((bytes.len() - i) as u64);
@@ -331,7 +374,6 @@ impl HeadScan {
                     } else {
                         Framing::ChunkData(left - take)
                     };
-                    continue;
                 }
                 Framing::ChunkEnd(seen) => {
                     let expected = if seen == 0 { b'\r' } else { b'\n' };
@@ -340,34 +382,42 @@ impl HeadScan {
                         (true, _) => Framing::ChunkSize,
                         (false, _) => Framing::Stop,
                     };
+                    i += 1;
                 }
-                Framing::Head | Framing::Trailers | Framing::ChunkSize => self.line_byte(&mut bytes[i]),
+                Framing::Head | Framing::Trailers | Framing::ChunkSize => {
+                    // Everything up to the next LF belongs to the current line.
+                    let rest = &bytes[i..];
+                    let content = memchr::memchr(b'\n', rest).unwrap_or(rest.len());
+                    if content > 0 {
+                        self.line.extend(&rest[..content]);
+                        self.last = rest[content - 1];
+                    }
+                    i += content;
+                    if i < bytes.len() {
+                        self.line_feed(&mut bytes[i]);
+                        i += 1;
+                    }
+                }
             }
-            i += 1;
         }
     }
 
-    fn line_byte(&mut self, byte: &mut u8) {
-        if *byte == b'\n' && self.last != b'\r' && self.at == Framing::Head {
-            *byte = 0;
+    fn line_feed(&mut self, lf: &mut u8) {
+        if self.last != b'\r' && self.at == Framing::Head {
+            *lf = 0;
             self.at = Framing::Stop;
             return;
         }
-        self.last = *byte;
-        if *byte != b'\n' {
-            if *byte != b'\r' && self.line.len() < LINE_PREFIX {
-                self.line.push(byte.to_ascii_lowercase());
-            }
-            return;
-        }
+        self.last = b'\n';
         let line = std::mem::take(&mut self.line);
+        let line = line.as_slice();
         match self.at {
-            Framing::Head if line.is_empty() => self.end_head(byte),
-            Framing::Head => self.header(&line),
+            Framing::Head if line.is_empty() => self.end_head(lf),
+            Framing::Head => self.header(line),
             Framing::Trailers if line.is_empty() => self.at = Framing::Head,
             Framing::Trailers => {}
             Framing::ChunkSize => {
-                let size = std::str::from_utf8(&line)
+                let size = std::str::from_utf8(line)
                     .ok()
                     .and_then(|l| u64::from_str_radix(l.split(';').next()?.trim(), 16).ok());
                 self.at = match size {
@@ -381,15 +431,11 @@ impl HeadScan {
     }
 
     fn header(&mut self, line: &[u8]) {
-        let value = |name: &[u8]| {
-            line.strip_prefix(name)
-                .map(|v| String::from_utf8_lossy(v).trim().to_string())
-        };
-        if let Some(v) = value(b"content-length:") {
+        if let Some(value) = line.strip_prefix(b"content-length:") {
             self.length_seen = true;
-            self.content_length = v.parse().ok();
-        } else if let Some(v) = value(b"transfer-encoding:") {
-            self.chunked |= v.contains("chunked");
+            self.content_length = std::str::from_utf8(value).ok().and_then(|v| v.trim().parse().ok());
+        } else if let Some(value) = line.strip_prefix(b"transfer-encoding:") {
+            self.chunked |= value.windows(7).any(|w| w == b"chunked");
         } else if line.starts_with(b"upgrade:") {
             self.upgrade = true;
         }

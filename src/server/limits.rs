@@ -7,16 +7,14 @@
 //! one of the two before any handler could see them). What is left is a URI
 //! longer than `max_uri_bytes`: 414.
 
-use axum::extract::{Request, State};
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
+use http::Uri;
 
 use crate::error::RouterError;
 
-pub async fn refuse_long_uri(State(max_uri_bytes): State<usize>, request: Request, next: Next) -> Response {
-    let uri_len = request.uri().path_and_query().map_or(0, |p| p.as_str().len());
+pub fn check_uri(uri: &Uri, max_uri_bytes: usize) -> Result<(), RouterError> {
+    let uri_len = uri.path_and_query().map_or(0, |p| p.as_str().len());
     if uri_len > max_uri_bytes {
-        return RouterError::UriTooLong(uri_len).into_response();
+        return Err(RouterError::UriTooLong(uri_len));
     }
-    next.run(request).await
+    Ok(())
 }

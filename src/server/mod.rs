@@ -1,29 +1,26 @@
-//! The HTTP server: shared state, the route table with its layers, the
-//! accept loop and the drain on shutdown.
+//! The HTTP server: shared state, the accept loop and the drain on
+//! shutdown.
 //!
+//! - [`service`]: the request path, from hyper to a handler and back.
 //! - [`connection`]: per-connection time limits and head hygiene under hyper.
-//! - [`limits`]: request-level refusals (over-long URI, ambiguous framing).
+//! - [`limits`]: request-level refusals (over-long URI).
 
 pub(crate) mod connection;
 mod limits;
+pub mod service;
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Body;
-use axum::response::Response;
-use axum::routing::{any, get, post};
+use axum::routing::{get, post};
 use axum::Router;
 use http::HeaderMap;
-use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tower::ServiceExt;
 
 use crate::allocator::Allocator;
 use crate::auth::{AuthError, Authenticator, Identity};
@@ -35,12 +32,8 @@ use crate::reaper;
 use crate::routes;
 use crate::session::cookie::{CookieCodec, Signer};
 use crate::session::Registry;
-use crate::telemetry;
-use connection::{ConnState, GuardedIo, Phase, PhaseBody, Timeouts};
-
-/// The peer address of the connection a request came in on.
-#[derive(Debug, Clone, Copy)]
-pub struct ClientAddr(pub SocketAddr);
+use connection::{ConnState, GuardedIo, Timeouts};
+use service::Handler;
 
 /// Everything a request handler needs, shared by all connections.
 pub struct AppState {
@@ -104,9 +97,9 @@ impl AppState {
     }
 }
 
-/// The route table. Router endpoints live at `/healthz`, `/readyz` and under
-/// `/_router/`; everything else is proxied.
-pub fn app(state: Arc<AppState>) -> Router {
+/// The router's own endpoints: `/healthz`, `/readyz` and everything under
+/// `/_router`. Every other path is proxied (see [`service`]).
+pub fn endpoints(state: Arc<AppState>) -> Router {
     let error_pages = ErrorPages {
         retry_after: state.config.session.retry_after,
     };
@@ -122,46 +115,10 @@ pub fn app(state: Arc<AppState>) -> Router {
             get(routes::dev_sign_in_form).post(routes::dev_sign_in),
         )
         .route("/_router/dev/logout", post(routes::dev_sign_out))
-        .route("/_router", any(routes::not_found))
-        .route("/_router/{*rest}", any(routes::not_found))
-        .fallback(routes::proxy)
-        // Refuses over-long URIs before any handler sees them.
-        .layer(axum::middleware::from_fn_with_state(
-            state.config.server.max_uri_bytes,
-            limits::refuse_long_uri,
-        ))
+        .fallback(routes::not_found)
         // Turns every RouterError below into a logged, rendered page.
         .layer(axum::middleware::from_fn_with_state(error_pages, render_errors))
-        // Outermost: metrics and the access log see every final response.
-        .layer(axum::middleware::from_fn_with_state(state.clone(), telemetry::observe))
         .with_state(state)
-}
-
-/// The route table for one connection: every request carries the peer
-/// address, and the connection's phase follows the request and response
-/// bodies (see [`connection`]).
-fn tracked_service(
-    app: Router,
-    peer: SocketAddr,
-    conn: Arc<ConnState>,
-) -> impl tower::Service<http::Request<Incoming>, Response = Response, Error = std::convert::Infallible, Future: Send>
-       + Clone
-       + Send
-       + 'static {
-    let on_response = conn.clone();
-    app.map_request(move |request: http::Request<Incoming>| {
-        let (mut parts, body) = request.into_parts();
-        parts.extensions.insert(ClientAddr(peer));
-        let reading_body = !http_body::Body::is_end_stream(&body);
-        conn.enter(if reading_body { Phase::Body } else { Phase::Busy });
-        http::Request::from_parts(parts, Body::new(PhaseBody::request(body, conn.clone())))
-    })
-    .map_response(move |response: Response| {
-        if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
-            on_response.enter(Phase::Upgraded);
-        }
-        response.map(|body| Body::new(PhaseBody::response(body, on_response.clone())))
-    })
 }
 
 /// Runs the router on `listener` until `shutdown` resolves, then drains:
@@ -190,7 +147,7 @@ pub async fn serve(
     }
     tasks.spawn(reaper::run(state.clone(), background.clone()));
 
-    let app = app(state.clone());
+    let endpoints = endpoints(state.clone());
     let connections = TaskTracker::new();
     let drain = CancellationToken::new();
     let force_close = CancellationToken::new();
@@ -219,7 +176,7 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let conn = ConnState::new();
         let io = TokioIo::new(GuardedIo::new(stream, conn.clone(), timeouts));
-        let service = tracked_service(app.clone(), peer, conn);
+        let service = Handler::new(state.clone(), endpoints.clone(), peer.ip(), conn);
         let drain = drain.clone();
         let force_close = force_close.clone();
         connections.spawn(async move {
@@ -230,7 +187,7 @@ pub async fn serve(
                 .header_read_timeout(None)
                 .max_header_size(max_header_bytes)
                 .keep_alive(true)
-                .serve_connection(io, TowerToHyperService::new(service))
+                .serve_connection(io, service)
                 .with_upgrades();
             tokio::pin!(connection);
             let result = tokio::select! {

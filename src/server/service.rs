@@ -1,0 +1,142 @@
+//! What hyper calls for each request on a connection: the router's request
+//! path as one function, in this order:
+//!
+//! 1. the connection's [`Phase`] follows the request and response bodies
+//!    (time limits, see [`connection`](super::connection));
+//! 2. the access log and request metrics observe the request and its final
+//!    response ([`access`]);
+//! 3. over-long URIs are refused ([`limits`](super::limits));
+//! 4. the router's own endpoints go to their axum routes; everything else
+//!    is proxied to the user's backend ([`routes::proxy`]);
+//! 5. a failure becomes its page in one place ([`error::render`]).
+//!
+//! Written out rather than stacked as tower layers: this runs for every
+//! proxied request, and each layer would box its future, its body and
+//! clone its state again.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use axum::Router;
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use tower::ServiceExt;
+
+use super::connection::{ConnState, Phase, PhaseBody};
+use super::{limits, AppState};
+use crate::error::{self, ErrorPages};
+use crate::pages;
+use crate::proxy::{BoxError, UpstreamBody};
+use crate::routes;
+use crate::telemetry::access::{self, Counted, Kind, Logged};
+
+/// The body of every response the router sends.
+pub type ResponseBody = PhaseBody<Logged<Answer>>;
+/// A request body as the handlers receive it.
+type RequestBody = Counted<PhaseBody<Incoming>>;
+
+/// One connection's request handler.
+#[derive(Clone)]
+pub struct Handler {
+    state: Arc<AppState>,
+    /// The router's own endpoints (`/_router/*`, `/healthz`, `/readyz`).
+    endpoints: Router,
+    client_ip: IpAddr,
+    conn: Arc<ConnState>,
+}
+
+impl Handler {
+    pub fn new(state: Arc<AppState>, endpoints: Router, client_ip: IpAddr, conn: Arc<ConnState>) -> Self {
+        Handler {
+            state,
+            endpoints,
+            client_ip,
+            conn,
+        }
+    }
+}
+
+impl hyper::service::Service<Request<Incoming>> for Handler {
+    type Response = Response<ResponseBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn call(&self, request: Request<Incoming>) -> Self::Future {
+        let reading_body = !request.body().is_end_stream();
+        self.conn.enter(if reading_body { Phase::Body } else { Phase::Busy });
+        let request = request.map(|body| PhaseBody::request(body, self.conn.clone()));
+        let (observed, request) = access::observe(request, self.client_ip, &self.state.metrics);
+        let handler = self.clone();
+        Box::pin(async move {
+            let response = handler.dispatch(observed.kind(), request).await;
+            let response = observed.finish(response);
+            if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                handler.conn.enter(Phase::Upgraded);
+            }
+            Ok(response.map(|body| PhaseBody::response(body, handler.conn)))
+        })
+    }
+}
+
+impl Handler {
+    async fn dispatch(&self, kind: Kind, request: Request<RequestBody>) -> Response<Answer> {
+        let state = &*self.state;
+        let wants_html = pages::wants_html(request.headers());
+        let uri = request.uri().clone();
+        let result = match limits::check_uri(&uri, state.config.server.max_uri_bytes) {
+            Err(refused) => Err(refused),
+            Ok(()) if kind == Kind::Proxied => routes::proxy(state, request, self.client_ip)
+                .await
+                .map(|response| response.map(Answer::Upstream)),
+            Ok(()) => {
+                let request = request.map(axum::body::Body::new);
+                let Ok(response) = self.endpoints.clone().oneshot(request).await;
+                Ok(response.map(Answer::Local))
+            }
+        };
+        result.unwrap_or_else(|failure| {
+            let settings = ErrorPages {
+                retry_after: state.config.session.retry_after,
+            };
+            error::render(&failure, wants_html, &uri, &settings).map(Answer::Local)
+        })
+    }
+}
+
+/// A response body: streamed from the user's backend, or made here.
+pub enum Answer {
+    Upstream(UpstreamBody),
+    Local(axum::body::Body),
+}
+
+impl Body for Answer {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            Answer::Upstream(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            Answer::Local(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Answer::Upstream(body) => body.is_end_stream(),
+            Answer::Local(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Answer::Upstream(body) => body.size_hint(),
+            Answer::Local(body) => body.size_hint(),
+        }
+    }
+}

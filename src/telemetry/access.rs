@@ -1,0 +1,353 @@
+//! The access log and the request metrics: one line per request, written
+//! when its response body ends (or the exchange breaks off), with the real
+//! sizes and latency.
+//!
+//! Everything the line needs is kept as received (cheap clones of the
+//! method, URI and header values) and only rendered when the line is
+//! written, with secret query values redacted then.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::header::{CONTENT_LENGTH, USER_AGENT};
+use http::{HeaderValue, Method, Request, Response, Uri};
+use http_body::{Frame, SizeHint};
+use prometheus::IntCounter;
+use tokio::time::Instant;
+
+use super::PROJECT_ID;
+use crate::metrics::Metrics;
+
+/// What a request is, for metrics, log levels and routing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Goes to the user's backend.
+    Proxied,
+    /// One of the router's own endpoints under `/_router`.
+    Router,
+    /// `/healthz` and `/readyz`: logged at debug level only.
+    Health,
+}
+
+impl Kind {
+    pub fn of(path: &str) -> Kind {
+        match path {
+            "/healthz" | "/readyz" => Kind::Health,
+            p if p == "/_router" || p.starts_with("/_router/") => Kind::Router,
+            _ => Kind::Proxied,
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Kind::Proxied => "proxied",
+            Kind::Router => "router",
+            Kind::Health => "health",
+        }
+    }
+}
+
+/// Query parameters whose values never reach a log line.
+const SECRET_PARAMS: [&str; 8] = ["token", "key", "secret", "password", "auth", "code", "sig", "session"];
+
+/// Path and query, with the values of secret-looking parameters redacted.
+struct LoggableUrl<'a>(&'a Uri);
+
+impl fmt::Display for LoggableUrl<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0.path())?;
+        let Some(query) = self.0.query() else {
+            return Ok(());
+        };
+        for (i, pair) in query.split('&').enumerate() {
+            f.write_str(if i == 0 { "?" } else { "&" })?;
+            let name = pair.split_once('=').map_or(pair, |(name, _)| name);
+            if SECRET_PARAMS.iter().any(|secret| contains_ignore_case(name, secret)) {
+                write!(f, "{name}=REDACTED")?;
+            } else {
+                f.write_str(pair)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn contains_ignore_case(haystack: &str, needle: &str) -> bool {
+    haystack
+        .as_bytes()
+        .windows(needle.len())
+        .any(|window| window.eq_ignore_ascii_case(needle.as_bytes()))
+}
+
+/// The Cloud Trace resource for an `X-Cloud-Trace-Context` value
+/// (`TRACE_ID/SPAN_ID;o=1`): `projects/P/traces/TRACE_ID` once
+/// `log.project_id` is known, else the bare id.
+struct TraceResource<'a>(&'a str);
+
+impl<'a> TraceResource<'a> {
+    fn parse(header: &'a str) -> Option<Self> {
+        let trace_id = header.split('/').next()?.trim();
+        (!trace_id.is_empty() && trace_id.bytes().all(|b| b.is_ascii_hexdigit())).then_some(TraceResource(trace_id))
+    }
+}
+
+impl fmt::Display for TraceResource<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match PROJECT_ID.get() {
+            Some(project) => write!(f, "projects/{project}/traces/{}", self.0),
+            None => f.write_str(self.0),
+        }
+    }
+}
+
+/// A duration as Cloud Logging's `latency` wants it: seconds with an `s`.
+struct Latency(Duration);
+
+impl fmt::Display for Latency {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:.3}s", self.0.as_secs_f64())
+    }
+}
+
+/// What the access-log line needs, kept from when the request arrived.
+struct Exchange {
+    kind: Kind,
+    method: Method,
+    uri: Uri,
+    user_agent: Option<HeaderValue>,
+    remote_ip: IpAddr,
+    trace: Option<HeaderValue>,
+    started: Instant,
+    request_bytes: Arc<AtomicU64>,
+    status: u16,
+}
+
+/// One event, at the level given, with the access line's fields.
+macro_rules! access_event {
+    ($level:expr, $exchange:expr, $response_bytes:expr, $completed:expr) => {{
+        let e = $exchange;
+        let url = LoggableUrl(&e.uri);
+        let trace = e.trace.as_ref().and_then(|t| TraceResource::parse(t.to_str().ok()?));
+        tracing::event!(
+            target: "access",
+            $level,
+            httpRequest.requestMethod = e.method.as_str(),
+            httpRequest.requestUrl = %url,
+            httpRequest.status = u64::from(e.status),
+            httpRequest.latency = %Latency(e.started.elapsed()),
+            httpRequest.requestSize = %e.request_bytes.load(Ordering::Relaxed),
+            httpRequest.responseSize = %$response_bytes,
+            httpRequest.userAgent = e.user_agent.as_ref().and_then(|v| v.to_str().ok()),
+            httpRequest.remoteIp = %e.remote_ip,
+            httpRequest.protocol = "HTTP/1.1",
+            kind = e.kind.label(),
+            completed = $completed,
+            "logging.googleapis.com/trace" = trace.map(display),
+            "{} {url} {}",
+            e.method,
+            e.status
+        )
+    }};
+}
+
+impl Exchange {
+    fn log(&self, response_bytes: u64, completed: bool) {
+        if self.kind == Kind::Health {
+            access_event!(tracing::Level::DEBUG, self, response_bytes, completed);
+        } else {
+            access_event!(tracing::Level::INFO, self, response_bytes, completed);
+        }
+    }
+}
+
+/// A request being observed: its metrics wait for the final response, its
+/// access-log line for the end of the response body.
+pub struct Observed {
+    exchange: Exchange,
+    metrics: Arc<Metrics>,
+}
+
+/// Starts observing `request` from `client_ip`; its body is counted from
+/// now on.
+pub fn observe<B>(request: Request<B>, client_ip: IpAddr, metrics: &Arc<Metrics>) -> (Observed, Request<Counted<B>>) {
+    let kind = Kind::of(request.uri().path());
+    let request_bytes = Arc::new(AtomicU64::new(0));
+    let headers = request.headers();
+    let exchange = Exchange {
+        kind,
+        method: request.method().clone(),
+        uri: request.uri().clone(),
+        user_agent: headers.get(USER_AGENT).cloned(),
+        remote_ip: client_ip,
+        trace: headers.get("x-cloud-trace-context").cloned(),
+        started: Instant::now(),
+        request_bytes: request_bytes.clone(),
+        status: 0,
+    };
+    let to_upstream = (kind == Kind::Proxied).then(|| metrics.to_upstream_bytes().clone());
+    let request = request.map(|body| Counted::new(body, request_bytes, to_upstream));
+    let observed = Observed {
+        exchange,
+        metrics: metrics.clone(),
+    };
+    (observed, request)
+}
+
+impl Observed {
+    pub fn kind(&self) -> Kind {
+        self.exchange.kind
+    }
+
+    /// Counts the final response now; its body writes the access-log line
+    /// when it ends (a 101 is logged at once: what follows is not HTTP).
+    pub fn finish<B: http_body::Body>(self, response: Response<B>) -> Response<Logged<B>> {
+        let Observed { mut exchange, metrics } = self;
+        let kind = exchange.kind;
+        exchange.status = response.status().as_u16();
+        metrics.count_request(kind.label(), response.status());
+        let upgraded = response.status() == http::StatusCode::SWITCHING_PROTOCOLS;
+        if upgraded {
+            exchange.log(0, true);
+        }
+        let streaming = !upgraded && kind == Kind::Proxied && !http_body::Body::is_end_stream(response.body());
+        let declared = response
+            .headers()
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        let to_client = (kind == Kind::Proxied).then(|| metrics.to_client_bytes().clone());
+        response.map(|body| Logged {
+            body: Counted::new(body, Arc::new(AtomicU64::new(0)), to_client),
+            exchange: (!upgraded).then_some(exchange),
+            declared,
+            open_stream: streaming.then(|| {
+                metrics.open_streams.inc();
+                metrics
+            }),
+        })
+    }
+}
+
+/// A body that counts its data bytes (and feeds a metric).
+pub struct Counted<B> {
+    inner: B,
+    bytes: Arc<AtomicU64>,
+    metric: Option<IntCounter>,
+    ended: bool,
+}
+
+impl<B> Counted<B> {
+    fn new(inner: B, bytes: Arc<AtomicU64>, metric: Option<IntCounter>) -> Self {
+        Counted {
+            inner,
+            bytes,
+            metric,
+            ended: false,
+        }
+    }
+}
+
+impl<B: http_body::Body + Unpin> http_body::Body for Counted<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    let n = bytes::Buf::remaining(data) as u64;
+                    self.bytes.fetch_add(n, Ordering::Relaxed);
+                    if let Some(metric) = &self.metric {
+                        metric.inc_by(n);
+                    }
+                }
+            }
+            Poll::Ready(None) => self.ended = true,
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A response body that writes the access-log line when it is dropped:
+/// after the last byte, or when the exchange broke off.
+pub struct Logged<B> {
+    body: Counted<B>,
+    /// `None` once logged.
+    exchange: Option<Exchange>,
+    declared: Option<u64>,
+    open_stream: Option<Arc<Metrics>>,
+}
+
+impl<B: http_body::Body + Unpin> http_body::Body for Logged<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl<B> Drop for Logged<B> {
+    fn drop(&mut self) {
+        if let Some(metrics) = &self.open_stream {
+            metrics.open_streams.dec();
+        }
+        if let Some(exchange) = &self.exchange {
+            let sent = self.body.bytes.load(Ordering::Relaxed);
+            let completed = self.body.ended || self.declared == Some(sent);
+            exchange.log(sent, completed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_query_values_are_redacted_and_the_rest_kept() {
+        let uri: Uri = "/file=out.png?token=abc&__theme=dark&api_KEY=x&flag".parse().unwrap();
+        assert_eq!(
+            LoggableUrl(&uri).to_string(),
+            "/file=out.png?token=REDACTED&__theme=dark&api_KEY=REDACTED&flag"
+        );
+        let plain: Uri = "/queue/join".parse().unwrap();
+        assert_eq!(LoggableUrl(&plain).to_string(), "/queue/join");
+    }
+
+    #[test]
+    fn trace_headers_become_trace_resources() {
+        let trace = TraceResource::parse("105445aa7843bc8bf206b12000100000/1;o=1").unwrap();
+        assert_eq!(trace.to_string(), "105445aa7843bc8bf206b12000100000");
+        assert!(TraceResource::parse("not a trace").is_none());
+        assert!(TraceResource::parse("/1;o=1").is_none());
+    }
+}
