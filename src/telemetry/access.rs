@@ -6,7 +6,7 @@
 //! method, URI and header values) and only rendered when the line is
 //! written, with secret query values redacted then.
 
-use std::fmt;
+use std::fmt::{self, Write};
 use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,8 +19,10 @@ use http::{HeaderValue, Method, Request, Response, Uri};
 use http_body::{Frame, SizeHint};
 use prometheus::IntCounter;
 use tokio::time::Instant;
+use tracing::Level;
 
-use super::PROJECT_ID;
+use super::cloud_logging::{self, write_json_str, Escaped};
+use super::{stderr, PROJECT_ID};
 use crate::metrics::Metrics;
 
 /// What a request is, for metrics, log levels and routing.
@@ -105,12 +107,13 @@ impl fmt::Display for TraceResource<'_> {
     }
 }
 
-/// A duration as Cloud Logging's `latency` wants it: seconds with an `s`.
+/// A duration as Cloud Logging's `latency` wants it: seconds with an `s`,
+/// to the microsecond.
 struct Latency(Duration);
 
 impl fmt::Display for Latency {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:.3}s", self.0.as_secs_f64())
+        write!(f, "{}.{:06}s", self.0.as_secs(), self.0.subsec_micros())
     }
 }
 
@@ -157,11 +160,69 @@ macro_rules! access_event {
 
 impl Exchange {
     fn log(&self, response_bytes: u64, completed: bool) {
-        if self.kind == Kind::Health {
-            access_event!(tracing::Level::DEBUG, self, response_bytes, completed);
+        let level = if self.kind == Kind::Health {
+            Level::DEBUG
         } else {
-            access_event!(tracing::Level::INFO, self, response_bytes, completed);
+            Level::INFO
+        };
+        let enabled = match level {
+            Level::DEBUG => tracing::enabled!(target: "access", Level::DEBUG),
+            _ => tracing::enabled!(target: "access", Level::INFO),
+        };
+        if !enabled {
+            return;
         }
+        if super::own_json_lines() {
+            stderr::write_with(|out| {
+                let _ = self.write_json_line(out, level, response_bytes, completed);
+            });
+        } else if level == Level::DEBUG {
+            access_event!(Level::DEBUG, self, response_bytes, completed);
+        } else {
+            access_event!(Level::INFO, self, response_bytes, completed);
+        }
+    }
+
+    /// The line `CloudLogging` makes of `access_event!`, written directly:
+    /// a tenth of the cost, once per request.
+    fn write_json_line(&self, out: &mut String, level: Level, response_bytes: u64, completed: bool) -> fmt::Result {
+        let url = LoggableUrl(&self.uri);
+        let mut number = itoa::Buffer::new();
+        cloud_logging::write_preamble(out, level, "access")?;
+        out.push_str(r#","message":""#);
+        write!(Escaped(out), "{} {url} {}", self.method, self.status)?;
+        out.push_str(r#"","kind":""#);
+        out.push_str(self.kind.label());
+        out.push_str(if completed {
+            r#"","completed":true"#
+        } else {
+            r#"","completed":false"#
+        });
+        if let Some(trace) = self.trace.as_ref().and_then(|t| TraceResource::parse(t.to_str().ok()?)) {
+            out.push_str(r#","logging.googleapis.com/trace":""#);
+            write!(Escaped(out), "{trace}")?;
+            out.push('"');
+        }
+        out.push_str(r#","httpRequest":{"requestMethod":"#);
+        write_json_str(out, self.method.as_str())?;
+        out.push_str(r#","requestUrl":""#);
+        write!(Escaped(out), "{url}")?;
+        out.push_str(r#"","status":"#);
+        out.push_str(number.format(self.status));
+        out.push_str(r#","latency":""#);
+        write!(out, "{}", Latency(self.started.elapsed()))?;
+        out.push_str(r#"","requestSize":""#);
+        out.push_str(number.format(self.request_bytes.load(Ordering::Relaxed)));
+        out.push_str(r#"","responseSize":""#);
+        out.push_str(number.format(response_bytes));
+        out.push('"');
+        if let Some(agent) = self.user_agent.as_ref().and_then(|v| v.to_str().ok()) {
+            out.push_str(r#","userAgent":"#);
+            write_json_str(out, agent)?;
+        }
+        write!(out, r#","remoteIp":"{}","protocol":"HTTP/1.1"}}}}"#, self.remote_ip)?;
+        out.push('\n');
+        Ok(())
     }
 }
 
@@ -331,6 +392,48 @@ impl<B> Drop for Logged<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_line_written_directly_is_the_line_the_formatter_makes_of_the_event() {
+        let exchange = Exchange {
+            kind: Kind::Proxied,
+            method: Method::POST,
+            uri: "/run/predict?session_hash=abc&fn_index=3".parse().unwrap(),
+            user_agent: Some(HeaderValue::from_static("agent \"quoted\" \\ 1.0")),
+            remote_ip: [10, 0, 0, 1].into(),
+            trace: Some(HeaderValue::from_static("105445aa7843bc8bf206b12000100000/1;o=1")),
+            started: Instant::now(),
+            request_bytes: Arc::new(AtomicU64::new(42)),
+            status: 200,
+        };
+        let formatted = super::super::render_with_cloud_logging(|| {
+            access_event!(Level::INFO, &exchange, 1234u64, false);
+        });
+        let mut direct = String::new();
+        exchange.write_json_line(&mut direct, Level::INFO, 1234, false).unwrap();
+        assert!(direct.ends_with("}\n") && direct.matches('\n').count() == 1);
+        let direct: serde_json::Value = serde_json::from_str(&direct).unwrap();
+        let timeless = |mut line: serde_json::Value| {
+            assert!(line["time"].is_string() && line["httpRequest"]["latency"].as_str().unwrap().ends_with('s'));
+            line.as_object_mut().unwrap().remove("time");
+            line["httpRequest"].as_object_mut().unwrap().remove("latency");
+            line
+        };
+        let direct = timeless(direct);
+        assert_eq!(direct, timeless(formatted));
+        assert_eq!(
+            direct["httpRequest"]["requestUrl"],
+            "/run/predict?session_hash=REDACTED&fn_index=3"
+        );
+        assert_eq!(direct["httpRequest"]["userAgent"], "agent \"quoted\" \\ 1.0");
+        assert_eq!(direct["httpRequest"]["requestSize"], "42");
+    }
+
+    #[test]
+    fn latency_is_seconds_to_the_microsecond() {
+        assert_eq!(Latency(Duration::from_micros(1_234_567)).to_string(), "1.234567s");
+        assert_eq!(Latency(Duration::from_nanos(999)).to_string(), "0.000000s");
+    }
 
     #[test]
     fn secret_query_values_are_redacted_and_the_rest_kept() {

@@ -27,18 +27,7 @@ where
     N: for<'a> FormatFields<'a> + 'static,
 {
     fn format_event(&self, _ctx: &FmtContext<'_, S, N>, mut writer: Writer<'_>, event: &Event<'_>) -> fmt::Result {
-        let severity = match *event.metadata().level() {
-            Level::ERROR => "ERROR",
-            Level::WARN => "WARNING",
-            Level::INFO => "INFO",
-            Level::DEBUG | Level::TRACE => "DEBUG",
-        };
-        write!(
-            writer,
-            r#"{{"severity":"{severity}","time":"{}","target":"#,
-            humantime::format_rfc3339_micros(SystemTime::now())
-        )?;
-        write_json_str(&mut writer, event.metadata().target())?;
+        write_preamble(&mut writer, *event.metadata().level(), event.metadata().target())?;
         let mut fields = Fields {
             line: &mut writer,
             http_request: String::new(),
@@ -138,6 +127,67 @@ impl<W: Write> Visit for Fields<'_, W> {
     }
 }
 
+/// The start of every line, up to the target:
+/// `{"severity":"INFO","time":"2026-12-01T08:20:12.679809Z","target":"access"`.
+pub fn write_preamble(out: &mut (impl Write + ?Sized), level: Level, target: &str) -> fmt::Result {
+    let severity = match level {
+        Level::ERROR => "ERROR",
+        Level::WARN => "WARNING",
+        Level::INFO => "INFO",
+        Level::DEBUG | Level::TRACE => "DEBUG",
+    };
+    out.write_str(r#"{"severity":""#)?;
+    out.write_str(severity)?;
+    out.write_str(r#"","time":""#)?;
+    write_rfc3339_micros(out, SystemTime::now())?;
+    out.write_str(r#"","target":"#)?;
+    write_json_str(out, target)
+}
+
+/// `at` as RFC 3339 UTC with microseconds (`2026-12-01T08:20:12.679809Z`),
+/// without going through `fmt` machinery for each part: this runs for
+/// every access-log line.
+pub fn write_rfc3339_micros(out: &mut (impl Write + ?Sized), at: SystemTime) -> fmt::Result {
+    let since_epoch = at.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let seconds = since_epoch.as_secs();
+    let (year, month, day) = civil_date((seconds / 86_400) as i64);
+    let of_day = seconds % 86_400;
+    let mut text = *b"0000-00-00T00:00:00.000000Z";
+    let mut put = |at: usize, width: usize, mut value: u64| {
+        for i in (at..at + width).rev() {
+            text[i] = b'0' + (value % 10) as u8;
+            value /= 10;
+        }
+    };
+    put(0, 4, year.clamp(0, 9999) as u64);
+    put(5, 2, month);
+    put(8, 2, day);
+    put(11, 2, of_day / 3600);
+    put(14, 2, of_day / 60 % 60);
+    put(17, 2, of_day % 60);
+    put(20, 6, u64::from(since_epoch.subsec_micros()));
+    out.write_str(std::str::from_utf8(&text).map_err(|_| fmt::Error)?)
+}
+
+/// Year, month and day of the `days`th day after 1970-01-01 (Howard
+/// Hinnant's `civil_from_days`).
+fn civil_date(days: i64) -> (i64, u64, u64) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let day_of_era = z.rem_euclid(146_097);
+    let year_of_era = (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let shifted_month = (5 * day_of_year + 2) / 153;
+    let day = (day_of_year - (153 * shifted_month + 2) / 5 + 1) as u64;
+    let month = if shifted_month < 10 {
+        shifted_month + 3
+    } else {
+        shifted_month - 9
+    } as u64;
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
 /// `value` as a JSON string, quotes included.
 pub fn write_json_str(out: &mut (impl Write + ?Sized), value: &str) -> fmt::Result {
     out.write_char('"')?;
@@ -146,7 +196,7 @@ pub fn write_json_str(out: &mut (impl Write + ?Sized), value: &str) -> fmt::Resu
 }
 
 /// Escapes whatever is written through it for the inside of a JSON string.
-struct Escaped<'a, W: ?Sized>(&'a mut W);
+pub struct Escaped<'a, W: ?Sized>(pub &'a mut W);
 
 impl<W: Write + ?Sized> Write for Escaped<'_, W> {
     fn write_str(&mut self, text: &str) -> fmt::Result {
@@ -177,6 +227,28 @@ impl<W: Write + ?Sized> Write for Escaped<'_, W> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn times_are_written_as_humantime_writes_them() {
+        let samples = [
+            0,
+            951_782_400,     // 2000-02-29
+            1_798_761_599,   // 2026-12-31T23:59:59
+            4_102_444_800,   // 2100-01-01 (not a leap year)
+            253_402_300_799, // 9999-12-31T23:59:59
+        ];
+        for seconds in samples
+            .into_iter()
+            .chain((0..2000).map(|i| 1_700_000_000 + i * 86_399 * 17))
+        {
+            for micros in [0, 1, 999_999, 123_456] {
+                let at = std::time::UNIX_EPOCH + std::time::Duration::new(seconds, micros * 1000);
+                let mut ours = String::new();
+                write_rfc3339_micros(&mut ours, at).unwrap();
+                assert_eq!(ours, humantime::format_rfc3339_micros(at).to_string());
+            }
+        }
+    }
+
     fn escaped(text: &str) -> String {
         let mut out = String::new();
         write_json_str(&mut out, text).unwrap();
@@ -200,32 +272,7 @@ mod tests {
         assert_eq!(escaped("a\u{1}b"), r#""a\u0001b""#);
     }
 
-    /// Renders one event through the formatter, as the subscriber would.
-    fn render(emit: impl FnOnce()) -> serde_json::Value {
-        use std::sync::{Arc, Mutex};
-        #[derive(Clone)]
-        struct Buffer(Arc<Mutex<Vec<u8>>>);
-        impl std::io::Write for Buffer {
-            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(bytes);
-                Ok(bytes.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let buffer = Buffer(Arc::new(Mutex::new(Vec::new())));
-        let writer = buffer.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .event_format(CloudLogging)
-            .with_writer(move || writer.clone())
-            .finish();
-        tracing::subscriber::with_default(subscriber, emit);
-        let bytes = buffer.0.lock().unwrap().clone();
-        let text = String::from_utf8(bytes).unwrap();
-        assert_eq!(text.matches('\n').count(), 1, "one line: {text}");
-        serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
-    }
+    use super::super::render_with_cloud_logging as render;
 
     #[test]
     fn an_access_event_becomes_one_line_with_an_http_request_object() {

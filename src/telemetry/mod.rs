@@ -23,6 +23,10 @@ use crate::config::{LogConfig, LogFormat};
 use cloud_logging::CloudLogging;
 
 static INCLUDE_EMAIL: AtomicBool = AtomicBool::new(false);
+/// Set once this module's own JSON subscriber is installed: the access log
+/// then writes its lines itself, in the same shape, without going through
+/// `tracing`'s field machinery (see [`access`]).
+static OWN_JSON_LINES: AtomicBool = AtomicBool::new(false);
 static PROJECT_ID: OnceLock<String> = OnceLock::new();
 
 /// Installs the global subscriber. `RUST_LOG`, when set, wins over
@@ -45,7 +49,13 @@ pub fn init(config: &LogConfig) {
             .try_init(),
     };
     // Already installed (tests, embedders): keep theirs.
-    let _ = result;
+    if result.is_ok() && config.format == LogFormat::Json {
+        OWN_JSON_LINES.store(true, Ordering::Release);
+    }
+}
+
+fn own_json_lines() -> bool {
+    OWN_JSON_LINES.load(Ordering::Acquire)
 }
 
 /// A stable, non-reversible id for a user (from their IAP `sub`).
@@ -70,6 +80,36 @@ fn short_hash(context: &str, value: &str) -> String {
         .chain_update(value)
         .finalize();
     digest[..6].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Renders the one event `emit` makes through the JSON formatter, as the
+/// subscriber would, and parses the line back.
+#[cfg(test)]
+fn render_with_cloud_logging(emit: impl FnOnce()) -> serde_json::Value {
+    use std::sync::{Arc, Mutex};
+    #[derive(Clone)]
+    struct Buffer(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Buffer {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let buffer = Buffer(Arc::new(Mutex::new(Vec::new())));
+    let writer = buffer.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .event_format(CloudLogging)
+        .with_writer(move || writer.clone())
+        .finish();
+    tracing::subscriber::with_default(subscriber, emit);
+    let bytes = buffer.0.lock().unwrap().clone();
+    let text = String::from_utf8(bytes).unwrap();
+    assert_eq!(text.matches('\n').count(), 1, "one line: {text}");
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
 }
 
 #[cfg(test)]

@@ -30,25 +30,25 @@ const FLUSH_AT: usize = 32 * 1024;
 
 /// Buffers handed over and not yet written. Locked only to push or take a
 /// buffer, never across a system call.
-static QUEUE: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+static QUEUE: Mutex<Vec<String>> = Mutex::new(Vec::new());
 /// The write turn: held by the one thread writing queued buffers.
 static TURN: Mutex<()> = Mutex::new(());
 
 thread_local! {
-    static PENDING: RefCell<Pending> = const { RefCell::new(Pending { buffered: false, bytes: Vec::new() }) };
+    static PENDING: RefCell<Pending> = const { RefCell::new(Pending { buffered: false, lines: String::new() }) };
 }
 
 struct Pending {
     /// Set once this thread has parked as a runtime worker: from then on its
-    /// lines wait in `bytes` until the next park.
+    /// lines wait in `lines` until the next park.
     buffered: bool,
-    bytes: Vec<u8>,
+    lines: String,
 }
 
 impl Pending {
     fn flush(&mut self) {
-        if !self.bytes.is_empty() {
-            hand_over(std::mem::take(&mut self.bytes));
+        if !self.lines.is_empty() {
+            hand_over(std::mem::take(&mut self.lines));
         }
     }
 }
@@ -63,12 +63,12 @@ fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Queues `bytes` (whole lines) and, unless another thread is writing
+/// Queues `lines` (whole ones) and, unless another thread is writing
 /// already, writes everything queued. The writer looks at the queue again
 /// after giving up its turn, so a buffer queued while it wrote (by a thread
 /// that found the turn taken) is never left behind.
-fn hand_over(bytes: Vec<u8>) {
-    locked(&QUEUE).push(bytes);
+fn hand_over(lines: String) {
+    locked(&QUEUE).push(lines);
     loop {
         let turn = match TURN.try_lock() {
             Ok(turn) => turn,
@@ -80,9 +80,9 @@ fn hand_over(bytes: Vec<u8>) {
             return;
         }
         let mut stderr = io::stderr().lock();
-        for bytes in &queued {
+        for lines in &queued {
             // Logging must never fail a request; a closed stderr loses lines.
-            let _ = stderr.write_all(bytes);
+            let _ = stderr.write_all(lines.as_bytes());
         }
         drop(stderr);
         drop(turn);
@@ -109,6 +109,35 @@ pub fn flush_thread() {
     });
 }
 
+/// Appends one whole line (ending in a newline), written by `write`, to the
+/// calling thread's batch, or hands it over at once on a thread that is not
+/// a runtime worker.
+pub fn write_with(write: impl FnOnce(&mut String)) {
+    let mut write = Some(write);
+    let _ = PENDING.try_with(|pending| {
+        let Ok(mut pending) = pending.try_borrow_mut() else {
+            return;
+        };
+        if !pending.buffered {
+            return;
+        }
+        if pending.lines.capacity() == 0 {
+            pending.lines.reserve(FLUSH_AT / 4);
+        }
+        if let Some(write) = write.take() {
+            write(&mut pending.lines);
+        }
+        if pending.lines.len() >= FLUSH_AT {
+            pending.flush();
+        }
+    });
+    if let Some(write) = write {
+        let mut line = String::new();
+        write(&mut line);
+        hand_over(line);
+    }
+}
+
 /// The `tracing_subscriber` writer: one [`Line`] per event.
 #[derive(Clone, Copy, Default)]
 pub struct Stderr;
@@ -122,27 +151,12 @@ impl<'a> MakeWriter<'a> for Stderr {
 }
 
 /// Receives one formatted event (the fmt layer makes a single `write_all`
-/// of the whole line).
+/// of the whole line, always UTF-8: it formats into a `String`).
 pub struct Line;
 
 impl Write for Line {
     fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
-        let buffered = PENDING.try_with(|pending| match pending.try_borrow_mut() {
-            Ok(mut pending) if pending.buffered => {
-                if pending.bytes.capacity() == 0 {
-                    pending.bytes.reserve(FLUSH_AT / 4);
-                }
-                pending.bytes.extend_from_slice(bytes);
-                if pending.bytes.len() >= FLUSH_AT {
-                    pending.flush();
-                }
-                true
-            }
-            _ => false,
-        });
-        if buffered != Ok(true) {
-            hand_over(bytes.to_vec());
-        }
+        write_with(|out| out.push_str(&String::from_utf8_lossy(bytes)));
         Ok(bytes.len())
     }
 
