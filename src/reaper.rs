@@ -91,6 +91,7 @@ async fn pass(state: &AppState) {
         keys.report_age();
     }
     state.auth.purge_expired();
+    state.forwarder.prune_idle();
     let held_here: HashSet<Arc<str>> = state
         .registry
         .sessions()

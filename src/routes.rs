@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::{Form, Json};
 use bytes::Bytes;
 use http::header::SET_COOKIE;
-use http::{HeaderMap, Method, Request, StatusCode};
+use http::{HeaderMap, Request, StatusCode};
 use http_body_util::Empty;
 use serde::Deserialize;
 use serde_json::json;
@@ -23,8 +23,9 @@ use crate::error::RouterError;
 use crate::pages::{self, escape};
 use crate::proxy::{headers::is_upgrade, BoxError, Exchange, ProxyError, UpstreamBody};
 use crate::server::AppState;
-use crate::session::cookie::{set_cookie, unix};
+use crate::session::cookie::set_cookie;
 use crate::session::Session;
+use crate::telemetry;
 
 type Shared = State<Arc<AppState>>;
 
@@ -40,11 +41,19 @@ where
 {
     let identity = state.identify(request.headers()).await?;
     if is_upgrade(request.headers()) {
-        check_origin(&state, request.headers())?;
+        check_origin(state, request.headers())?;
     }
     let now = SystemTime::now();
-    let pin = state.cookies.read(request.headers(), &identity.sub, now);
-    let mut session = state.registry.get_or_allocate(&identity, pin.as_ref()).await?;
+    let headers = request.headers();
+    let mut session = state
+        .registry
+        .get_or_allocate(&identity, || state.cookies.read(headers, &identity.sub, now))
+        .await?;
+    let mut pin_is_fresh = session.with_issued_pin(|last| {
+        state
+            .cookies
+            .is_fresh(headers, &identity.sub, &session.lease.backend, last, now)
+    });
     let counts_as_activity = state.counts_as_activity(request.uri().path());
     // Backends that can be replaced (pods) are replaced when they refuse
     // connections; a request that can be sent again is, once.
@@ -58,12 +67,14 @@ where
     let first = state.forwarder.forward(request, exchange).await;
     let mut response = match first {
         Err(unreachable @ ProxyError::Connect { .. }) if replaceable => {
-            tracing::warn!(user = %identity.email, backend = %session.lease, error = %unreachable, "backend unreachable; replacing it");
+            tracing::warn!(user_id = %telemetry::user_id(&identity.sub), backend = %session.lease, error = %unreachable, "backend unreachable; replacing it");
             state.registry.release(&session, "dead_pod").await?;
             let Some(request) = replay else {
                 return Err(unreachable.into());
             };
-            session = state.registry.get_or_allocate(&identity, None).await?;
+            session = state.registry.get_or_allocate(&identity, || None).await?;
+            // The cookie named the dead backend.
+            pin_is_fresh = false;
             let exchange = Exchange {
                 session: &session,
                 client_ip,
@@ -73,17 +84,15 @@ where
         }
         result => result?,
     };
-    let fresh = pin.is_some_and(|p| {
-        *p.backend == *session.lease.backend && p.expires > unix(now) + state.config.session.cookie_ttl.as_secs() / 2
-    });
-    if !fresh {
-        let cookie = state.cookies.issue(
+    if !pin_is_fresh {
+        let (cookie, issued) = state.cookies.issue(
             &identity.sub,
             &session.lease.backend,
             session.lease.upstream.as_str(),
             session.allocated_at,
             now,
         );
+        session.remember_pin(issued);
         response.headers_mut().append(SET_COOKIE, cookie);
     }
     Ok(response)
@@ -92,11 +101,7 @@ where
 /// A copy of the request to send again if the first attempt never reached
 /// the backend: only for idempotent methods without a body.
 fn replayable<B: http_body::Body>(request: &Request<B>) -> Option<Request<Empty<Bytes>>> {
-    let idempotent = matches!(
-        *request.method(),
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
-    );
-    if !idempotent || !http_body::Body::is_end_stream(request.body()) {
+    if !request.method().is_idempotent() || !http_body::Body::is_end_stream(request.body()) {
         return None;
     }
     let mut copy = Request::new(Empty::new());

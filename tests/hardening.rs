@@ -853,7 +853,7 @@ fn codec(secret: &[u8], ttl: Duration) -> CookieCodec {
 
 /// `session_router=…` pinning `sub` to `backend` at `upstream`, issued at `now`.
 fn pin_cookie(codec: &CookieCodec, sub: &str, backend: &str, upstream: SocketAddr, now: SystemTime) -> String {
-    let header = codec.issue(sub, backend, &upstream.to_string(), now, now);
+    let (header, _) = codec.issue(sub, backend, &upstream.to_string(), now, now);
     header.to_str().unwrap().split(';').next().unwrap().to_string()
 }
 

@@ -83,7 +83,7 @@ pub fn session_lookup(users: usize, lookups: usize, repeats: usize) -> SessionLo
         .collect();
     for identity in &identities {
         registry
-            .get_or_allocate(identity, None)
+            .get_or_allocate(identity, || None)
             .now_or_never()
             .expect("allocation completes without waiting")
             .expect("allocation succeeds");
@@ -98,7 +98,7 @@ pub fn session_lookup(users: usize, lookups: usize, repeats: usize) -> SessionLo
         let identity = &identities[order[i]];
         black_box(
             registry
-                .get_or_allocate(black_box(identity), None)
+                .get_or_allocate(black_box(identity), || None)
                 .now_or_never()
                 .expect("a known user never waits")
                 .expect("known user"),

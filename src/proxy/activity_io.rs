@@ -4,7 +4,6 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -13,33 +12,16 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::session::Session;
 
-/// A body that touches the session on every data frame (when it counts as
-/// activity) and, for request bodies, remembers whether it failed — so a
-/// failed exchange can be blamed on the right side.
+/// A body that touches the session on every data frame, when it counts as
+/// activity.
 pub struct ActivityBody<B> {
     inner: B,
     session: Option<Arc<Session>>,
-    failed: Option<Arc<AtomicBool>>,
 }
 
 impl<B> ActivityBody<B> {
-    /// A response body: `session` when it counts as activity.
-    pub fn response(inner: B, session: Option<Arc<Session>>) -> Self {
-        ActivityBody {
-            inner,
-            session,
-            failed: None,
-        }
-    }
-
-    /// A request body: `session` when it counts as activity, and a flag set
-    /// if reading it from the client fails.
-    pub fn request(inner: B, session: Option<Arc<Session>>, failed: Arc<AtomicBool>) -> Self {
-        ActivityBody {
-            inner,
-            session,
-            failed: Some(failed),
-        }
+    pub fn new(inner: B, session: Option<Arc<Session>>) -> Self {
+        ActivityBody { inner, session }
     }
 }
 
@@ -52,18 +34,10 @@ impl<B: Body + Unpin> Body for ActivityBody<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(Some(Ok(frame))) if frame.is_data() => {
-                if let Some(session) = &self.session {
-                    session.activity.touch();
-                }
+        if let (Poll::Ready(Some(Ok(frame))), Some(session)) = (&polled, &self.session) {
+            if frame.is_data() {
+                session.activity.touch();
             }
-            Poll::Ready(Some(Err(_))) => {
-                if let Some(failed) = &self.failed {
-                    failed.store(true, Ordering::Release);
-                }
-            }
-            _ => {}
         }
         polled
     }

@@ -1,16 +1,27 @@
-//! Header rewriting between client and upstream.
+//! The request head as the upstream receives it, written straight from the
+//! client's request into the bytes that go on the wire.
 //!
-//! Hop-by-hop headers describe one connection and must not be forwarded
+//! Hop-by-hop headers describe one connection and are not forwarded
 //! (RFC 9110 §7.6.1): `Connection` and every header it names, plus the
 //! well-known `Keep-Alive`, `Proxy-Connection`, `TE`, `Trailer`,
 //! `Transfer-Encoding` and `Upgrade`. An upgrade request is the exception:
 //! `Connection: upgrade` and `Upgrade` are re-added so the upstream sees it.
+//! `Expect` is answered by the router's own server (a `100 Continue` when
+//! the body is first read), so it goes no further either. Identity headers
+//! a client could forge are dropped and the verified ones written instead;
+//! the router's own cookies never leave it.
+//! (The response side is filtered as it is parsed, in `upstream`.)
 
+use std::io::Write;
 use std::net::IpAddr;
 
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName};
+use http::request::Parts;
+use http::uri::Authority;
 
+use super::upstream::RequestFraming;
 use crate::auth::Identity;
+use crate::session::cookie::cookies_without;
 
 /// Identity headers a client could forge if it bypassed IAP. Never
 /// forwarded as received.
@@ -19,7 +30,7 @@ const SPOOFABLE_PREFIX: &str = "x-goog-authenticated-";
 pub const USER_HEADER: &str = "x-session-router-user";
 pub const EMAIL_HEADER: &str = "x-session-router-email";
 
-const HOP_BY_HOP: [HeaderName; 7] = [
+pub(super) const HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -44,83 +55,133 @@ fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
         .filter(|t| !t.is_empty())
 }
 
-fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = connection_tokens(headers)
-        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-        .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
-        headers.remove(name);
-    }
-}
-
-/// What the proxy knows about the client connection.
+/// What the router adds to every request it forwards.
 pub struct Forwarded<'a> {
     pub client_ip: IpAddr,
     pub identity: &'a Identity,
+    /// The router's own cookie names.
+    pub router_cookies: &'a [String],
 }
 
-/// Prepares request headers for the upstream, in place.
-pub fn to_upstream(headers: &mut HeaderMap, forwarded: &Forwarded<'_>) {
-    let upgrade = is_upgrade(headers)
-        .then(|| headers.get(header::UPGRADE).cloned())
-        .flatten();
-    remove_hop_by_hop(headers);
-    headers.remove(header::PROXY_AUTHORIZATION);
-    let spoofable: Vec<HeaderName> = headers
-        .keys()
-        .filter(|k| k.as_str().starts_with(SPOOFABLE_PREFIX))
-        .cloned()
-        .collect();
-    for name in spoofable {
-        headers.remove(name);
+/// Headers the router writes itself (from what it knows, not from what
+/// the client said), or that go no further than the router.
+fn written_here(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(name)
+        || matches!(
+            name.as_str(),
+            "proxy-authorization"
+                | "expect"
+                | "cookie"
+                | "x-forwarded-for"
+                | "x-forwarded-proto"
+                | "x-forwarded-host"
+                | USER_HEADER
+                | EMAIL_HEADER
+        )
+        || name.as_str().starts_with(SPOOFABLE_PREFIX)
+}
+
+/// Writes the upstream request head for `parts` into `out` and says how its
+/// body (`has_body`: the client sent one) is framed.
+pub fn write_request_head(
+    out: &mut Vec<u8>,
+    parts: &Parts,
+    upstream: &Authority,
+    forwarded: &Forwarded<'_>,
+    has_body: bool,
+) -> RequestFraming {
+    let headers = &parts.headers;
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    write_parts(
+        out,
+        &[
+            parts.method.as_str().as_bytes(),
+            b" ",
+            path.as_bytes(),
+            b" HTTP/1.1\r\n",
+        ],
+    );
+
+    let named: Vec<&str> = connection_tokens(headers).collect();
+    for (name, value) in headers {
+        if written_here(name) || named.iter().any(|n| n.eq_ignore_ascii_case(name.as_str())) {
+            continue;
+        }
+        write_header(out, name.as_str(), value.as_bytes());
+    }
+    if !headers.contains_key(header::HOST) {
+        write_header(out, "host", upstream.as_str().as_bytes());
     }
 
-    let client_ip = forwarded.client_ip.to_string();
-    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prior) if !prior.trim().is_empty() => format!("{prior}, {client_ip}"),
-        _ => client_ip,
-    };
-    set(headers, "x-forwarded-for", &xff);
+    match cookies_without(headers, forwarded.router_cookies) {
+        None => {
+            for value in headers.get_all(header::COOKIE) {
+                write_header(out, "cookie", value.as_bytes());
+            }
+        }
+        Some(kept) => {
+            let start = out.len();
+            for (i, pair) in kept.enumerate() {
+                let separator: &[u8] = if i == 0 { b"cookie: " } else { b"; " };
+                write_parts(out, &[separator, pair.as_bytes()]);
+            }
+            if out.len() > start {
+                out.extend_from_slice(b"\r\n");
+            }
+        }
+    }
+
+    // The client address is appended to what earlier proxies recorded.
+    out.extend_from_slice(b"x-forwarded-for: ");
+    for prior in headers.get_all("x-forwarded-for") {
+        let prior = prior.as_bytes().trim_ascii();
+        if !prior.is_empty() {
+            write_parts(out, &[prior, b", "]);
+        }
+    }
+    let _ = write!(out, "{}\r\n", forwarded.client_ip);
     // The Google load balancer terminates TLS and says so; a request that
     // did not come through it arrived over plain HTTP.
-    let proto = match headers.get("x-forwarded-proto").map(HeaderValue::as_bytes) {
-        Some(b"https") => "https",
-        _ => "http",
+    let https = headers.get("x-forwarded-proto").map(|v| v.as_bytes()) == Some(b"https");
+    write_header(out, "x-forwarded-proto", if https { b"https" } else { b"http" });
+    if let Some(host) = headers.get(header::HOST) {
+        write_header(out, "x-forwarded-host", host.as_bytes());
+    }
+    for (name, value) in [
+        (USER_HEADER, &forwarded.identity.sub),
+        (EMAIL_HEADER, &forwarded.identity.email),
+    ] {
+        // A value that cannot be a header value is left out, never mangled.
+        if value.bytes().all(|b| b == b'\t' || (b' '..=b'~').contains(&b)) {
+            write_header(out, name, value.as_bytes());
+        }
+    }
+
+    if is_upgrade(headers) {
+        if let Some(protocol) = headers.get(header::UPGRADE) {
+            out.extend_from_slice(b"connection: upgrade\r\n");
+            write_header(out, "upgrade", protocol.as_bytes());
+        }
+    }
+    let framing = if !has_body {
+        RequestFraming::Empty
+    } else if headers.contains_key(header::CONTENT_LENGTH) {
+        RequestFraming::Length
+    } else {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        RequestFraming::Chunked
     };
-    set(headers, "x-forwarded-proto", proto);
-    if let Some(host) = headers.get(header::HOST).cloned() {
-        headers.insert("x-forwarded-host", host);
-    }
-    set(headers, USER_HEADER, &forwarded.identity.sub);
-    set(headers, EMAIL_HEADER, &forwarded.identity.email);
-
-    if let Some(protocol) = upgrade {
-        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        headers.insert(header::UPGRADE, protocol);
-    }
+    out.extend_from_slice(b"\r\n");
+    framing
 }
 
-/// Prepares response headers for the client, in place. A 101 keeps its
-/// `Connection`/`Upgrade` pair: it is the handshake itself.
-pub fn to_client(headers: &mut HeaderMap, switching_protocols: bool) {
-    let upgrade = switching_protocols
-        .then(|| headers.get(header::UPGRADE).cloned())
-        .flatten();
-    remove_hop_by_hop(headers);
-    if let Some(protocol) = upgrade {
-        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        headers.insert(header::UPGRADE, protocol);
-    }
+fn write_header(out: &mut Vec<u8>, name: &str, value: &[u8]) {
+    write_parts(out, &[name.as_bytes(), b": ", value, b"\r\n"]);
 }
 
-fn set(headers: &mut HeaderMap, name: &'static str, value: &str) {
-    match HeaderValue::from_str(value) {
-        Ok(v) => {
-            headers.insert(name, v);
-        }
-        Err(_) => {
-            headers.remove(name);
-        }
+fn write_parts(out: &mut Vec<u8>, parts: &[&[u8]]) {
+    for part in parts {
+        out.extend_from_slice(part);
     }
 }
 
@@ -132,32 +193,64 @@ mod tests {
         Identity::new("accounts.google.com:1", "alice@example.com", None)
     }
 
-    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
-        let mut h = HeaderMap::new();
+    /// The head the upstream receives for a GET with these headers, parsed
+    /// back as the upstream would.
+    fn forwarded(pairs: &[(&str, &str)]) -> (String, HeaderMap) {
+        let mut request = http::Request::get("/queue/join?x=1");
         for (k, v) in pairs {
-            h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+            request = request.header(*k, *v);
         }
-        h
+        let (parts, ()) = request.body(()).unwrap().into_parts();
+        let mut out = Vec::new();
+        let framing = write_request_head(
+            &mut out,
+            &parts,
+            &Authority::from_static("10.0.0.7:7860"),
+            &Forwarded {
+                client_ip: [35, 191, 0, 1].into(),
+                identity: &identity(),
+                router_cookies: &["session_router".into(), "session_router_dev".into()],
+            },
+            false,
+        );
+        assert_eq!(framing, RequestFraming::Empty);
+        let mut raw = [httparse::EMPTY_HEADER; 64];
+        let mut parsed = httparse::Request::new(&mut raw);
+        assert!(
+            parsed.parse(&out).unwrap().is_complete(),
+            "{}",
+            String::from_utf8_lossy(&out)
+        );
+        assert_eq!(parsed.path, Some("/queue/join?x=1"));
+        let mut headers = HeaderMap::new();
+        for h in parsed.headers.iter() {
+            headers.append(
+                HeaderName::from_bytes(h.name.as_bytes()).unwrap(),
+                h.value.try_into().unwrap(),
+            );
+        }
+        (String::from_utf8(out).unwrap(), headers)
     }
 
     #[test]
     fn hop_by_hop_and_connection_named_headers_are_removed() {
-        let mut h = headers(&[
+        let (_, h) = forwarded(&[
             ("connection", "keep-alive, x-secret-hop"),
             ("keep-alive", "timeout=5"),
             ("x-secret-hop", "1"),
             ("te", "trailers"),
             ("proxy-authorization", "Bearer x"),
+            ("expect", "100-continue"),
             ("accept", "text/html"),
         ]);
-        to_upstream(
-            &mut h,
-            &Forwarded {
-                client_ip: [10, 0, 0, 1].into(),
-                identity: &identity(),
-            },
-        );
-        for gone in ["connection", "keep-alive", "x-secret-hop", "te", "proxy-authorization"] {
+        for gone in [
+            "connection",
+            "keep-alive",
+            "x-secret-hop",
+            "te",
+            "proxy-authorization",
+            "expect",
+        ] {
             assert!(!h.contains_key(gone), "{gone} forwarded");
         }
         assert_eq!(h["accept"], "text/html");
@@ -165,7 +258,7 @@ mod tests {
 
     #[test]
     fn spoofed_identity_headers_are_replaced_by_verified_ones() {
-        let mut h = headers(&[
+        let (_, h) = forwarded(&[
             (
                 "x-goog-authenticated-user-email",
                 "accounts.google.com:boss@example.com",
@@ -173,50 +266,102 @@ mod tests {
             ("x-goog-authenticated-user-id", "accounts.google.com:999"),
             (EMAIL_HEADER, "boss@example.com"),
         ]);
-        to_upstream(
-            &mut h,
-            &Forwarded {
-                client_ip: [10, 0, 0, 1].into(),
-                identity: &identity(),
-            },
-        );
         assert!(!h.contains_key("x-goog-authenticated-user-email"));
         assert!(!h.contains_key("x-goog-authenticated-user-id"));
+        assert_eq!(h.get_all(EMAIL_HEADER).iter().count(), 1);
         assert_eq!(h[EMAIL_HEADER], "alice@example.com");
         assert_eq!(h[USER_HEADER], "accounts.google.com:1");
     }
 
     #[test]
     fn forwarded_headers_are_appended_and_set() {
-        let mut h = headers(&[
+        let (_, h) = forwarded(&[
             ("x-forwarded-for", "1.2.3.4"),
             ("x-forwarded-proto", "https"),
             ("host", "sd.example.com"),
         ]);
-        to_upstream(
-            &mut h,
-            &Forwarded {
-                client_ip: [35, 191, 0, 1].into(),
-                identity: &identity(),
-            },
-        );
         assert_eq!(h["x-forwarded-for"], "1.2.3.4, 35.191.0.1");
         assert_eq!(h["x-forwarded-proto"], "https");
         assert_eq!(h["x-forwarded-host"], "sd.example.com");
+        assert_eq!(h["host"], "sd.example.com", "the client's Host goes on");
+        let (_, bare) = forwarded(&[("x-forwarded-proto", "javascript")]);
+        assert_eq!(bare["x-forwarded-for"], "35.191.0.1");
+        assert_eq!(bare["x-forwarded-proto"], "http");
+        assert_eq!(
+            bare["host"], "10.0.0.7:7860",
+            "a request without Host gets the upstream's"
+        );
+    }
+
+    #[test]
+    fn the_router_cookies_never_go_upstream_and_the_others_do() {
+        let (_, h) = forwarded(&[("cookie", "a=1; session_router=v1.x.y; b=2")]);
+        assert_eq!(h["cookie"], "a=1; b=2");
+        let (_, only_ours) = forwarded(&[("cookie", "session_router=v1.x.y")]);
+        assert!(!only_ours.contains_key("cookie"));
+        let (_, others) = forwarded(&[("cookie", "a=1"), ("cookie", "b=2")]);
+        assert_eq!(
+            others.get_all("cookie").iter().count(),
+            2,
+            "untouched when none is ours"
+        );
     }
 
     #[test]
     fn an_upgrade_request_keeps_its_handshake_headers() {
-        let mut h = headers(&[("connection", "keep-alive, Upgrade"), ("upgrade", "websocket")]);
-        assert!(is_upgrade(&h));
-        to_upstream(
-            &mut h,
-            &Forwarded {
-                client_ip: [127, 0, 0, 1].into(),
-                identity: &identity(),
-            },
-        );
+        let (_, h) = forwarded(&[("connection", "keep-alive, Upgrade"), ("upgrade", "websocket")]);
         assert_eq!(h["connection"], "upgrade");
         assert_eq!(h["upgrade"], "websocket");
+    }
+
+    #[test]
+    fn an_identity_that_cannot_be_a_header_value_is_left_out() {
+        let odd = Identity::new("accounts.google.com:1", "ünï@example.com", None);
+        let (parts, ()) = http::Request::get("/").body(()).unwrap().into_parts();
+        let mut out = Vec::new();
+        write_request_head(
+            &mut out,
+            &parts,
+            &Authority::from_static("10.0.0.7:7860"),
+            &Forwarded {
+                client_ip: [10, 0, 0, 1].into(),
+                identity: &odd,
+                router_cookies: &[],
+            },
+            false,
+        );
+        let text = String::from_utf8(out).unwrap();
+        assert!(!text.contains(EMAIL_HEADER), "{text}");
+        assert!(text.contains(USER_HEADER));
+    }
+
+    #[test]
+    fn a_body_keeps_its_length_or_is_chunked() {
+        let post = |headers: &[(&str, &str)]| {
+            let mut request = http::Request::post("/upload");
+            for (k, v) in headers {
+                request = request.header(*k, *v);
+            }
+            let (parts, ()) = request.body(()).unwrap().into_parts();
+            let mut out = Vec::new();
+            let framing = write_request_head(
+                &mut out,
+                &parts,
+                &Authority::from_static("10.0.0.7:7860"),
+                &Forwarded {
+                    client_ip: [10, 0, 0, 1].into(),
+                    identity: &identity(),
+                    router_cookies: &[],
+                },
+                true,
+            );
+            (framing, String::from_utf8(out).unwrap())
+        };
+        let (framing, head) = post(&[("content-length", "5")]);
+        assert_eq!(framing, RequestFraming::Length);
+        assert!(head.contains("content-length: 5\r\n") && !head.contains("transfer-encoding"));
+        let (framing, head) = post(&[("transfer-encoding", "chunked")]);
+        assert_eq!(framing, RequestFraming::Chunked);
+        assert_eq!(head.matches("transfer-encoding: chunked\r\n").count(), 1);
     }
 }

@@ -6,26 +6,21 @@
 
 pub mod activity_io;
 pub mod headers;
+pub mod upstream;
 
 use std::io;
 use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response, StatusCode, Uri};
+use http::{Method, Request, Response};
 use http_body::Frame;
-use http_body_util::combinators::UnsyncBoxBody;
-use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use hyper::upgrade::{OnUpgrade, Upgraded};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::io::{copy_bidirectional_with_sizes, AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use hyper_util::rt::TokioIo;
+use tokio::io::{copy_bidirectional_with_sizes, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
@@ -33,10 +28,10 @@ use tokio_util::task::TaskTracker;
 
 use crate::metrics::Metrics;
 use crate::server::connection::GuardedIo;
-use crate::session::cookie::remove_cookies;
 use crate::session::Session;
 use activity_io::{ActivityBody, ActivityIo};
 use headers::Forwarded;
+use upstream::{BodyReader, Outgoing, UpstreamError, Upstreams};
 
 /// Per-direction buffer of a WebSocket relay, held only while bytes move:
 /// an idle socket holds none (see [`pipe`]).
@@ -51,14 +46,14 @@ pub enum ProxyError {
     Connect {
         upstream: String,
         #[source]
-        source: hyper_util::client::legacy::Error,
+        source: UpstreamError,
     },
     /// The exchange failed after the request was (partly) sent.
     #[error("upstream {upstream} failed: {source}")]
     Exchange {
         upstream: String,
         #[source]
-        source: hyper_util::client::legacy::Error,
+        source: UpstreamError,
     },
     /// The client's own request body failed (malformed chunking, a reset):
     /// the client's fault, not the upstream's.
@@ -66,23 +61,20 @@ pub enum ProxyError {
     ClientBody { upstream: String },
     #[error("upstream {upstream} switched protocols without being asked")]
     UnrequestedUpgrade { upstream: String },
-    #[error("cannot build an upstream URI: {0}")]
-    Uri(#[from] http::Error),
 }
 
 /// Any error a body can fail with.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-/// A request body on its way upstream, boxed once whatever the client sent.
-type Outgoing = UnsyncBoxBody<Bytes, BoxError>;
 
-/// The request-independent part of forwarding: the pooled client, and the
-/// relays of upgraded connections (which the HTTP server no longer tracks).
+/// The request-independent part of forwarding: the pooled connections, and
+/// the relays of upgraded connections (which the HTTP server no longer
+/// tracks).
 pub struct Forwarder {
-    client: Client<HttpConnector, Outgoing>,
+    upstreams: Arc<Upstreams>,
     relays: TaskTracker,
     /// Cancelled at the end of a drain: every relay still open closes.
     stop_relays: CancellationToken,
-    strip_cookies: Vec<String>,
+    router_cookies: Vec<String>,
     metrics: Arc<Metrics>,
 }
 
@@ -95,19 +87,13 @@ pub struct Exchange<'a> {
 }
 
 impl Forwarder {
-    /// `strip_cookies` are the router's own cookie names, never forwarded.
-    pub fn new(connect_timeout: Duration, strip_cookies: Vec<String>, metrics: Arc<Metrics>) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(connect_timeout));
-        connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .build(connector);
+    /// `router_cookies` are the router's own cookie names, never forwarded.
+    pub fn new(connect_timeout: Duration, router_cookies: Vec<String>, metrics: Arc<Metrics>) -> Self {
         Forwarder {
-            client,
+            upstreams: Arc::new(Upstreams::new(connect_timeout, POOL_IDLE_TIMEOUT)),
             relays: TaskTracker::new(),
             stop_relays: CancellationToken::new(),
-            strip_cookies,
+            router_cookies,
             metrics,
         }
     }
@@ -115,6 +101,11 @@ impl Forwarder {
     /// Open WebSocket (and other upgraded) relays.
     pub fn open_relays(&self) -> usize {
         self.relays.len()
+    }
+
+    /// Closes pooled connections idle too long. Called periodically.
+    pub fn prune_idle(&self) {
+        self.upstreams.prune_idle();
     }
 
     /// Waits for relays to end by themselves for up to `grace`, then closes
@@ -142,92 +133,79 @@ impl Forwarder {
     {
         let session = exchange.session;
         let upstream = &session.lease.upstream;
-        let wants_upgrade = headers::is_upgrade(request.headers());
-        let client_upgrade = wants_upgrade.then(|| hyper::upgrade::on(&mut request));
-
-        let (mut parts, body) = request.into_parts();
-        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        parts.uri = Uri::builder()
-            .scheme("http")
-            .authority(upstream.clone())
-            .path_and_query(path)
-            .build()?;
-        parts.version = http::Version::HTTP_11;
-        headers::to_upstream(
-            &mut parts.headers,
+        let client_upgrade = headers::is_upgrade(request.headers()).then(|| hyper::upgrade::on(&mut request));
+        let (parts, body) = request.into_parts();
+        let mut head = Vec::with_capacity(1024);
+        let framing = headers::write_request_head(
+            &mut head,
+            &parts,
+            upstream,
             &Forwarded {
                 client_ip: exchange.client_ip,
                 identity: &session.identity,
+                router_cookies: &self.router_cookies,
             },
+            !body.is_end_stream(),
         );
-        let names: Vec<&str> = self.strip_cookies.iter().map(String::as_str).collect();
-        remove_cookies(&mut parts.headers, &names);
-        let client_body_failed = Arc::new(AtomicBool::new(false));
         let activity = exchange.counts_as_activity.then(|| session.clone());
-        let body = ActivityBody::request(body, activity, client_body_failed.clone())
-            .map_err(Into::into)
-            .boxed_unsync();
+        let body = ActivityBody::new(body, activity.clone());
 
         let in_flight = exchange
             .counts_as_activity
             .then(|| crate::session::Activity::begin(session));
         let sent = tokio::time::Instant::now();
-        let result = self.client.request(Request::from_parts(parts, body)).await;
+        let outgoing = Outgoing {
+            head,
+            framing,
+            idempotent: parts.method.is_idempotent(),
+            head_request: parts.method == Method::HEAD,
+        };
+        let result = self.upstreams.send(upstream, outgoing, body).await;
         drop(in_flight);
-        if result.is_ok() {
-            self.metrics
-                .upstream_header_seconds
-                .observe(sent.elapsed().as_secs_f64());
-        }
         let mut response = result.map_err(|source| {
             let upstream = upstream.to_string();
-            if client_body_failed.load(Ordering::Acquire) {
-                ProxyError::ClientBody { upstream }
-            } else if source.is_connect() {
-                ProxyError::Connect { upstream, source }
-            } else {
-                ProxyError::Exchange { upstream, source }
+            match source {
+                UpstreamError::ClientBody(_) => ProxyError::ClientBody { upstream },
+                source if source.is_connect() => ProxyError::Connect { upstream, source },
+                source => ProxyError::Exchange { upstream, source },
             }
         })?;
+        self.metrics
+            .upstream_header_seconds
+            .observe(sent.elapsed().as_secs_f64());
 
-        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let mut answer = Response::new(UpstreamBody(None));
+        *answer.status_mut() = response.status;
+        *answer.headers_mut() = std::mem::take(&mut response.headers);
+        if let Some(upgraded) = response.take_upgraded() {
             let Some(client_upgrade) = client_upgrade else {
                 return Err(ProxyError::UnrequestedUpgrade {
                     upstream: upstream.to_string(),
                 });
             };
-            let upstream_upgrade = hyper::upgrade::on(&mut response);
             self.relays.spawn(relay(
                 client_upgrade,
-                upstream_upgrade,
+                upgraded,
                 session.clone(),
                 self.stop_relays.clone(),
                 self.metrics.clone(),
             ));
-            let (mut parts, _) = response.into_parts();
-            headers::to_client(&mut parts.headers, true);
-            return Ok(Response::from_parts(parts, UpstreamBody(None)));
+            return Ok(answer);
         }
-
-        let (mut parts, body) = response.into_parts();
-        headers::to_client(&mut parts.headers, false);
-        let activity = exchange.counts_as_activity.then(|| session.clone());
-        Ok(Response::from_parts(
-            parts,
-            UpstreamBody(Some(ActivityBody::response(body, activity))),
-        ))
+        *answer.body_mut() = UpstreamBody(response.take_body().map(|body| ActivityBody::new(body, activity)));
+        Ok(answer)
     }
 }
 
 /// A response body from the upstream as the client receives it, touching
 /// the session while its bytes move. Empty after a 101.
-pub struct UpstreamBody(Option<ActivityBody<Incoming>>);
+pub struct UpstreamBody(Option<ActivityBody<BodyReader>>);
 
 impl http_body::Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = UpstreamError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, UpstreamError>>> {
         match &mut self.0 {
             Some(body) => Pin::new(body).poll_frame(cx),
             None => Poll::Ready(None),
@@ -251,13 +229,13 @@ impl http_body::Body for UpstreamBody {
 /// drain period ends. Bytes are copied as they come: no framing, no size cap.
 async fn relay(
     client: OnUpgrade,
-    upstream: OnUpgrade,
+    upstream: upstream::Upgraded,
     session: Arc<Session>,
     stop: CancellationToken,
     metrics: Arc<Metrics>,
 ) {
-    let (client, upstream) = match tokio::try_join!(client, upstream) {
-        Ok(pair) => pair,
+    let client = match client.await {
+        Ok(client) => client,
         Err(e) => {
             tracing::debug!(error = %e, "upgrade did not complete");
             return;
@@ -280,30 +258,28 @@ async fn relay(
 
 /// The client side of an upgrade, as the accept loop wrapped it.
 type ClientSocket = TokioIo<GuardedIo<TcpStream>>;
-/// The upstream side, as the connector made it.
-type UpstreamSocket = TokioIo<TcpStream>;
 
-/// Relays both ways until both directions are closed. On the plain sockets
-/// the server and the connector produce (always, in practice), no buffer is
-/// held while a socket is silent: one is taken when it becomes readable and
-/// given back once it has nothing more to read. Anything else falls back to
-/// a buffered copy.
-async fn copy_both_ways(client: Upgraded, upstream: Upgraded, session: &Arc<Session>) -> io::Result<()> {
-    match (client.downcast::<ClientSocket>(), upstream.downcast::<UpstreamSocket>()) {
-        (Ok(client), Ok(upstream)) => {
+/// Relays both ways until both directions are closed. On the plain socket
+/// the server produces (always, in practice), no buffer is held while a
+/// socket is silent: one is taken when it becomes readable and given back
+/// once it has nothing more to read. Anything else falls back to a
+/// buffered copy.
+async fn copy_both_ways(client: Upgraded, upstream: upstream::Upgraded, session: &Arc<Session>) -> io::Result<()> {
+    let upstream::Upgraded { io: upstream, pending } = upstream;
+    match client.downcast::<ClientSocket>() {
+        Ok(client) => {
             let (client_read, client_write) = client.io.into_inner().into_inner().into_split();
-            let (upstream_read, upstream_write) = upstream.io.into_inner().into_split();
+            let (upstream_read, upstream_write) = upstream.into_split();
             tokio::try_join!(
                 pipe(client_read, upstream_write, client.read_buf, session),
-                pipe(upstream_read, client_write, upstream.read_buf, session),
+                pipe(upstream_read, client_write, pending, session),
             )?;
             Ok(())
         }
-        (client, upstream) => {
-            let client = client.map(|p| Prefixed::new(p.read_buf, p.io.into_inner().into_inner()));
-            let upstream = upstream.map(|p| Prefixed::new(p.read_buf, p.io.into_inner()));
-            let mut client = ActivityIo::new(Either::from(client), session.clone());
-            let mut upstream = ActivityIo::new(Either::from(upstream), session.clone());
+        Err(client) => {
+            let mut client = ActivityIo::new(TokioIo::new(client), session.clone());
+            let mut upstream = ActivityIo::new(upstream, session.clone());
+            client.write_all(&pending).await?;
             copy_bidirectional_with_sizes(&mut client, &mut upstream, RELAY_BUFFER_BYTES, RELAY_BUFFER_BYTES).await?;
             Ok(())
         }
@@ -333,72 +309,6 @@ async fn pipe(from: OwnedReadHalf, mut to: OwnedWriteHalf, pending: Bytes, sessi
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => return Err(e),
             }
-        }
-    }
-}
-
-/// A socket some of whose bytes were already read (past the handshake).
-struct Prefixed {
-    pending: Bytes,
-    io: TcpStream,
-}
-
-impl Prefixed {
-    fn new(pending: Bytes, io: TcpStream) -> Self {
-        Prefixed { pending, io }
-    }
-}
-
-/// Either a plain socket or whatever else an upgrade produced.
-enum Either {
-    Plain(Prefixed),
-    Other(TokioIo<Upgraded>),
-}
-
-impl From<Result<Prefixed, Upgraded>> for Either {
-    fn from(side: Result<Prefixed, Upgraded>) -> Self {
-        match side {
-            Ok(plain) => Either::Plain(plain),
-            Err(other) => Either::Other(TokioIo::new(other)),
-        }
-    }
-}
-
-impl AsyncRead for Either {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Either::Plain(p) => {
-                if !p.pending.is_empty() {
-                    let n = p.pending.len().min(buf.remaining());
-                    buf.put_slice(&p.pending.split_to(n));
-                    return Poll::Ready(Ok(()));
-                }
-                Pin::new(&mut p.io).poll_read(cx, buf)
-            }
-            Either::Other(o) => Pin::new(o).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for Either {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Either::Plain(p) => Pin::new(&mut p.io).poll_write(cx, buf),
-            Either::Other(o) => Pin::new(o).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Either::Plain(p) => Pin::new(&mut p.io).poll_flush(cx),
-            Either::Other(o) => Pin::new(o).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Either::Plain(p) => Pin::new(&mut p.io).poll_shutdown(cx),
-            Either::Other(o) => Pin::new(o).poll_shutdown(cx),
         }
     }
 }

@@ -100,7 +100,8 @@ impl CookieCodec {
         &self.name
     }
 
-    /// A `Set-Cookie` value pinning `subject` to `backend`, issued at `now`.
+    /// A `Set-Cookie` value pinning `subject` to `backend`, issued at `now`,
+    /// and the cookie as the session remembers it.
     pub fn issue(
         &self,
         subject: &str,
@@ -108,7 +109,7 @@ impl CookieCodec {
         upstream: &str,
         allocated_at: SystemTime,
         now: SystemTime,
-    ) -> HeaderValue {
+    ) -> (HeaderValue, Issued) {
         let pin = PinnedBackend {
             backend: backend.to_string(),
             upstream: upstream.to_string(),
@@ -117,7 +118,35 @@ impl CookieCodec {
         };
         let payload = serde_json::to_vec(&pin).expect("plain struct serialises");
         let value = format!("{VERSION}.{}", self.signer.seal(CONTEXT, subject, &payload));
-        set_cookie(&self.name, &value, Some(self.ttl))
+        let header = set_cookie(&self.name, &value, Some(self.ttl));
+        let issued = Issued {
+            value: value.into(),
+            expires: pin.expires,
+        };
+        (header, issued)
+    }
+
+    /// Whether the request carries a pin for `subject` naming `backend`
+    /// that stays valid past half its lifetime (else a new one is due).
+    /// `last` is the cookie issued for this very session: the browser
+    /// sending it back is recognised by comparison, without a MAC.
+    pub fn is_fresh(
+        &self,
+        headers: &HeaderMap,
+        subject: &str,
+        backend: &str,
+        last: Option<&Issued>,
+        now: SystemTime,
+    ) -> bool {
+        let Lookup::One(value) = find_cookie(headers, &self.name) else {
+            return false;
+        };
+        let renew_after = unix(now) + self.ttl.as_secs() / 2;
+        if let Some(last) = last.filter(|last| constant_time_eq(value.as_bytes(), last.value.as_bytes())) {
+            return last.expires > renew_after;
+        }
+        self.open(value, subject, now)
+            .is_some_and(|pin| pin.backend == backend && pin.expires > renew_after)
     }
 
     /// A `Set-Cookie` value that deletes the cookie.
@@ -132,11 +161,29 @@ impl CookieCodec {
             Lookup::One(value) => value,
             Lookup::None | Lookup::Ambiguous => return None,
         };
+        self.open(value, subject, now)
+    }
+
+    fn open(&self, value: &str, subject: &str, now: SystemTime) -> Option<PinnedBackend> {
         let sealed = value.strip_prefix(VERSION)?.strip_prefix('.')?;
         let payload = self.signer.open(CONTEXT, subject, sealed)?;
         let pin: PinnedBackend = serde_json::from_slice(&payload).ok()?;
         (pin.expires > unix(now)).then_some(pin)
     }
+}
+
+/// A pinning cookie as issued: what the browser will send back, and when it
+/// stops counting.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    value: Box<str>,
+    expires: u64,
+}
+
+/// Compares without stopping at the first difference, so the time taken
+/// says nothing about how much of a guess was right.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// A `Set-Cookie` header value with the attributes every router cookie gets.
@@ -187,30 +234,29 @@ fn cookie_pairs(headers: &HeaderMap) -> impl Iterator<Item = (&str, &str)> {
         })
 }
 
-/// Rewrites the `Cookie` headers without the named cookies, so the router's
-/// own cookies never reach a backend. Leaves no `Cookie` header if nothing
-/// remains.
-pub fn remove_cookies(headers: &mut HeaderMap, names: &[&str]) {
-    if !cookie_pairs(headers).any(|(k, _)| names.contains(&k)) {
-        return;
+/// The cookies a backend may see: every pair of the `Cookie` headers but
+/// the `names`d ones (the router's own), in order. `None` when none of
+/// those is present, so the headers can go as they are.
+pub fn cookies_without<'a, S: AsRef<str>>(
+    headers: &'a HeaderMap,
+    names: &'a [S],
+) -> Option<impl Iterator<Item = &'a str> + 'a> {
+    let named = move |key: &str| names.iter().any(|n| n.as_ref() == key);
+    if !cookie_pairs(headers).any(|(k, _)| named(k)) {
+        return None;
     }
-    let kept: Vec<String> = headers
-        .get_all(http::header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|line| line.split(';'))
-        .filter(|pair| {
-            let key = pair.split_once('=').map_or(pair.trim(), |(k, _)| k.trim());
-            !key.is_empty() && !names.contains(&key)
-        })
-        .map(|pair| pair.trim().to_string())
-        .collect();
-    headers.remove(http::header::COOKIE);
-    if !kept.is_empty() {
-        if let Ok(value) = HeaderValue::from_str(&kept.join("; ")) {
-            headers.insert(http::header::COOKIE, value);
-        }
-    }
+    Some(
+        headers
+            .get_all(http::header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|line| line.split(';'))
+            .filter(|pair| {
+                let key = pair.split_once('=').map_or(pair.trim(), |(k, _)| k.trim());
+                !key.is_empty() && !names.iter().any(|n| n.as_ref() == key)
+            })
+            .map(str::trim),
+    )
 }
 
 #[cfg(test)]
@@ -229,9 +275,47 @@ mod tests {
     }
 
     fn issued_value(codec: &CookieCodec, subject: &str, now: SystemTime) -> String {
-        let header = codec.issue(subject, "static-0", "127.0.0.1:7860", now, now);
+        let (header, _) = codec.issue(subject, "static-0", "127.0.0.1:7860", now, now);
         let text = header.to_str().unwrap();
         text.split(';').next().unwrap().to_string()
+    }
+
+    #[test]
+    fn a_returned_cookie_is_fresh_until_half_its_lifetime_whether_or_not_it_was_issued_here() {
+        let codec = codec();
+        let now = SystemTime::now();
+        let (header, issued) = codec.issue("alice", "static-0", "127.0.0.1:7860", now, now);
+        let headers = request_with(header.to_str().unwrap().split(';').next().unwrap());
+        for last in [Some(&issued), None] {
+            assert!(codec.is_fresh(&headers, "alice", "static-0", last, now));
+            assert!(!codec.is_fresh(&headers, "alice", "static-0", last, now + Duration::from_secs(1801)));
+        }
+        assert!(
+            !codec.is_fresh(&headers, "alice", "static-1", None, now),
+            "names another backend"
+        );
+        assert!(
+            !codec.is_fresh(&headers, "bob", "static-0", None, now),
+            "issued to another user"
+        );
+        assert!(!codec.is_fresh(&request_with("a=1"), "alice", "static-0", Some(&issued), now));
+    }
+
+    #[test]
+    fn a_cookie_that_differs_from_the_issued_one_is_verified_not_trusted() {
+        let codec = codec();
+        let now = SystemTime::now();
+        let (header, issued) = codec.issue("alice", "static-0", "127.0.0.1:7860", now, now);
+        let value = header.to_str().unwrap().split(';').next().unwrap().to_string();
+        // Same length, last character changed: not the issued cookie, and
+        // its MAC fails.
+        let mut forged = value.clone();
+        let last = forged.pop().unwrap();
+        forged.push(if last == 'A' { 'B' } else { 'A' });
+        assert!(!codec.is_fresh(&request_with(&forged), "alice", "static-0", Some(&issued), now));
+        assert!(constant_time_eq(b"same", b"same"));
+        assert!(!constant_time_eq(b"same", b"sane"));
+        assert!(!constant_time_eq(b"same", b"same!"));
     }
 
     #[test]
@@ -296,15 +380,28 @@ mod tests {
         assert_eq!(codec.read(&request_with(&huge), "alice", now), None);
     }
 
+    fn without(headers: &HeaderMap, names: &[&str]) -> Option<Vec<String>> {
+        cookies_without(headers, names).map(|kept| kept.map(str::to_string).collect())
+    }
+
     #[test]
-    fn removing_the_router_cookie_keeps_the_others() {
+    fn the_router_cookies_are_left_out_and_the_others_kept_in_order() {
         let mut headers = request_with("a=1; session_router=xyz; b=2");
-        headers.append(http::header::COOKIE, HeaderValue::from_static("session_router_dev=q"));
-        remove_cookies(&mut headers, &["session_router", "session_router_dev"]);
-        assert_eq!(headers.get_all(http::header::COOKIE).iter().count(), 1);
-        assert_eq!(headers.get(http::header::COOKIE).unwrap(), "a=1; b=2");
-        let mut only_ours = request_with("session_router=xyz");
-        remove_cookies(&mut only_ours, &["session_router"]);
-        assert!(only_ours.get(http::header::COOKIE).is_none());
+        headers.append(
+            http::header::COOKIE,
+            HeaderValue::from_static("session_router_dev=q; c=3"),
+        );
+        assert_eq!(
+            without(&headers, &["session_router", "session_router_dev"]).unwrap(),
+            ["a=1", "b=2", "c=3"]
+        );
+        assert_eq!(
+            without(&request_with("session_router=xyz"), &["session_router"]).unwrap(),
+            Vec::<String>::new()
+        );
+        assert!(
+            without(&request_with("a=1; b=2"), &["session_router"]).is_none(),
+            "no router cookie: the headers go untouched"
+        );
     }
 }

@@ -10,6 +10,7 @@ pub mod cookie;
 pub mod registry;
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 use std::time::SystemTime;
 
 use tokio_util::sync::CancellationToken;
@@ -32,6 +33,9 @@ pub struct Session {
     /// Set while a release is in progress: the session is no longer handed
     /// to requests, but stays in the table until the release is confirmed.
     releasing: AtomicBool,
+    /// The pinning cookie last issued for this session. Locked only to
+    /// compare or replace it, never across an `.await`.
+    issued_pin: Mutex<Option<cookie::Issued>>,
 }
 
 impl Session {
@@ -43,7 +47,18 @@ impl Session {
             activity: Activity::new(),
             closed: CancellationToken::new(),
             releasing: AtomicBool::new(false),
+            issued_pin: Mutex::new(None),
         }
+    }
+
+    /// Runs `f` with the pinning cookie last issued for this session.
+    pub fn with_issued_pin<R>(&self, f: impl FnOnce(Option<&cookie::Issued>) -> R) -> R {
+        let issued = self.issued_pin.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        f(issued.as_ref())
+    }
+
+    pub fn remember_pin(&self, issued: cookie::Issued) {
+        *self.issued_pin.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(issued);
     }
 
     /// Resolves when the session's backend has been released.

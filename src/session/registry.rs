@@ -72,10 +72,12 @@ impl Registry {
 
     /// The user's session, re-attaching the backend their cookie names or
     /// allocating one if they have none.
+    /// `pin` reads the user's pinning cookie; it is only called when the
+    /// user has no session here yet (the common case costs no MAC check).
     pub async fn get_or_allocate(
         &self,
         identity: &Identity,
-        pin: Option<&PinnedBackend>,
+        pin: impl FnOnce() -> Option<PinnedBackend>,
     ) -> Result<Arc<Session>, SessionError> {
         if let Some(session) = self.get(&identity.sub) {
             if session.is_releasing() {
@@ -97,7 +99,7 @@ impl Registry {
             .get_or_try_init(|| async {
                 let user_id = telemetry::user_id(&identity.sub);
                 let email = telemetry::email(&identity.email);
-                let lease = match pin.and_then(|pin| self.allocator.adopt(identity, pin)) {
+                let lease = match pin().and_then(|pin| self.allocator.adopt(identity, &pin)) {
                     Some(lease) => {
                         tracing::info!(%user_id, %email, backend = %lease.backend, "session pinned: re-attached the backend named by the cookie");
                         lease
@@ -291,7 +293,7 @@ mod tests {
         let tasks: Vec<_> = (0..10)
             .map(|_| {
                 let registry = registry.clone();
-                tokio::spawn(async move { registry.get_or_allocate(&user("alice"), None).await.unwrap() })
+                tokio::spawn(async move { registry.get_or_allocate(&user("alice"), || None).await.unwrap() })
             })
             .collect();
         let mut backends = Vec::new();
@@ -306,21 +308,21 @@ mod tests {
     #[tokio::test]
     async fn a_failed_allocation_leaves_no_record_and_can_be_retried() {
         let (registry, _) = registry(1);
-        registry.get_or_allocate(&user("a"), None).await.unwrap();
+        registry.get_or_allocate(&user("a"), || None).await.unwrap();
         assert!(matches!(
-            registry.get_or_allocate(&user("b"), None).await,
+            registry.get_or_allocate(&user("b"), || None).await,
             Err(SessionError::Alloc(AllocError::NoCapacity))
         ));
         assert_eq!(registry.len(), 1);
         let a = registry.get("a").unwrap();
         assert!(registry.release(&a, "test").await.unwrap());
-        registry.get_or_allocate(&user("b"), None).await.unwrap();
+        registry.get_or_allocate(&user("b"), || None).await.unwrap();
     }
 
     #[tokio::test]
     async fn a_record_is_kept_until_its_release_is_confirmed() {
         let (registry, pool) = registry(1);
-        let a = registry.get_or_allocate(&user("a"), None).await.unwrap();
+        let a = registry.get_or_allocate(&user("a"), || None).await.unwrap();
         pool.fail_releases.store(true, Ordering::SeqCst);
         assert!(registry.release(&a, "test").await.is_err());
         assert!(registry.get("a").is_some(), "record survives a failed release");
