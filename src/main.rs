@@ -123,15 +123,14 @@ fn run_demo(options: DemoOptions) -> anyhow::Result<()> {
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        // Log lines wait in a per-thread buffer until the worker runs out of
-        // work (see telemetry::stderr).
-        .on_thread_park(telemetry::stderr::flush_before_park)
-        .on_thread_stop(telemetry::stderr::flush_thread)
         .build()
         .context("cannot start the async runtime")
 }
 
 fn exit(result: anyhow::Result<()>) -> ExitCode {
+    // Log lines wait briefly in buffers (telemetry::stderr); none is lost,
+    // and they come before the final error.
+    telemetry::flush();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

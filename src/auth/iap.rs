@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use dashmap::DashMap;
+use crate::FastMap;
 use jsonwebtoken::{Algorithm, Validation};
 use serde::Deserialize;
 
@@ -144,14 +144,14 @@ fn unix_now() -> u64 {
 
 /// Verified tokens, bounded. Entries die at the token's own `exp`.
 struct TokenCache {
-    entries: DashMap<Box<str>, (Identity, u64)>,
+    entries: FastMap<Box<str>, (Identity, u64)>,
     capacity: usize,
 }
 
 impl TokenCache {
     fn new(capacity: usize) -> Self {
         TokenCache {
-            entries: DashMap::new(),
+            entries: FastMap::default(),
             capacity,
         }
     }

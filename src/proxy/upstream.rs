@@ -32,7 +32,7 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use dashmap::DashMap;
+use crate::FastMap;
 use futures_util::FutureExt;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::Authority;
@@ -91,7 +91,7 @@ impl UpstreamError {
 
 /// The pooled connections, by backend.
 pub struct Upstreams {
-    idle: DashMap<Authority, Vec<Idle>>,
+    idle: FastMap<Authority, Vec<Idle>>,
     connect_timeout: Duration,
     idle_timeout: Duration,
 }
@@ -149,7 +149,7 @@ pub enum RequestFraming {
 impl Upstreams {
     pub fn new(connect_timeout: Duration, idle_timeout: Duration) -> Self {
         Upstreams {
-            idle: DashMap::new(),
+            idle: FastMap::default(),
             connect_timeout,
             idle_timeout,
         }

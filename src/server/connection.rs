@@ -317,11 +317,18 @@ enum Framing {
 const LINE_PREFIX: usize = 64;
 
 /// The first [`LINE_PREFIX`] bytes of the current line, lower-cased, CRs
-/// left out.
+/// left out; in a head, only of lines that may be a framing header (by
+/// their first letter), so most header lines cost nothing but the search
+/// for their end.
 #[derive(Clone, Copy)]
 struct LinePrefix {
     bytes: [u8; LINE_PREFIX],
     len: usize,
+    /// The line has a byte other than CR (an empty line ends a head).
+    has_content: bool,
+    /// A head line that cannot be `Content-Length`, `Transfer-Encoding` or
+    /// `Upgrade`.
+    ignored: bool,
 }
 
 impl Default for LinePrefix {
@@ -329,12 +336,24 @@ impl Default for LinePrefix {
         LinePrefix {
             bytes: [0; LINE_PREFIX],
             len: 0,
+            has_content: false,
+            ignored: false,
         }
     }
 }
 
 impl LinePrefix {
-    fn extend(&mut self, content: &[u8]) {
+    fn extend(&mut self, content: &[u8], in_head: bool) {
+        if !self.has_content {
+            let Some(first) = content.iter().find(|&&b| b != b'\r') else {
+                return;
+            };
+            self.has_content = true;
+            self.ignored = in_head && !matches!(first.to_ascii_lowercase(), b'c' | b't' | b'u');
+        }
+        if self.ignored {
+            return;
+        }
         for &byte in content {
             if self.len == LINE_PREFIX {
                 return;
@@ -389,7 +408,7 @@ impl HeadScan {
                     let rest = &bytes[i..];
                     let content = memchr::memchr(b'\n', rest).unwrap_or(rest.len());
                     if content > 0 {
-                        self.line.extend(&rest[..content]);
+                        self.line.extend(&rest[..content], self.at == Framing::Head);
                         self.last = rest[content - 1];
                     }
                     i += content;
@@ -409,12 +428,12 @@ impl HeadScan {
             return;
         }
         self.last = b'\n';
-        let line = std::mem::take(&mut self.line);
-        let line = line.as_slice();
+        let prefix = std::mem::take(&mut self.line);
+        let line = prefix.as_slice();
         match self.at {
-            Framing::Head if line.is_empty() => self.end_head(lf),
+            Framing::Head if !prefix.has_content => self.end_head(lf),
             Framing::Head => self.header(line),
-            Framing::Trailers if line.is_empty() => self.at = Framing::Head,
+            Framing::Trailers if !prefix.has_content => self.at = Framing::Head,
             Framing::Trailers => {}
             Framing::ChunkSize => {
                 let size = std::str::from_utf8(line)
@@ -478,6 +497,34 @@ mod tests {
             out.extend(bytes);
         }
         out
+    }
+
+    /// Streams with every kind of framing the scanner follows.
+    const STREAMS: [&[u8]; 5] = [
+        b"GET / HTTP/1.1\r\nHost: x\r\nCookie: a=b\r\n\r\nGET /2 HTTP/1.1\nHost: x\r\n\r\n",
+        b"POST /a HTTP/1.1\r\nContent-Length: 9\r\n\r\nline\nfeedGET /b HTTP/1.1\nHost: x\r\n\r\n",
+        b"POST /a HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n5;x=1\r\nab\ncd\r\n0\r\nT: 1\r\n\r\nPOST /b HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n\x81\x05hel\nlo",
+        b"GET / HTTP/1.1\r\nX-Long: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n",
+    ];
+
+    proptest::proptest! {
+        #[test]
+        fn where_the_reads_split_the_stream_changes_nothing(
+            stream in proptest::sample::select(&STREAMS[..]),
+            cuts in proptest::collection::vec(0usize..200, 0..6),
+        ) {
+            let whole = scanned(&[stream]);
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c % (stream.len() + 1)).collect();
+            cuts.sort_unstable();
+            let mut parts = Vec::new();
+            let mut from = 0;
+            for cut in cuts.into_iter().chain([stream.len()]) {
+                parts.push(&stream[from..cut]);
+                from = cut;
+            }
+            proptest::prop_assert_eq!(scanned(&parts), whole);
+        }
     }
 
     #[test]

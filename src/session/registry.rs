@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use dashmap::DashMap;
+use crate::FastMap;
 use tokio::sync::OnceCell;
 use tokio::time::Instant;
 
@@ -32,7 +33,7 @@ pub enum SessionError {
 }
 
 pub struct Registry {
-    sessions: DashMap<Arc<str>, Slot>,
+    sessions: FastMap<Arc<str>, Slot>,
     allocator: Arc<dyn Allocator>,
     metrics: Arc<Metrics>,
     /// Users shown the waiting page: when they started waiting and when
@@ -49,7 +50,7 @@ struct Waiting {
 impl Registry {
     pub fn new(allocator: Arc<dyn Allocator>, metrics: Arc<Metrics>) -> Self {
         Registry {
-            sessions: DashMap::new(),
+            sessions: FastMap::default(),
             allocator,
             metrics,
             waiting: DashMap::new(),

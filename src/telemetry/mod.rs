@@ -12,7 +12,7 @@
 
 pub mod access;
 mod cloud_logging;
-pub mod stderr;
+mod stderr;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
@@ -30,8 +30,8 @@ static OWN_JSON_LINES: AtomicBool = AtomicBool::new(false);
 static PROJECT_ID: OnceLock<String> = OnceLock::new();
 
 /// Installs the global subscriber. `RUST_LOG`, when set, wins over
-/// `log.level`. Runtimes that serve requests should call
-/// [`stderr::flush_before_park`] from `on_thread_park`.
+/// `log.level`. Lines reach stderr within 100 ms (see `stderr`); call
+/// [`flush`] before the process exits.
 pub fn init(config: &LogConfig) {
     INCLUDE_EMAIL.store(config.include_email, Ordering::Relaxed);
     if let Some(project) = &config.project_id {
@@ -52,6 +52,11 @@ pub fn init(config: &LogConfig) {
     if result.is_ok() && config.format == LogFormat::Json {
         OWN_JSON_LINES.store(true, Ordering::Release);
     }
+}
+
+/// Writes every log line still buffered.
+pub fn flush() {
+    stderr::flush();
 }
 
 fn own_json_lines() -> bool {

@@ -1,141 +1,145 @@
-//! Log lines to stderr without making request threads wait for each other.
+//! Log lines to stderr without making requests wait for the write.
 //!
 //! `std::io::stderr()` takes a process-wide lock and makes one `write` per
 //! line. Under load two runtime workers log at the same moment, and the one
-//! that loses sleeps on the lock until the other's system call returns: a
-//! futex wake-up and two context switches per collision, which measured as
-//! the largest single cost of the access log (see `benches/README.md`).
+//! that loses sleeps on the lock until the other's system call returns; and
+//! each `write` of one line to a file or pipe costs more than the line
+//! (measured: the access log was a sixth of the router's CPU per request,
+//! see `benches/README.md`).
 //!
-//! So a runtime worker appends each line to a buffer of its own and hands
-//! the buffer over when it is about to park (it has nothing else to do), or
-//! once the buffer holds [`FLUSH_AT`] bytes. Handing over never waits: the
-//! buffer joins a queue, and whichever thread holds the write turn writes
-//! everything queued before giving the turn up. A line therefore reaches
-//! stderr no later than the moment its thread runs out of work, and only
-//! whole buffers of whole lines are written, one writer at a time, so lines
-//! never interleave. Threads that are not runtime workers (the blocking
-//! pool, `main`) hand each line over at once. The runtime must call
-//! [`flush_before_park`] from `on_thread_park` (and may from
-//! `on_thread_stop`); a thread's buffer is also handed over when the thread
-//! exits.
+//! So every thread appends its lines to a buffer of its own, and one writer
+//! thread writes all buffers out every [`FLUSH_INTERVAL`] (sooner when a
+//! buffer passes [`FLUSH_AT`]), as nginx does with `access_log … buffer=
+//! flush=`. Appending takes only the thread's own buffer lock, which the
+//! writer holds just long enough to swap the buffer for an empty one, never
+//! across a system call. Lines of one thread stay in order and whole lines
+//! are written, one writer at a time, so lines never interleave.
+//!
+//! A line reaches stderr at most [`FLUSH_INTERVAL`] after it was logged;
+//! [`flush`] writes everything now (the binary calls it before it exits).
+//! If stderr cannot keep up, a thread holds at most [`MAX_PENDING`] bytes;
+//! lines beyond that are dropped and counted, and the count is logged once
+//! stderr drains.
 
-use std::cell::RefCell;
 use std::io::{self, Write};
-use std::sync::{Mutex, MutexGuard, TryLockError};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::thread::Thread;
+use std::time::Duration;
 
 use tracing_subscriber::fmt::MakeWriter;
 
-/// A busy worker writes its buffer out at this size even if it never parks.
-const FLUSH_AT: usize = 32 * 1024;
+/// How long a line may wait in its thread's buffer.
+pub const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
+/// A buffer this full wakes the writer early.
+const FLUSH_AT: usize = 64 * 1024;
+/// A buffer this full drops further lines until the writer catches up.
+const MAX_PENDING: usize = 8 * 1024 * 1024;
 
-/// Buffers handed over and not yet written. Locked only to push or take a
-/// buffer, never across a system call.
-static QUEUE: Mutex<Vec<String>> = Mutex::new(Vec::new());
-/// The write turn: held by the one thread writing queued buffers.
-static TURN: Mutex<()> = Mutex::new(());
+/// One thread's lines.
+#[derive(Default)]
+struct Pending {
+    lines: Mutex<String>,
+    dropped: AtomicU64,
+}
+
+/// Every thread's buffer, and the writer that empties them.
+struct Writer {
+    buffers: Mutex<Vec<Arc<Pending>>>,
+    /// Held while writing, so two flushes never interleave their output.
+    turn: Mutex<()>,
+    thread: OnceLock<Thread>,
+}
+
+static WRITER: Writer = Writer {
+    buffers: Mutex::new(Vec::new()),
+    turn: Mutex::new(()),
+    thread: OnceLock::new(),
+};
 
 thread_local! {
-    static PENDING: RefCell<Pending> = const { RefCell::new(Pending { buffered: false, lines: String::new() }) };
-}
-
-struct Pending {
-    /// Set once this thread has parked as a runtime worker: from then on its
-    /// lines wait in `lines` until the next park.
-    buffered: bool,
-    lines: String,
-}
-
-impl Pending {
-    fn flush(&mut self) {
-        if !self.lines.is_empty() {
-            hand_over(std::mem::take(&mut self.lines));
-        }
-    }
-}
-
-impl Drop for Pending {
-    fn drop(&mut self) {
-        self.flush();
-    }
+    static MINE: Arc<Pending> = register();
 }
 
 fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Queues `lines` (whole ones) and, unless another thread is writing
-/// already, writes everything queued. The writer looks at the queue again
-/// after giving up its turn, so a buffer queued while it wrote (by a thread
-/// that found the turn taken) is never left behind.
-fn hand_over(lines: String) {
-    locked(&QUEUE).push(lines);
-    loop {
-        let turn = match TURN.try_lock() {
-            Ok(turn) => turn,
-            Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
-            Err(TryLockError::WouldBlock) => return,
-        };
-        let queued = std::mem::take(&mut *locked(&QUEUE));
-        if queued.is_empty() {
-            return;
-        }
-        let mut stderr = io::stderr().lock();
-        for lines in &queued {
-            // Logging must never fail a request; a closed stderr loses lines.
-            let _ = stderr.write_all(lines.as_bytes());
-        }
-        drop(stderr);
-        drop(turn);
-    }
-}
-
-/// Writes the calling thread's pending lines and marks it as a runtime
-/// worker whose lines may wait for its next park.
-pub fn flush_before_park() {
-    let _ = PENDING.try_with(|pending| {
-        if let Ok(mut pending) = pending.try_borrow_mut() {
-            pending.buffered = true;
-            pending.flush();
-        }
+/// The calling thread's buffer, known to the writer (started on first use).
+fn register() -> Arc<Pending> {
+    let pending = Arc::new(Pending::default());
+    locked(&WRITER.buffers).push(pending.clone());
+    WRITER.thread.get_or_init(|| {
+        std::thread::Builder::new()
+            .name("log-writer".into())
+            .spawn(|| loop {
+                std::thread::park_timeout(FLUSH_INTERVAL);
+                flush();
+            })
+            .map(|handle| handle.thread().clone())
+            // No writer thread: lines then wait for `flush` or `FLUSH_AT`.
+            .unwrap_or_else(|_| std::thread::current())
     });
-}
-
-/// Writes the calling thread's pending lines now.
-pub fn flush_thread() {
-    let _ = PENDING.try_with(|pending| {
-        if let Ok(mut pending) = pending.try_borrow_mut() {
-            pending.flush();
-        }
-    });
+    pending
 }
 
 /// Appends one whole line (ending in a newline), written by `write`, to the
-/// calling thread's batch, or hands it over at once on a thread that is not
-/// a runtime worker.
+/// calling thread's buffer.
 pub fn write_with(write: impl FnOnce(&mut String)) {
     let mut write = Some(write);
-    let _ = PENDING.try_with(|pending| {
-        let Ok(mut pending) = pending.try_borrow_mut() else {
+    let _ = MINE.try_with(|pending| {
+        let mut lines = locked(&pending.lines);
+        if lines.len() >= MAX_PENDING {
+            pending.dropped.fetch_add(1, Ordering::Relaxed);
+            write = None;
             return;
-        };
-        if !pending.buffered {
-            return;
-        }
-        if pending.lines.capacity() == 0 {
-            pending.lines.reserve(FLUSH_AT / 4);
         }
         if let Some(write) = write.take() {
-            write(&mut pending.lines);
+            write(&mut lines);
         }
-        if pending.lines.len() >= FLUSH_AT {
-            pending.flush();
+        let urgent = lines.len() >= FLUSH_AT;
+        drop(lines);
+        if urgent {
+            if let Some(writer) = WRITER.thread.get() {
+                writer.unpark();
+            }
         }
     });
+    // This thread is exiting and its buffer is gone: write the line now.
     if let Some(write) = write {
         let mut line = String::new();
         write(&mut line);
-        hand_over(line);
+        let _turn = locked(&WRITER.turn);
+        let _ = io::stderr().lock().write_all(line.as_bytes());
     }
+}
+
+/// Writes every thread's pending lines now.
+pub fn flush() {
+    let _turn = locked(&WRITER.turn);
+    let _ = flush_to(&mut io::stderr().lock());
+}
+
+/// Empties every buffer into `out`, in buffer order; forgets the buffers
+/// of threads that have exited.
+fn flush_to(out: &mut impl Write) -> io::Result<()> {
+    let buffers: Vec<Arc<Pending>> = locked(&WRITER.buffers).clone();
+    let mut taken = String::new();
+    let mut dropped = 0;
+    for pending in &buffers {
+        std::mem::swap(&mut *locked(&pending.lines), &mut taken);
+        dropped += pending.dropped.swap(0, Ordering::Relaxed);
+        // Logging must never fail a request; a closed stderr loses lines.
+        let written = out.write_all(taken.as_bytes());
+        taken.clear();
+        written?;
+    }
+    // An exited thread's `Arc` is gone: only this list and `buffers` hold it.
+    locked(&WRITER.buffers).retain(|pending| Arc::strong_count(pending) > 2 || !locked(&pending.lines).is_empty());
+    if dropped > 0 {
+        tracing::warn!(dropped, "log lines dropped: stderr could not keep up");
+    }
+    Ok(())
 }
 
 /// The `tracing_subscriber` writer: one [`Line`] per event.
@@ -162,5 +166,52 @@ impl Write for Line {
 
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_from_many_threads_come_out_whole_and_in_each_threads_order() {
+        // Holding the turn keeps the writer thread from writing them to
+        // stderr meanwhile: every line ends up here.
+        let turn = locked(&WRITER.turn);
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                std::thread::spawn(move || {
+                    for i in 0..500 {
+                        write_with(|out| {
+                            use std::fmt::Write as _;
+                            let _ = writeln!(out, "unit-test-line thread={t} n={i} {}", "x".repeat(i % 97));
+                        });
+                    }
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().unwrap();
+        }
+        let mut out = Vec::new();
+        flush_to(&mut out).unwrap();
+        drop(turn);
+        let text = String::from_utf8(out).unwrap();
+        let ours: Vec<&str> = text.lines().filter(|l| l.starts_with("unit-test-line ")).collect();
+        assert_eq!(ours.len(), 4 * 500);
+        let mut next = [0usize; 4];
+        for line in &ours {
+            let mut words = line.split(' ');
+            let thread: usize = words.nth(1).unwrap().strip_prefix("thread=").unwrap().parse().unwrap();
+            let n: usize = words.next().unwrap().strip_prefix("n=").unwrap().parse().unwrap();
+            assert_eq!(n, next[thread], "thread {thread}'s lines in order");
+            next[thread] = n + 1;
+            assert_eq!(words.next().unwrap().len(), n % 97, "a whole line");
+        }
+        let exited = locked(&WRITER.buffers)
+            .iter()
+            .filter(|p| Arc::strong_count(p) == 1)
+            .count();
+        assert_eq!(exited, 0, "the buffers of exited threads are forgotten once empty");
     }
 }
