@@ -6,8 +6,6 @@
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use std::net::IpAddr;
-
 use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Response};
 use axum::{Form, Json};
@@ -33,7 +31,7 @@ type Shared = State<Arc<AppState>>;
 pub async fn proxy<B>(
     state: &AppState,
     request: Request<B>,
-    client_ip: IpAddr,
+    client_ip: &str,
 ) -> Result<Response<UpstreamBody>, RouterError>
 where
     B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
@@ -67,20 +65,19 @@ where
     let first = state.forwarder.forward(request, exchange).await;
     let mut response = match first {
         Err(unreachable @ ProxyError::Connect { .. }) if replaceable => {
-            tracing::warn!(user_id = %telemetry::user_id(&identity.sub), backend = %session.lease, error = %unreachable, "backend unreachable; replacing it");
-            state.registry.release(&session, "dead_pod").await?;
-            let Some(request) = replay else {
-                return Err(unreachable.into());
-            };
-            session = state.registry.get_or_allocate(&identity, || None).await?;
-            // The cookie named the dead backend.
-            pin_is_fresh = false;
-            let exchange = Exchange {
-                session: &session,
+            // Boxed: rare, and it would make every request's future larger.
+            let replaced = Box::pin(replace_dead_backend(
+                state,
+                &identity,
+                &session,
+                unreachable,
+                replay,
                 client_ip,
                 counts_as_activity,
-            };
-            state.forwarder.forward(request, exchange).await?
+            ))
+            .await?;
+            (session, pin_is_fresh) = (replaced.0, false);
+            replaced.1
         }
         result => result?,
     };
@@ -96,6 +93,33 @@ where
         response.headers_mut().append(SET_COOKIE, cookie);
     }
     Ok(response)
+}
+
+/// The user's backend refused the connection: gives it back, and sends the
+/// request (when it can go again) to a new one, which the cookie cannot
+/// name yet.
+async fn replace_dead_backend(
+    state: &AppState,
+    identity: &Identity,
+    dead: &Arc<Session>,
+    unreachable: ProxyError,
+    replay: Option<Request<Empty<Bytes>>>,
+    client_ip: &str,
+    counts_as_activity: bool,
+) -> Result<(Arc<Session>, Response<UpstreamBody>), RouterError> {
+    tracing::warn!(user_id = %telemetry::user_id(&identity.sub), backend = %dead.lease, error = %unreachable, "backend unreachable; replacing it");
+    state.registry.release(dead, "dead_pod").await?;
+    let Some(request) = replay else {
+        return Err(unreachable.into());
+    };
+    let session = state.registry.get_or_allocate(identity, || None).await?;
+    let exchange = Exchange {
+        session: &session,
+        client_ip,
+        counts_as_activity,
+    };
+    let response = state.forwarder.forward(request, exchange).await?;
+    Ok((session, response))
 }
 
 /// A copy of the request to send again if the first attempt never reached

@@ -107,6 +107,12 @@ impl IapVerifier {
         if let Some(identity) = self.cache.get(token, now) {
             return Ok((identity, Check::Cached));
         }
+        // Boxed: a full verification (which may fetch keys) is rare, and its
+        // state would otherwise make every request's future larger.
+        Box::pin(self.verify_uncached(token, now)).await
+    }
+
+    async fn verify_uncached(&self, token: &str, now: u64) -> Result<(Identity, Check), AuthError> {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(AuthError::Malformed("too long"));
         }

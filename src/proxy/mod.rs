@@ -9,7 +9,6 @@ pub mod headers;
 pub mod upstream;
 
 use std::io;
-use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -81,7 +80,7 @@ pub struct Forwarder {
 /// What the caller knows about the request being forwarded.
 pub struct Exchange<'a> {
     pub session: &'a Arc<Session>,
-    pub client_ip: IpAddr,
+    pub client_ip: &'a str,
     /// Whether bytes of this exchange count as user activity.
     pub counts_as_activity: bool,
 }

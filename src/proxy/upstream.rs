@@ -26,6 +26,7 @@
 //!   sent once more on a new one.
 
 use std::io::{self, IoSlice};
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
@@ -91,7 +92,8 @@ impl UpstreamError {
 
 /// The pooled connections, by backend.
 pub struct Upstreams {
-    idle: FastMap<Authority, Vec<Idle>>,
+    /// By the backend's `host:port` as the lease spells it.
+    idle: FastMap<Box<str>, Vec<Idle>>,
     connect_timeout: Duration,
     idle_timeout: Duration,
 }
@@ -216,7 +218,7 @@ impl Upstreams {
 
     /// An idle connection that still looks open, if there is one.
     fn checkout(&self, upstream: &Authority) -> Option<Conn> {
-        let mut idle = self.idle.get_mut(upstream)?;
+        let mut idle = self.idle.get_mut(upstream.as_str())?;
         while let Some(Idle { mut conn, since }) = idle.pop() {
             if since.elapsed() < self.idle_timeout && conn.looks_open() {
                 conn.reused = true;
@@ -245,12 +247,14 @@ impl Upstreams {
     }
 
     fn check_in(&self, upstream: Authority, conn: Conn) {
-        let mut idle = self.idle.entry(upstream).or_default();
-        if idle.len() < MAX_IDLE_PER_UPSTREAM {
-            idle.push(Idle {
-                conn,
-                since: Instant::now(),
-            });
+        let idle = Idle {
+            conn,
+            since: Instant::now(),
+        };
+        match self.idle.get_mut(upstream.as_str()) {
+            Some(mut pool) if pool.len() < MAX_IDLE_PER_UPSTREAM => pool.push(idle),
+            Some(_) => {}
+            None => self.idle.entry(upstream.as_str().into()).or_default().push(idle),
         }
     }
 
@@ -393,13 +397,10 @@ impl Conn {
     /// Reads until a final response head (skipping `1xx` but `101`).
     async fn read_head(mut self, head_request: bool) -> Result<ResponseHead, UpstreamError> {
         loop {
-            if let Some((len, status)) = head_status(&self.buf)? {
-                if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
-                    self.buf.advance(len);
+            if let Some(parsed) = take_head(&mut self.buf)? {
+                if parsed.status.is_informational() && parsed.status != StatusCode::SWITCHING_PROTOCOLS {
                     continue;
                 }
-                let head = self.buf.split_to(len).freeze();
-                let parsed = parse_head(&head)?;
                 return Ok(self.into_response(parsed, head_request));
             }
             if self.buf.len() > MAX_HEAD_BYTES {
@@ -547,26 +548,35 @@ struct ParsedHead {
     keep_alive: bool,
 }
 
-/// The length and status of a complete head at the start of `buf`, if
-/// there is one.
-fn head_status(buf: &[u8]) -> Result<Option<(usize, StatusCode)>, UpstreamError> {
+/// Parses the response head at the start of `buf`, if it is complete.
+/// `parse` sees the headers, which borrow `buf`; it returns the length.
+fn parse_with<'b, T>(
+    buf: &'b [u8],
+    parse: impl FnOnce(&httparse::Response<'_, 'b>) -> Result<T, UpstreamError>,
+) -> Result<Option<(usize, T)>, UpstreamError> {
     if buf.is_empty() {
         return Ok(None);
     }
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut response = httparse::Response::new(&mut headers);
-    match response.parse(buf) {
-        Ok(httparse::Status::Complete(len)) => {
-            let status = response
-                .code
-                .and_then(|code| StatusCode::from_u16(code).ok())
-                .ok_or(UpstreamError::Malformed("bad status"))?;
-            Ok(Some((len, status)))
-        }
+    let mut raw = [const { MaybeUninit::<httparse::Header<'b>>::uninit() }; MAX_HEADERS];
+    let mut response = httparse::Response::new(&mut []);
+    match httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut response, buf, &mut raw) {
+        Ok(httparse::Status::Complete(len)) => Ok(Some((len, parse(&response)?))),
         Ok(httparse::Status::Partial) => Ok(None),
         Err(httparse::Error::TooManyHeaders) => Err(UpstreamError::Malformed("too many headers")),
         Err(_) => Err(UpstreamError::Malformed("unparsable head")),
     }
+}
+
+fn status_of(response: &httparse::Response<'_, '_>) -> Result<StatusCode, UpstreamError> {
+    response
+        .code
+        .and_then(|code| StatusCode::from_u16(code).ok())
+        .ok_or(UpstreamError::Malformed("bad status"))
+}
+
+/// The length and status of a complete head at the start of `buf`.
+fn head_status(buf: &[u8]) -> Result<Option<(usize, StatusCode)>, UpstreamError> {
+    parse_with(buf, status_of)
 }
 
 /// Header names that describe one connection (RFC 9110 §7.6.1).
@@ -574,27 +584,57 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
     super::headers::HOP_BY_HOP.contains(name)
 }
 
-/// Parses a complete head; header values share `head`'s memory.
-fn parse_head(head: &Bytes) -> Result<ParsedHead, UpstreamError> {
-    let mut raw = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut response = httparse::Response::new(&mut raw);
-    response
-        .parse(head)
-        .map_err(|_| UpstreamError::Malformed("unparsable head"))?;
-    let status = response
-        .code
-        .and_then(|code| StatusCode::from_u16(code).ok())
-        .ok_or(UpstreamError::Malformed("bad status"))?;
+/// A header kept for the client: its name, and where its value is in the
+/// head.
+struct Kept {
+    name: HeaderName,
+    value: std::ops::Range<usize>,
+}
+
+/// Everything read off a head while it still borrows the read buffer.
+struct HeadFacts {
+    status: StatusCode,
+    kept: Vec<Kept>,
+    framing: BodyFraming,
+    keep_alive: bool,
+}
+
+/// Splits a complete response head off `buf` and parses it; header values
+/// share the head's memory (no copies).
+fn take_head(buf: &mut BytesMut) -> Result<Option<ParsedHead>, UpstreamError> {
+    let start = buf.as_ptr() as usize;
+    let Some((len, facts)) = parse_with(buf, |response| head_facts(response, start))? else {
+        return Ok(None);
+    };
+    let head = buf.split_to(len).freeze();
+    let mut headers = HeaderMap::with_capacity(facts.kept.len() + 1);
+    for Kept { name, value } in facts.kept {
+        let value = HeaderValue::from_maybe_shared(head.slice(value))
+            .map_err(|_| UpstreamError::Malformed("bad header value"))?;
+        headers.append(name, value);
+    }
+    if facts.status == StatusCode::SWITCHING_PROTOCOLS {
+        // Only the handshake pair: `Connection: upgrade` and the protocol.
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+    Ok(Some(ParsedHead {
+        status: facts.status,
+        headers,
+        framing: facts.framing,
+        keep_alive: facts.keep_alive,
+    }))
+}
+
+/// Framing, reuse and the headers to keep, from a parsed head that starts
+/// at address `start`.
+fn head_facts(response: &httparse::Response<'_, '_>, start: usize) -> Result<HeadFacts, UpstreamError> {
+    let status = status_of(response)?;
     let http10 = response.version == Some(0);
 
     let mut keep_alive = !http10;
     // Headers the Connection header names are hop-by-hop too.
     let mut named: Vec<&str> = Vec::new();
-    for h in response
-        .headers
-        .iter()
-        .filter(|h| h.name.eq_ignore_ascii_case("connection"))
-    {
+    for h in response.headers.iter().filter(|h| h.name.eq_ignore_ascii_case("connection")) {
         for token in std::str::from_utf8(h.value).unwrap_or("").split(',').map(str::trim) {
             if token.eq_ignore_ascii_case("close") {
                 keep_alive = false;
@@ -607,13 +647,12 @@ fn parse_head(head: &Bytes) -> Result<ParsedHead, UpstreamError> {
         }
     }
 
-    let mut headers = HeaderMap::with_capacity(response.headers.len());
+    let mut kept = Vec::with_capacity(response.headers.len());
     let mut length: Option<u64> = None;
     let mut chunked = false;
     let mut transfer_encoded = false;
     for h in response.headers.iter() {
-        let name =
-            HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| UpstreamError::Malformed("bad header name"))?;
+        let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| UpstreamError::Malformed("bad header name"))?;
         if name == header::CONTENT_LENGTH {
             let value = std::str::from_utf8(h.value)
                 .ok()
@@ -625,31 +664,25 @@ fn parse_head(head: &Bytes) -> Result<ParsedHead, UpstreamError> {
             length = Some(value);
         } else if name == header::TRANSFER_ENCODING {
             transfer_encoded = true;
-            let last = std::str::from_utf8(h.value)
-                .unwrap_or("")
-                .rsplit(',')
-                .next()
-                .unwrap_or("");
+            let last = std::str::from_utf8(h.value).unwrap_or("").rsplit(',').next().unwrap_or("");
             chunked = last.trim().eq_ignore_ascii_case("chunked");
         }
         let keep_for_upgrade = status == StatusCode::SWITCHING_PROTOCOLS && name == header::UPGRADE;
         if !keep_for_upgrade && (is_hop_by_hop(&name) || named.iter().any(|n| n.eq_ignore_ascii_case(name.as_str()))) {
             continue;
         }
-        let value = HeaderValue::from_maybe_shared(head.slice_ref(h.value))
-            .map_err(|_| UpstreamError::Malformed("bad header value"))?;
-        headers.append(name, value);
-    }
-    if status == StatusCode::SWITCHING_PROTOCOLS {
-        // Only the handshake pair: `Connection: upgrade` and the protocol.
-        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        let offset = h.value.as_ptr() as usize - start;
+        kept.push(Kept {
+            name,
+            value: offset..offset + h.value.len(),
+        });
     }
     let framing = if transfer_encoded {
         // Framed by the encoding; a Content-Length beside it is ignored
         // (RFC 9112 §6.3), and such a response is not followed by another.
         if length.is_some() {
             keep_alive = false;
-            headers.remove(header::CONTENT_LENGTH);
+            kept.retain(|k| k.name != header::CONTENT_LENGTH);
         }
         if chunked {
             BodyFraming::Chunked(Chunk::Size)
@@ -662,9 +695,9 @@ fn parse_head(head: &Bytes) -> Result<ParsedHead, UpstreamError> {
             None => BodyFraming::UntilClose,
         }
     };
-    Ok(ParsedHead {
+    Ok(HeadFacts {
         status,
-        headers,
+        kept,
         framing,
         keep_alive,
     })

@@ -47,7 +47,9 @@ pub struct Handler {
     state: Arc<AppState>,
     /// The router's own endpoints (`/_router/*`, `/healthz`, `/readyz`).
     endpoints: Router,
-    client_ip: IpAddr,
+    /// The peer's address as text, once per connection: the access log and
+    /// `X-Forwarded-For` write it for every request.
+    client_ip: Arc<str>,
     conn: Arc<ConnState>,
 }
 
@@ -56,7 +58,7 @@ impl Handler {
         Handler {
             state,
             endpoints,
-            client_ip,
+            client_ip: client_ip.to_string().into(),
             conn,
         }
     }
@@ -71,7 +73,7 @@ impl hyper::service::Service<Request<Incoming>> for Handler {
         let reading_body = !request.body().is_end_stream();
         self.conn.enter(if reading_body { Phase::Body } else { Phase::Busy });
         let request = request.map(|body| PhaseBody::request(body, self.conn.clone()));
-        let (observed, request) = access::observe(request, self.client_ip, &self.state.metrics);
+        let (observed, request) = access::observe(request, &self.client_ip, &self.state.metrics);
         let handler = self.clone();
         Box::pin(async move {
             let response = handler.dispatch(observed.kind(), request).await;
@@ -91,12 +93,14 @@ impl Handler {
         let uri = request.uri().clone();
         let result = match limits::check_uri(&uri, state.config.server.max_uri_bytes) {
             Err(refused) => Err(refused),
-            Ok(()) if kind == Kind::Proxied => routes::proxy(state, request, self.client_ip)
+            Ok(()) if kind == Kind::Proxied => routes::proxy(state, request, &self.client_ip)
                 .await
                 .map(|response| response.map(Answer::Upstream)),
             Ok(()) => {
                 let request = request.map(axum::body::Body::new);
-                let Ok(response) = self.endpoints.clone().oneshot(request).await;
+                // Boxed: axum's future is large, and every proxied request's
+                // future would be as large if it were inline here.
+                let Ok(response) = Box::pin(self.endpoints.clone().oneshot(request)).await;
                 Ok(response.map(Answer::Local))
             }
         };

@@ -7,7 +7,6 @@
 //! written, with secret query values redacted then.
 
 use std::fmt::{self, Write};
-use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -60,22 +59,29 @@ const SECRET_PARAMS: [&str; 8] = ["token", "key", "secret", "password", "auth", 
 /// Path and query, with the values of secret-looking parameters redacted.
 struct LoggableUrl<'a>(&'a Uri);
 
-impl fmt::Display for LoggableUrl<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.0.path())?;
+impl LoggableUrl<'_> {
+    fn write_to(&self, out: &mut impl Write) -> fmt::Result {
+        out.write_str(self.0.path())?;
         let Some(query) = self.0.query() else {
             return Ok(());
         };
         for (i, pair) in query.split('&').enumerate() {
-            f.write_str(if i == 0 { "?" } else { "&" })?;
+            out.write_str(if i == 0 { "?" } else { "&" })?;
             let name = pair.split_once('=').map_or(pair, |(name, _)| name);
             if SECRET_PARAMS.iter().any(|secret| contains_ignore_case(name, secret)) {
-                write!(f, "{name}=REDACTED")?;
+                out.write_str(name)?;
+                out.write_str("=REDACTED")?;
             } else {
-                f.write_str(pair)?;
+                out.write_str(pair)?;
             }
         }
         Ok(())
+    }
+}
+
+impl fmt::Display for LoggableUrl<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.write_to(f)
     }
 }
 
@@ -98,12 +104,20 @@ impl<'a> TraceResource<'a> {
     }
 }
 
+impl TraceResource<'_> {
+    fn write_to(&self, out: &mut impl Write) -> fmt::Result {
+        if let Some(project) = PROJECT_ID.get() {
+            out.write_str("projects/")?;
+            out.write_str(project)?;
+            out.write_str("/traces/")?;
+        }
+        out.write_str(self.0)
+    }
+}
+
 impl fmt::Display for TraceResource<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match PROJECT_ID.get() {
-            Some(project) => write!(f, "projects/{project}/traces/{}", self.0),
-            None => f.write_str(self.0),
-        }
+        self.write_to(f)
     }
 }
 
@@ -111,9 +125,22 @@ impl fmt::Display for TraceResource<'_> {
 /// to the microsecond.
 struct Latency(Duration);
 
+impl Latency {
+    fn write_to(&self, out: &mut impl Write) -> fmt::Result {
+        out.write_str(itoa::Buffer::new().format(self.0.as_secs()))?;
+        let mut micros = *b".000000s";
+        let mut rest = self.0.subsec_micros();
+        for digit in micros[1..7].iter_mut().rev() {
+            *digit = b'0' + (rest % 10) as u8;
+            rest /= 10;
+        }
+        out.write_str(std::str::from_utf8(&micros).map_err(|_| fmt::Error)?)
+    }
+}
+
 impl fmt::Display for Latency {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}.{:06}s", self.0.as_secs(), self.0.subsec_micros())
+        self.write_to(f)
     }
 }
 
@@ -123,7 +150,7 @@ struct Exchange {
     method: Method,
     uri: Uri,
     user_agent: Option<HeaderValue>,
-    remote_ip: IpAddr,
+    remote_ip: Arc<str>,
     trace: Option<HeaderValue>,
     started: Instant,
     request_bytes: Arc<AtomicU64>,
@@ -190,7 +217,11 @@ impl Exchange {
         let mut number = itoa::Buffer::new();
         cloud_logging::write_preamble(out, level, "access")?;
         out.push_str(r#","message":""#);
-        write!(Escaped(out), "{} {url} {}", self.method, self.status)?;
+        Escaped(&mut *out).write_str(self.method.as_str())?;
+        out.push(' ');
+        url.write_to(&mut Escaped(&mut *out))?;
+        out.push(' ');
+        out.push_str(number.format(self.status));
         out.push_str(r#"","kind":""#);
         out.push_str(self.kind.label());
         out.push_str(if completed {
@@ -200,17 +231,17 @@ impl Exchange {
         });
         if let Some(trace) = self.trace.as_ref().and_then(|t| TraceResource::parse(t.to_str().ok()?)) {
             out.push_str(r#","logging.googleapis.com/trace":""#);
-            write!(Escaped(out), "{trace}")?;
+            trace.write_to(&mut Escaped(&mut *out))?;
             out.push('"');
         }
         out.push_str(r#","httpRequest":{"requestMethod":"#);
         write_json_str(out, self.method.as_str())?;
         out.push_str(r#","requestUrl":""#);
-        write!(Escaped(out), "{url}")?;
+        url.write_to(&mut Escaped(&mut *out))?;
         out.push_str(r#"","status":"#);
         out.push_str(number.format(self.status));
         out.push_str(r#","latency":""#);
-        write!(out, "{}", Latency(self.started.elapsed()))?;
+        Latency(self.started.elapsed()).write_to(out)?;
         out.push_str(r#"","requestSize":""#);
         out.push_str(number.format(self.request_bytes.load(Ordering::Relaxed)));
         out.push_str(r#"","responseSize":""#);
@@ -220,7 +251,9 @@ impl Exchange {
             out.push_str(r#","userAgent":"#);
             write_json_str(out, agent)?;
         }
-        write!(out, r#","remoteIp":"{}","protocol":"HTTP/1.1"}}}}"#, self.remote_ip)?;
+        out.push_str(r#","remoteIp":"#);
+        write_json_str(out, &self.remote_ip)?;
+        out.push_str(r#","protocol":"HTTP/1.1"}}"#);
         out.push('\n');
         Ok(())
     }
@@ -235,7 +268,7 @@ pub struct Observed {
 
 /// Starts observing `request` from `client_ip`; its body is counted from
 /// now on.
-pub fn observe<B>(request: Request<B>, client_ip: IpAddr, metrics: &Arc<Metrics>) -> (Observed, Request<Counted<B>>) {
+pub fn observe<B>(request: Request<B>, client_ip: &Arc<str>, metrics: &Arc<Metrics>) -> (Observed, Request<Counted<B>>) {
     let kind = Kind::of(request.uri().path());
     let request_bytes = Arc::new(AtomicU64::new(0));
     let headers = request.headers();
@@ -244,7 +277,7 @@ pub fn observe<B>(request: Request<B>, client_ip: IpAddr, metrics: &Arc<Metrics>
         method: request.method().clone(),
         uri: request.uri().clone(),
         user_agent: headers.get(USER_AGENT).cloned(),
-        remote_ip: client_ip,
+        remote_ip: client_ip.clone(),
         trace: headers.get("x-cloud-trace-context").cloned(),
         started: Instant::now(),
         request_bytes: request_bytes.clone(),
@@ -400,7 +433,7 @@ mod tests {
             method: Method::POST,
             uri: "/run/predict?session_hash=abc&fn_index=3".parse().unwrap(),
             user_agent: Some(HeaderValue::from_static("agent \"quoted\" \\ 1.0")),
-            remote_ip: [10, 0, 0, 1].into(),
+            remote_ip: "10.0.0.1".into(),
             trace: Some(HeaderValue::from_static("105445aa7843bc8bf206b12000100000/1;o=1")),
             started: Instant::now(),
             request_bytes: Arc::new(AtomicU64::new(42)),

@@ -200,6 +200,9 @@ pub struct Escaped<'a, W: ?Sized>(pub &'a mut W);
 
 impl<W: Write + ?Sized> Write for Escaped<'_, W> {
     fn write_str(&mut self, text: &str) -> fmt::Result {
+        if !text.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\' || b == 0x7f) {
+            return self.0.write_str(text);
+        }
         let mut clean_from = 0;
         for (i, byte) in text.bytes().enumerate() {
             let escape = match byte {

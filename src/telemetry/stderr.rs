@@ -124,15 +124,18 @@ pub fn flush() {
 /// of threads that have exited.
 fn flush_to(out: &mut impl Write) -> io::Result<()> {
     let buffers: Vec<Arc<Pending>> = locked(&WRITER.buffers).clone();
-    let mut taken = String::new();
     let mut dropped = 0;
     for pending in &buffers {
-        std::mem::swap(&mut *locked(&pending.lines), &mut taken);
+        let taken = {
+            let mut lines = locked(&pending.lines);
+            // As much room as the last interval needed, so the thread does
+            // not grow its buffer again (copying it) line by line.
+            let room = String::with_capacity(lines.len().min(MAX_PENDING));
+            std::mem::replace(&mut *lines, room)
+        };
         dropped += pending.dropped.swap(0, Ordering::Relaxed);
         // Logging must never fail a request; a closed stderr loses lines.
-        let written = out.write_all(taken.as_bytes());
-        taken.clear();
-        written?;
+        out.write_all(taken.as_bytes())?;
     }
     // An exited thread's `Arc` is gone: only this list and `buffers` hold it.
     locked(&WRITER.buffers).retain(|pending| Arc::strong_count(pending) > 2 || !locked(&pending.lines).is_empty());
