@@ -64,19 +64,24 @@ pub struct Forwarded<'a> {
 /// Headers the router writes itself (from what it knows, not from what
 /// the client said), or that go no further than the router.
 fn written_here(name: &HeaderName) -> bool {
-    HOP_BY_HOP.contains(name)
-        || matches!(
-            name.as_str(),
-            "proxy-authorization"
-                | "expect"
-                | "cookie"
-                | "x-forwarded-for"
-                | "x-forwarded-proto"
-                | "x-forwarded-host"
-                | USER_HEADER
-                | EMAIL_HEADER
-        )
-        || name.as_str().starts_with(SPOOFABLE_PREFIX)
+    let name = name.as_str();
+    // By first letter, so that the common headers (accept…, host, sec-…,
+    // user-agent) are passed after one comparison.
+    match name.as_bytes().first() {
+        Some(b'c') => matches!(name, "connection" | "cookie"),
+        Some(b'e') => name == "expect",
+        Some(b'k') => name == "keep-alive",
+        Some(b'p') => matches!(name, "proxy-connection" | "proxy-authorization"),
+        Some(b't') => matches!(name, "te" | "trailer" | "transfer-encoding"),
+        Some(b'u') => name == "upgrade",
+        Some(b'x') => {
+            matches!(
+                name,
+                "x-forwarded-for" | "x-forwarded-proto" | "x-forwarded-host" | USER_HEADER | EMAIL_HEADER
+            ) || name.starts_with(SPOOFABLE_PREFIX)
+        }
+        _ => false,
+    }
 }
 
 /// Writes the upstream request head for `parts` into `out` and says how its
@@ -228,6 +233,16 @@ mod tests {
             );
         }
         (String::from_utf8(out).unwrap(), headers)
+    }
+
+    #[test]
+    fn every_hop_by_hop_header_is_written_here_and_ordinary_ones_are_not() {
+        for name in &HOP_BY_HOP {
+            assert!(written_here(name), "{name}");
+        }
+        for name in ["accept", "host", "user-agent", "content-type", "content-length", "cache-control", "x-request-id"] {
+            assert!(!written_here(&HeaderName::from_static(name)), "{name}");
+        }
     }
 
     #[test]

@@ -342,14 +342,26 @@ impl Default for LinePrefix {
     }
 }
 
+/// The header names that decide a request's framing.
+const FRAMING_HEADERS: [&[u8]; 3] = [b"content-length:", b"transfer-encoding:", b"upgrade:"];
+
+/// Whether a head line that starts with `start` may be one of the
+/// [`FRAMING_HEADERS`] (as far as `start` shows).
+fn may_frame(start: &[u8]) -> bool {
+    FRAMING_HEADERS.iter().any(|name| {
+        let n = start.len().min(name.len());
+        start[..n].eq_ignore_ascii_case(&name[..n])
+    })
+}
+
 impl LinePrefix {
     fn extend(&mut self, content: &[u8], in_head: bool) {
         if !self.has_content {
-            let Some(first) = content.iter().find(|&&b| b != b'\r') else {
+            let Some(first) = content.iter().position(|&b| b != b'\r') else {
                 return;
             };
             self.has_content = true;
-            self.ignored = in_head && !matches!(first.to_ascii_lowercase(), b'c' | b't' | b'u');
+            self.ignored = in_head && !may_frame(&content[first..]);
         }
         if self.ignored {
             return;
