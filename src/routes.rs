@@ -38,7 +38,8 @@ where
     B::Error: Into<BoxError>,
 {
     let identity = state.identify(request.headers()).await?;
-    if is_upgrade(request.headers()) {
+    let upgrade = is_upgrade(request.headers());
+    if upgrade {
         check_origin(state, request.headers())?;
     }
     let now = SystemTime::now();
@@ -61,23 +62,16 @@ where
         session: &session,
         client_ip,
         counts_as_activity,
+        upgrade,
     };
     let first = state.forwarder.forward(request, exchange).await;
     let mut response = match first {
         Err(unreachable @ ProxyError::Connect { .. }) if replaceable => {
             // Boxed: rare, and it would make every request's future larger.
-            let replaced = Box::pin(replace_dead_backend(
-                state,
-                &identity,
-                &session,
-                unreachable,
-                replay,
-                client_ip,
-                counts_as_activity,
-            ))
-            .await?;
-            (session, pin_is_fresh) = (replaced.0, false);
-            replaced.1
+            let (replaced, response) =
+                Box::pin(replace_dead_backend(state, &identity, exchange, unreachable, replay)).await?;
+            (session, pin_is_fresh) = (replaced, false);
+            response
         }
         result => result?,
     };
@@ -101,12 +95,11 @@ where
 async fn replace_dead_backend(
     state: &AppState,
     identity: &Identity,
-    dead: &Arc<Session>,
+    first: Exchange<'_>,
     unreachable: ProxyError,
     replay: Option<Request<Empty<Bytes>>>,
-    client_ip: &str,
-    counts_as_activity: bool,
 ) -> Result<(Arc<Session>, Response<UpstreamBody>), RouterError> {
+    let dead = first.session;
     tracing::warn!(user_id = %telemetry::user_id(&identity.sub), backend = %dead.lease, error = %unreachable, "backend unreachable; replacing it");
     state.registry.release(dead, "dead_pod").await?;
     let Some(request) = replay else {
@@ -115,8 +108,7 @@ async fn replace_dead_backend(
     let session = state.registry.get_or_allocate(identity, || None).await?;
     let exchange = Exchange {
         session: &session,
-        client_ip,
-        counts_as_activity,
+        ..first
     };
     let response = state.forwarder.forward(request, exchange).await?;
     Ok((session, response))

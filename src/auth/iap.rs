@@ -89,7 +89,8 @@ impl IapVerifier {
     /// The identity in the request's single assertion header, and whether
     /// it came from the verified-token cache.
     pub async fn verify_headers(&self, headers: &http::HeaderMap) -> Result<(Identity, Check), AuthError> {
-        let mut values = headers.get_all(ASSERTION_HEADER).iter();
+        static ASSERTION: http::HeaderName = http::HeaderName::from_static(ASSERTION_HEADER);
+        let mut values = headers.get_all(&ASSERTION).iter();
         let token = match (values.next(), values.next()) {
             (None, _) => return Err(AuthError::Missing),
             (Some(_), Some(_)) => return Err(AuthError::Duplicated),

@@ -27,6 +27,9 @@ const SPOOFABLE_PREFIX: &str = "x-goog-authenticated-";
 pub const USER_HEADER: &str = "x-session-router-user";
 pub const EMAIL_HEADER: &str = "x-session-router-email";
 
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+
 pub(super) const HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
@@ -59,6 +62,8 @@ pub struct Forwarded<'a> {
     pub identity: &'a Identity,
     /// The router's own cookie names.
     pub router_cookies: &'a [String],
+    /// The request asks to switch protocols ([`is_upgrade`]).
+    pub upgrade: bool,
 }
 
 /// Headers the router writes itself (from what it knows, not from what
@@ -105,7 +110,15 @@ pub fn write_request_head(
         ],
     );
 
-    let named: Vec<&str> = connection_tokens(headers).collect();
+    // Headers the Connection header names are hop-by-hop too (the usual
+    // tokens are not header names, or are removed anyway).
+    let named: Vec<&str> = connection_tokens(headers)
+        .filter(|t| {
+            !["keep-alive", "close", "upgrade"]
+                .iter()
+                .any(|usual| t.eq_ignore_ascii_case(usual))
+        })
+        .collect();
     for (name, value) in headers {
         if written_here(name) || named.iter().any(|n| n.eq_ignore_ascii_case(name.as_str())) {
             continue;
@@ -136,7 +149,7 @@ pub fn write_request_head(
 
     // The client address is appended to what earlier proxies recorded.
     out.extend_from_slice(b"x-forwarded-for: ");
-    for prior in headers.get_all("x-forwarded-for") {
+    for prior in headers.get_all(&X_FORWARDED_FOR) {
         let prior = prior.as_bytes().trim_ascii();
         if !prior.is_empty() {
             write_parts(out, &[prior, b", "]);
@@ -145,7 +158,7 @@ pub fn write_request_head(
     write_parts(out, &[forwarded.client_ip.as_bytes(), b"\r\n"]);
     // The Google load balancer terminates TLS and says so; a request that
     // did not come through it arrived over plain HTTP.
-    let https = headers.get("x-forwarded-proto").map(|v| v.as_bytes()) == Some(b"https");
+    let https = headers.get(&X_FORWARDED_PROTO).map(|v| v.as_bytes()) == Some(b"https");
     write_header(out, "x-forwarded-proto", if https { b"https" } else { b"http" });
     if let Some(host) = headers.get(header::HOST) {
         write_header(out, "x-forwarded-host", host.as_bytes());
@@ -160,7 +173,7 @@ pub fn write_request_head(
         }
     }
 
-    if is_upgrade(headers) {
+    if forwarded.upgrade {
         if let Some(protocol) = headers.get(header::UPGRADE) {
             out.extend_from_slice(b"connection: upgrade\r\n");
             write_header(out, "upgrade", protocol.as_bytes());
@@ -213,6 +226,7 @@ mod tests {
                 client_ip: "35.191.0.1",
                 identity: &identity(),
                 router_cookies: &["session_router".into(), "session_router_dev".into()],
+                upgrade: is_upgrade(&parts.headers),
             },
             false,
         );
@@ -240,7 +254,15 @@ mod tests {
         for name in &HOP_BY_HOP {
             assert!(written_here(name), "{name}");
         }
-        for name in ["accept", "host", "user-agent", "content-type", "content-length", "cache-control", "x-request-id"] {
+        for name in [
+            "accept",
+            "host",
+            "user-agent",
+            "content-type",
+            "content-length",
+            "cache-control",
+            "x-request-id",
+        ] {
             assert!(!written_here(&HeaderName::from_static(name)), "{name}");
         }
     }
@@ -340,6 +362,7 @@ mod tests {
                 client_ip: "10.0.0.1",
                 identity: &odd,
                 router_cookies: &[],
+                upgrade: false,
             },
             false,
         );
@@ -365,6 +388,7 @@ mod tests {
                     client_ip: "10.0.0.1",
                     identity: &identity(),
                     router_cookies: &[],
+                    upgrade: false,
                 },
                 true,
             );

@@ -78,11 +78,14 @@ pub struct Forwarder {
 }
 
 /// What the caller knows about the request being forwarded.
+#[derive(Clone, Copy)]
 pub struct Exchange<'a> {
     pub session: &'a Arc<Session>,
     pub client_ip: &'a str,
     /// Whether bytes of this exchange count as user activity.
     pub counts_as_activity: bool,
+    /// The request asks to switch protocols (see [`headers::is_upgrade`]).
+    pub upgrade: bool,
 }
 
 impl Forwarder {
@@ -132,7 +135,7 @@ impl Forwarder {
     {
         let session = exchange.session;
         let upstream = &session.lease.upstream;
-        let client_upgrade = headers::is_upgrade(request.headers()).then(|| hyper::upgrade::on(&mut request));
+        let client_upgrade = exchange.upgrade.then(|| hyper::upgrade::on(&mut request));
         let (parts, body) = request.into_parts();
         let mut head = Vec::with_capacity(1024);
         let framing = headers::write_request_head(
@@ -143,6 +146,7 @@ impl Forwarder {
                 client_ip: exchange.client_ip,
                 identity: &session.identity,
                 router_cookies: &self.router_cookies,
+                upgrade: exchange.upgrade,
             },
             !body.is_end_stream(),
         );

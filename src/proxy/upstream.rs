@@ -32,8 +32,8 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
 use crate::FastMap;
+use bytes::{Buf, Bytes, BytesMut};
 use futures_util::FutureExt;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::Authority;
@@ -634,7 +634,11 @@ fn head_facts(response: &httparse::Response<'_, '_>, start: usize) -> Result<Hea
     let mut keep_alive = !http10;
     // Headers the Connection header names are hop-by-hop too.
     let mut named: Vec<&str> = Vec::new();
-    for h in response.headers.iter().filter(|h| h.name.eq_ignore_ascii_case("connection")) {
+    for h in response
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("connection"))
+    {
         for token in std::str::from_utf8(h.value).unwrap_or("").split(',').map(str::trim) {
             if token.eq_ignore_ascii_case("close") {
                 keep_alive = false;
@@ -652,7 +656,8 @@ fn head_facts(response: &httparse::Response<'_, '_>, start: usize) -> Result<Hea
     let mut chunked = false;
     let mut transfer_encoded = false;
     for h in response.headers.iter() {
-        let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| UpstreamError::Malformed("bad header name"))?;
+        let name =
+            HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| UpstreamError::Malformed("bad header name"))?;
         if name == header::CONTENT_LENGTH {
             let value = std::str::from_utf8(h.value)
                 .ok()
@@ -664,7 +669,11 @@ fn head_facts(response: &httparse::Response<'_, '_>, start: usize) -> Result<Hea
             length = Some(value);
         } else if name == header::TRANSFER_ENCODING {
             transfer_encoded = true;
-            let last = std::str::from_utf8(h.value).unwrap_or("").rsplit(',').next().unwrap_or("");
+            let last = std::str::from_utf8(h.value)
+                .unwrap_or("")
+                .rsplit(',')
+                .next()
+                .unwrap_or("");
             chunked = last.trim().eq_ignore_ascii_case("chunked");
         }
         let keep_for_upgrade = status == StatusCode::SWITCHING_PROTOCOLS && name == header::UPGRADE;

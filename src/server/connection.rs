@@ -87,7 +87,10 @@ impl ConnState {
     }
 
     pub fn enter(&self, phase: Phase) {
-        self.since_ms.store(self.now_ms(), Ordering::Release);
+        // Phases without a deadline need no start time (nor a clock read).
+        if matches!(phase, Phase::Idle | Phase::Head | Phase::Body) {
+            self.since_ms.store(self.now_ms(), Ordering::Release);
+        }
         self.phase.store(phase as u8, Ordering::Release);
     }
 

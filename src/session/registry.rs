@@ -9,8 +9,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use dashmap::DashMap;
 use crate::FastMap;
+use dashmap::DashMap;
 use tokio::sync::OnceCell;
 use tokio::time::Instant;
 

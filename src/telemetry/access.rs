@@ -14,7 +14,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::header::{CONTENT_LENGTH, USER_AGENT};
-use http::{HeaderValue, Method, Request, Response, Uri};
+use http::{HeaderName, HeaderValue, Method, Request, Response, Uri};
 use http_body::{Frame, SizeHint};
 use prometheus::IntCounter;
 use tokio::time::Instant;
@@ -144,6 +144,9 @@ impl fmt::Display for Latency {
     }
 }
 
+/// Google's load balancer's trace header (`TRACE_ID/SPAN_ID;o=1`).
+static TRACE_CONTEXT: HeaderName = HeaderName::from_static("x-cloud-trace-context");
+
 /// What the access-log line needs, kept from when the request arrived.
 struct Exchange {
     kind: Kind,
@@ -268,7 +271,11 @@ pub struct Observed {
 
 /// Starts observing `request` from `client_ip`; its body is counted from
 /// now on.
-pub fn observe<B>(request: Request<B>, client_ip: &Arc<str>, metrics: &Arc<Metrics>) -> (Observed, Request<Counted<B>>) {
+pub fn observe<B>(
+    request: Request<B>,
+    client_ip: &Arc<str>,
+    metrics: &Arc<Metrics>,
+) -> (Observed, Request<Counted<B>>) {
     let kind = Kind::of(request.uri().path());
     let request_bytes = Arc::new(AtomicU64::new(0));
     let headers = request.headers();
@@ -278,13 +285,13 @@ pub fn observe<B>(request: Request<B>, client_ip: &Arc<str>, metrics: &Arc<Metri
         uri: request.uri().clone(),
         user_agent: headers.get(USER_AGENT).cloned(),
         remote_ip: client_ip.clone(),
-        trace: headers.get("x-cloud-trace-context").cloned(),
+        trace: headers.get(&TRACE_CONTEXT).cloned(),
         started: Instant::now(),
         request_bytes: request_bytes.clone(),
         status: 0,
     };
     let to_upstream = (kind == Kind::Proxied).then(|| metrics.to_upstream_bytes().clone());
-    let request = request.map(|body| Counted::new(body, request_bytes, to_upstream));
+    let request = request.map(|body| Counted::new(body, Some(request_bytes), to_upstream));
     let observed = Observed {
         exchange,
         metrics: metrics.clone(),
@@ -315,7 +322,7 @@ impl Observed {
             .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
         let to_client = (kind == Kind::Proxied).then(|| metrics.to_client_bytes().clone());
         response.map(|body| Logged {
-            body: Counted::new(body, Arc::new(AtomicU64::new(0)), to_client),
+            body: Counted::new(body, None, to_client),
             exchange: (!upgraded).then_some(exchange),
             declared,
             open_stream: streaming.then(|| {
@@ -329,16 +336,20 @@ impl Observed {
 /// A body that counts its data bytes (and feeds a metric).
 pub struct Counted<B> {
     inner: B,
-    bytes: Arc<AtomicU64>,
+    seen: u64,
+    /// Where someone else reads the count (the request's, for the line the
+    /// response writes).
+    shared: Option<Arc<AtomicU64>>,
     metric: Option<IntCounter>,
     ended: bool,
 }
 
 impl<B> Counted<B> {
-    fn new(inner: B, bytes: Arc<AtomicU64>, metric: Option<IntCounter>) -> Self {
+    fn new(inner: B, shared: Option<Arc<AtomicU64>>, metric: Option<IntCounter>) -> Self {
         Counted {
             inner,
-            bytes,
+            seen: 0,
+            shared,
             metric,
             ended: false,
         }
@@ -358,7 +369,10 @@ impl<B: http_body::Body + Unpin> http_body::Body for Counted<B> {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     let n = bytes::Buf::remaining(data) as u64;
-                    self.bytes.fetch_add(n, Ordering::Relaxed);
+                    self.seen += n;
+                    if let Some(shared) = &self.shared {
+                        shared.fetch_add(n, Ordering::Relaxed);
+                    }
                     if let Some(metric) = &self.metric {
                         metric.inc_by(n);
                     }
@@ -415,7 +429,7 @@ impl<B> Drop for Logged<B> {
             metrics.open_streams.dec();
         }
         if let Some(exchange) = &self.exchange {
-            let sent = self.body.bytes.load(Ordering::Relaxed);
+            let sent = self.body.seen;
             let completed = self.body.ended || self.declared == Some(sent);
             exchange.log(sent, completed);
         }
