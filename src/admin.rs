@@ -38,7 +38,7 @@ struct Row {
     on_this_replica: bool,
 }
 
-async fn admin(state: &AppState, headers: &HeaderMap) -> Result<Identity, RouterError> {
+async fn admin(state: &AppState, headers: &HeaderMap) -> Result<Arc<Identity>, RouterError> {
     let identity = state.identify(headers).await?;
     let email = identity.email.to_ascii_lowercase();
     if state.config.admin.emails.contains(&email) {

@@ -120,8 +120,10 @@ fn run_demo(options: DemoOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Single-threaded: the server starts one runtime per `server.threads`, and
+/// this one is the first (see `server::serve`).
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")

@@ -88,7 +88,7 @@ impl IapVerifier {
 
     /// The identity in the request's single assertion header, and whether
     /// it came from the verified-token cache.
-    pub async fn verify_headers(&self, headers: &http::HeaderMap) -> Result<(Identity, Check), AuthError> {
+    pub async fn verify_headers(&self, headers: &http::HeaderMap) -> Result<(Arc<Identity>, Check), AuthError> {
         static ASSERTION: http::HeaderName = http::HeaderName::from_static(ASSERTION_HEADER);
         let mut values = headers.get_all(&ASSERTION).iter();
         let token = match (values.next(), values.next()) {
@@ -100,10 +100,10 @@ impl IapVerifier {
     }
 
     pub async fn verify(&self, token: &str) -> Result<Identity, AuthError> {
-        self.check(token).await.map(|(identity, _)| identity)
+        self.check(token).await.map(|(identity, _)| Identity::clone(&identity))
     }
 
-    async fn check(&self, token: &str) -> Result<(Identity, Check), AuthError> {
+    async fn check(&self, token: &str) -> Result<(Arc<Identity>, Check), AuthError> {
         let now = unix_now();
         if let Some(identity) = self.cache.get(token, now) {
             return Ok((identity, Check::Cached));
@@ -113,7 +113,7 @@ impl IapVerifier {
         Box::pin(self.verify_uncached(token, now)).await
     }
 
-    async fn verify_uncached(&self, token: &str, now: u64) -> Result<(Identity, Check), AuthError> {
+    async fn verify_uncached(&self, token: &str, now: u64) -> Result<(Arc<Identity>, Check), AuthError> {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(AuthError::Malformed("too long"));
         }
@@ -136,7 +136,7 @@ impl IapVerifier {
         if claims.sub.is_empty() || claims.email.is_empty() {
             return Err(AuthError::Malformed("empty sub or email"));
         }
-        let identity = Identity::new(&claims.sub, &claims.email, claims.hd.as_deref());
+        let identity = Arc::new(Identity::new(&claims.sub, &claims.email, claims.hd.as_deref()));
         self.cache.insert(token, identity.clone(), claims.exp, now);
         Ok((identity, Check::Verified))
     }
@@ -151,7 +151,8 @@ fn unix_now() -> u64 {
 
 /// Verified tokens, bounded. Entries die at the token's own `exp`.
 struct TokenCache {
-    entries: FastMap<Box<str>, (Identity, u64)>,
+    /// Shared identities: a cache hit clones one `Arc`, not three.
+    entries: FastMap<Box<str>, (Arc<Identity>, u64)>,
     capacity: usize,
 }
 
@@ -163,7 +164,7 @@ impl TokenCache {
         }
     }
 
-    fn get(&self, token: &str, now: u64) -> Option<Identity> {
+    fn get(&self, token: &str, now: u64) -> Option<Arc<Identity>> {
         let hit = self.entries.get(token).and_then(|entry| {
             let (identity, exp) = entry.value();
             (*exp > now).then(|| identity.clone())
@@ -174,7 +175,7 @@ impl TokenCache {
         hit
     }
 
-    fn insert(&self, token: &str, identity: Identity, exp: u64, now: u64) {
+    fn insert(&self, token: &str, identity: Arc<Identity>, exp: u64, now: u64) {
         if self.capacity == 0 || exp <= now {
             return;
         }
@@ -206,8 +207,8 @@ impl TokenCache {
 mod tests {
     use super::*;
 
-    fn alice() -> Identity {
-        Identity::new("accounts.google.com:1", "alice@example.com", None)
+    fn alice() -> Arc<Identity> {
+        Arc::new(Identity::new("accounts.google.com:1", "alice@example.com", None))
     }
 
     #[test]

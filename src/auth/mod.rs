@@ -157,16 +157,18 @@ impl Authenticator {
         }
     }
 
-    pub async fn identify(&self, headers: &HeaderMap) -> Result<Identity, AuthError> {
+    pub async fn identify(&self, headers: &HeaderMap) -> Result<Arc<Identity>, AuthError> {
         let checked = match &self.method {
             Method::Iap(verifier) => verifier.verify_headers(headers).await,
-            Method::Dev(dev) => dev.identify(headers).map(|identity| (identity, iap::Check::Verified)),
+            Method::Dev(dev) => dev
+                .identify(headers)
+                .map(|identity| (Arc::new(identity), iap::Check::Verified)),
         };
         let result = checked.and_then(|(identity, check)| {
             if self.allowlist.permits(&identity) {
                 Ok((identity, check))
             } else {
-                Err(AuthError::NotAllowed(identity.email))
+                Err(AuthError::NotAllowed(identity.email.clone()))
             }
         });
         let (result_label, reason) = match &result {

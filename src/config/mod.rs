@@ -22,6 +22,8 @@ pub const COOKIE_SECRET_ENV: &str = "SESSION_ROUTER_COOKIE_SECRET";
 pub const IAP_ISSUER: &str = "https://cloud.google.com/iap";
 const MIN_SECRET_BYTES: usize = 32;
 /// Connection time limits beyond this are a typo, not a policy.
+/// More serving threads than this is a typo, not a machine.
+const MAX_THREADS: usize = 256;
 const MAX_CONNECTION_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// The validated configuration of one router process.
@@ -86,6 +88,9 @@ pub struct ServerConfig {
     /// Extra origins (scheme://host[:port]) allowed to open WebSockets and
     /// post to `/_router/*`, besides the request's own origin.
     pub allowed_origins: Vec<String>,
+    /// Threads that serve connections, each with a runtime of its own.
+    /// Defaults to the CPUs the process may use.
+    pub threads: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -361,8 +366,18 @@ impl Config {
             }
         };
         let allowed_origins = read_origins(&mut server, &mut problems);
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let threads = server.integer("threads", cpus as u64, &mut problems);
+        if !(1..=MAX_THREADS as u64).contains(&threads) {
+            problems.push(Problem::new(
+                &server.key("threads"),
+                format!("must be between 1 and {MAX_THREADS}"),
+            ));
+        }
+        let threads = threads.clamp(1, MAX_THREADS as u64) as usize;
         server.finish(&mut problems);
         let server = ServerConfig {
+            threads,
             metrics_listen,
             listen,
             drain_timeout,

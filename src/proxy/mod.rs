@@ -137,6 +137,7 @@ impl Forwarder {
         let upstream = &session.lease.upstream;
         let client_upgrade = exchange.upgrade.then(|| hyper::upgrade::on(&mut request));
         let (parts, body) = request.into_parts();
+        let has_body = !body.is_end_stream();
         let mut head = Vec::with_capacity(1024);
         let framing = headers::write_request_head(
             &mut head,
@@ -148,10 +149,10 @@ impl Forwarder {
                 router_cookies: &self.router_cookies,
                 upgrade: exchange.upgrade,
             },
-            !body.is_end_stream(),
+            has_body,
         );
-        let activity = exchange.counts_as_activity.then(|| session.clone());
-        let body = ActivityBody::new(body, activity.clone());
+        let counts = exchange.counts_as_activity;
+        let body = ActivityBody::new(body, (counts && has_body).then(|| session.clone()));
 
         let in_flight = exchange
             .counts_as_activity
@@ -195,7 +196,11 @@ impl Forwarder {
             ));
             return Ok(answer);
         }
-        *answer.body_mut() = UpstreamBody(response.take_body().map(|body| ActivityBody::new(body, activity)));
+        *answer.body_mut() = UpstreamBody(
+            response
+                .take_body()
+                .map(|body| ActivityBody::new(body, counts.then(|| session.clone()))),
+        );
         Ok(answer)
     }
 }

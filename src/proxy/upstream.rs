@@ -30,6 +30,7 @@ use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
+use std::thread::ThreadId;
 use std::time::Duration;
 
 use crate::FastMap;
@@ -101,6 +102,10 @@ pub struct Upstreams {
 struct Idle {
     conn: Conn,
     since: Instant,
+    /// The thread whose runtime the socket is registered with: only that
+    /// thread takes it again, so its readiness never waits for another
+    /// thread's runtime (see `server::serve`).
+    owner: ThreadId,
 }
 
 /// One connection to a backend and the bytes read from it so far.
@@ -216,10 +221,13 @@ impl Upstreams {
         }
     }
 
-    /// An idle connection that still looks open, if there is one.
+    /// An idle connection of this thread's that still looks open, if there
+    /// is one.
     fn checkout(&self, upstream: &Authority) -> Option<Conn> {
         let mut idle = self.idle.get_mut(upstream.as_str())?;
-        while let Some(Idle { mut conn, since }) = idle.pop() {
+        let me = std::thread::current().id();
+        while let Some(at) = idle.iter().rposition(|i| i.owner == me) {
+            let Idle { mut conn, since, .. } = idle.swap_remove(at);
             if since.elapsed() < self.idle_timeout && conn.looks_open() {
                 conn.reused = true;
                 return Some(conn);
@@ -250,6 +258,7 @@ impl Upstreams {
         let idle = Idle {
             conn,
             since: Instant::now(),
+            owner: std::thread::current().id(),
         };
         match self.idle.get_mut(upstream.as_str()) {
             Some(mut pool) if pool.len() < MAX_IDLE_PER_UPSTREAM => pool.push(idle),

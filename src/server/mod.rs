@@ -19,6 +19,7 @@ use axum::Router;
 use http::HeaderMap;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -78,7 +79,7 @@ impl AppState {
         self.metrics_addr.get().copied()
     }
 
-    pub async fn identify(&self, headers: &HeaderMap) -> Result<Identity, AuthError> {
+    pub async fn identify(&self, headers: &HeaderMap) -> Result<Arc<Identity>, AuthError> {
         self.auth.identify(headers).await
     }
 
@@ -124,6 +125,15 @@ pub fn endpoints(state: Arc<AppState>) -> Router {
 /// Runs the router on `listener` until `shutdown` resolves, then drains:
 /// stops accepting, lets in-flight requests and open streams finish for up
 /// to `server.drain_timeout`, and closes what is left.
+///
+/// Connections are spread over `server.threads` threads, round robin: this
+/// task's, and one more on each extra thread, every one with a
+/// single-threaded runtime of its own. A connection stays on the thread it
+/// was given, so its requests never wait for another thread to be woken,
+/// its tasks never move between cores, and it shares nothing per request
+/// with the other threads but the session table. The background tasks
+/// (reaper, key refresh, metrics) run here; the binary runs this on a
+/// single-threaded runtime too.
 pub async fn serve(
     listener: TcpListener,
     state: Arc<AppState>,
@@ -147,19 +157,34 @@ pub async fn serve(
     }
     tasks.spawn(reaper::run(state.clone(), background.clone()));
 
-    let endpoints = endpoints(state.clone());
-    let connections = TaskTracker::new();
-    let drain = CancellationToken::new();
-    let force_close = CancellationToken::new();
     let server_config = &state.config.server;
-    let timeouts = Timeouts {
-        keepalive: server_config.keepalive_timeout,
-        header: server_config.header_timeout,
-        body: server_config.body_timeout,
+    let acceptor = Acceptor {
+        endpoints: endpoints(state.clone()),
+        connections: TaskTracker::new(),
+        drain: CancellationToken::new(),
+        force_close: CancellationToken::new(),
+        threads_done: CancellationToken::new(),
+        timeouts: Timeouts {
+            keepalive: server_config.keepalive_timeout,
+            header: server_config.header_timeout,
+            body: server_config.body_timeout,
+        },
+        max_header_bytes: server_config.max_header_bytes,
+        state: state.clone(),
     };
-    let max_header_bytes = server_config.max_header_bytes;
+    // However this future ends (even dropped mid-way), the other threads
+    // exit once their connections are gone.
+    let _release_threads = acceptor.threads_done.clone().drop_guard();
+    let mut threads = Vec::new();
+    let mut handoffs = Vec::new();
+    for index in 1..server_config.threads {
+        let (handoff, done) = acceptor.start_thread(index)?;
+        handoffs.push(handoff);
+        threads.push(done);
+    }
 
     tokio::pin!(shutdown);
+    let mut next = 0usize;
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -173,13 +198,120 @@ pub async fn serve(
             },
             _ = &mut shutdown => break,
         };
+        next = (next + 1) % (handoffs.len() + 1);
+        if next == 0 {
+            acceptor.serve_connection(stream, peer);
+            continue;
+        }
+        // Another thread's runtime takes the socket over.
+        match stream.into_std() {
+            Ok(stream) => {
+                if let Err(mpsc::error::SendError((stream, peer))) = handoffs[next - 1].send((stream, peer)) {
+                    tracing::error!(thread = next, "a serving thread is gone; serving its share here");
+                    match tokio::net::TcpStream::from_std(stream) {
+                        Ok(stream) => acceptor.serve_connection(stream, peer),
+                        Err(e) => tracing::warn!(error = %e, %peer, "cannot take a connection back"),
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, %peer, "cannot hand a connection over"),
+        }
+    }
+
+    let drain_timeout = state.config.server.drain_timeout;
+    let connections = &acceptor.connections;
+    tracing::info!(
+        open_connections = connections.len(),
+        open_relays = state.forwarder.open_relays(),
+        ?drain_timeout,
+        "draining"
+    );
+    drop(listener);
+    drop(handoffs);
+    acceptor.drain.cancel();
+    connections.close();
+    let started = tokio::time::Instant::now();
+    if tokio::time::timeout(drain_timeout, connections.wait()).await.is_err() {
+        tracing::warn!(
+            open = connections.len(),
+            "connections still open after the drain period; closing them"
+        );
+        acceptor.force_close.cancel();
+        connections.wait().await;
+    }
+    state
+        .forwarder
+        .drain_relays(drain_timeout.saturating_sub(started.elapsed()))
+        .await;
+    acceptor.threads_done.cancel();
+    for thread in threads {
+        let _ = thread.await;
+    }
+    background.cancel();
+    tasks.close();
+    tasks.wait().await;
+    Ok(())
+}
+
+/// A connection accepted on one thread, for another to serve.
+type Handoff = (std::net::TcpStream, SocketAddr);
+
+/// What every serving thread shares.
+#[derive(Clone)]
+struct Acceptor {
+    state: Arc<AppState>,
+    endpoints: Router,
+    /// Every connection, whichever thread serves it.
+    connections: TaskTracker,
+    /// Connections finish their current request and close.
+    drain: CancellationToken,
+    /// Connections close now (the drain period is over).
+    force_close: CancellationToken,
+    /// The extra threads may exit: their connections and relays are done.
+    threads_done: CancellationToken,
+    timeouts: Timeouts,
+    max_header_bytes: usize,
+}
+
+impl Acceptor {
+    /// Starts serving thread `index`: it serves the connections sent to it,
+    /// and the receiver resolves once the thread has exited.
+    fn start_thread(&self, index: usize) -> std::io::Result<(mpsc::UnboundedSender<Handoff>, oneshot::Receiver<()>)> {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let (handoff, mut handed) = mpsc::unbounded_channel::<Handoff>();
+        let (done, finished) = oneshot::channel();
+        let acceptor = self.clone();
+        std::thread::Builder::new()
+            .name(format!("serve-{index}"))
+            .spawn(move || {
+                runtime.block_on(async move {
+                    // Until the accept loop stops handing connections over.
+                    while let Some((stream, peer)) = handed.recv().await {
+                        match tokio::net::TcpStream::from_std(stream) {
+                            Ok(stream) => acceptor.serve_connection(stream, peer),
+                            Err(e) => tracing::warn!(error = %e, %peer, "cannot take a connection over"),
+                        }
+                    }
+                    // This runtime runs its connections and the relays
+                    // started on it: it lives until the drain is over.
+                    acceptor.threads_done.cancelled().await;
+                });
+                drop(runtime);
+                let _ = done.send(());
+            })?;
+        Ok((handoff, finished))
+    }
+
+    /// Serves one connection on the calling thread's runtime.
+    fn serve_connection(&self, stream: tokio::net::TcpStream, peer: SocketAddr) {
         let _ = stream.set_nodelay(true);
         let conn = ConnState::new();
-        let io = TokioIo::new(GuardedIo::new(stream, conn.clone(), timeouts));
-        let service = Handler::new(state.clone(), endpoints.clone(), peer.ip(), conn);
-        let drain = drain.clone();
-        let force_close = force_close.clone();
-        connections.spawn(async move {
+        let io = TokioIo::new(GuardedIo::new(stream, conn.clone(), self.timeouts));
+        let service = Handler::new(self.state.clone(), self.endpoints.clone(), peer.ip(), conn);
+        let drain = self.drain.clone();
+        let force_close = self.force_close.clone();
+        let max_header_bytes = self.max_header_bytes;
+        self.connections.spawn(async move {
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 // hyper's own head timer also runs on idle keep-alive
@@ -205,32 +337,4 @@ pub async fn serve(
             }
         });
     }
-
-    let drain_timeout = state.config.server.drain_timeout;
-    tracing::info!(
-        open_connections = connections.len(),
-        open_relays = state.forwarder.open_relays(),
-        ?drain_timeout,
-        "draining"
-    );
-    drop(listener);
-    drain.cancel();
-    connections.close();
-    let started = tokio::time::Instant::now();
-    if tokio::time::timeout(drain_timeout, connections.wait()).await.is_err() {
-        tracing::warn!(
-            open = connections.len(),
-            "connections still open after the drain period; closing them"
-        );
-        force_close.cancel();
-        connections.wait().await;
-    }
-    state
-        .forwarder
-        .drain_relays(drain_timeout.saturating_sub(started.elapsed()))
-        .await;
-    background.cancel();
-    tasks.close();
-    tasks.wait().await;
-    Ok(())
 }

@@ -34,33 +34,36 @@ use crate::error::{self, ErrorPages};
 use crate::pages;
 use crate::proxy::{BoxError, UpstreamBody};
 use crate::routes;
-use crate::telemetry::access::{self, Counted, Kind, Logged};
+use crate::telemetry::access::{self, Counted, Kind, Logged, Peer};
 
 /// The body of every response the router sends.
 pub type ResponseBody = PhaseBody<Logged<Answer>>;
 /// A request body as the handlers receive it.
 type RequestBody = Counted<PhaseBody<Incoming>>;
 
-/// One connection's request handler.
+/// One connection's request handler. Cloned into every request's future:
+/// it is the connection's own `Arc`, so the clone touches nothing another
+/// core's requests touch.
 #[derive(Clone)]
-pub struct Handler {
+pub struct Handler(Arc<Connection>);
+
+struct Connection {
     state: Arc<AppState>,
     /// The router's own endpoints (`/_router/*`, `/healthz`, `/readyz`).
     endpoints: Router,
-    /// The peer's address as text, once per connection: the access log and
-    /// `X-Forwarded-For` write it for every request.
-    client_ip: Arc<str>,
+    peer: Arc<Peer>,
     conn: Arc<ConnState>,
 }
 
 impl Handler {
     pub fn new(state: Arc<AppState>, endpoints: Router, client_ip: IpAddr, conn: Arc<ConnState>) -> Self {
-        Handler {
+        let peer = Peer::new(client_ip, state.metrics.clone());
+        Handler(Arc::new(Connection {
             state,
             endpoints,
-            client_ip: client_ip.to_string().into(),
+            peer,
             conn,
-        }
+        }))
     }
 }
 
@@ -70,30 +73,30 @@ impl hyper::service::Service<Request<Incoming>> for Handler {
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
 
     fn call(&self, request: Request<Incoming>) -> Self::Future {
+        let connection = self.0.clone();
         let reading_body = !request.body().is_end_stream();
-        self.conn.enter(if reading_body { Phase::Body } else { Phase::Busy });
-        let request = request.map(|body| PhaseBody::request(body, self.conn.clone()));
-        let (observed, request) = access::observe(request, &self.client_ip, &self.state.metrics);
-        let handler = self.clone();
+        connection.conn.enter(if reading_body { Phase::Body } else { Phase::Busy });
+        let request = request.map(|body| PhaseBody::request(body, connection.conn.clone()));
+        let (observed, request) = access::observe(request, &connection.peer);
         Box::pin(async move {
-            let response = handler.dispatch(observed.kind(), request).await;
+            let response = connection.dispatch(observed.kind(), request).await;
             let response = observed.finish(response);
             if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-                handler.conn.enter(Phase::Upgraded);
+                connection.conn.enter(Phase::Upgraded);
             }
-            Ok(response.map(|body| PhaseBody::response(body, handler.conn)))
+            Ok(response.map(|body| PhaseBody::response(body, connection.conn.clone())))
         })
     }
 }
 
-impl Handler {
+impl Connection {
     async fn dispatch(&self, kind: Kind, request: Request<RequestBody>) -> Response<Answer> {
         let state = &*self.state;
         let wants_html = pages::wants_html(request.headers());
         let uri = request.uri().clone();
         let result = match limits::check_uri(&uri, state.config.server.max_uri_bytes) {
             Err(refused) => Err(refused),
-            Ok(()) if kind == Kind::Proxied => routes::proxy(state, request, &self.client_ip)
+            Ok(()) if kind == Kind::Proxied => routes::proxy(state, request, &self.peer.ip)
                 .await
                 .map(|response| response.map(Answer::Upstream)),
             Ok(()) => {

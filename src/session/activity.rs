@@ -4,7 +4,6 @@
 //! session busy until the response starts.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -78,18 +77,18 @@ impl Activity {
         Some(std::time::SystemTime::now() - self.idle_for())
     }
 
-    /// Marks a request as awaiting its response until the guard drops.
-    pub fn begin(session: &Arc<Session>) -> InFlight {
+    /// Marks a request as awaiting its response until the guard drops
+    /// (meanwhile the session is never idle; the drop records the time).
+    pub fn begin(session: &Session) -> InFlight<'_> {
         session.activity.in_flight.fetch_add(1, Ordering::AcqRel);
-        session.activity.touch();
-        InFlight(session.clone())
+        InFlight(session)
     }
 }
 
 /// Keeps a session busy while a request waits for its upstream's response.
-pub struct InFlight(Arc<Session>);
+pub struct InFlight<'a>(&'a Session);
 
-impl Drop for InFlight {
+impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.0.activity.touch();
         self.0.activity.in_flight.fetch_sub(1, Ordering::AcqRel);
@@ -98,6 +97,8 @@ impl Drop for InFlight {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
     use crate::allocator::Lease;
     use crate::auth::Identity;

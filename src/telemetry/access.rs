@@ -16,7 +16,6 @@ use std::time::Duration;
 use http::header::{CONTENT_LENGTH, USER_AGENT};
 use http::{HeaderName, HeaderValue, Method, Request, Response, Uri};
 use http_body::{Frame, SizeHint};
-use prometheus::IntCounter;
 use tokio::time::Instant;
 use tracing::Level;
 
@@ -147,13 +146,39 @@ impl fmt::Display for Latency {
 /// Google's load balancer's trace header (`TRACE_ID/SPAN_ID;o=1`).
 static TRACE_CONTEXT: HeaderName = HeaderName::from_static("x-cloud-trace-context");
 
+/// The client end of one connection, as the access log and the request
+/// metrics need it. Made once per connection: a request then clones this
+/// `Arc`, which only the connection's own thread touches, instead of
+/// references shared by every request on every core.
+pub struct Peer {
+    /// The address as text (for the log and `X-Forwarded-For`).
+    pub ip: Box<str>,
+    metrics: Arc<Metrics>,
+}
+
+impl Peer {
+    pub fn new(ip: std::net::IpAddr, metrics: Arc<Metrics>) -> Arc<Peer> {
+        Arc::new(Peer {
+            ip: ip.to_string().into(),
+            metrics,
+        })
+    }
+}
+
+/// Where a body's bytes are counted in `proxied_bytes`.
+#[derive(Clone, Copy)]
+enum Direction {
+    ToUpstream,
+    ToClient,
+}
+
 /// What the access-log line needs, kept from when the request arrived.
 struct Exchange {
     kind: Kind,
     method: Method,
     uri: Uri,
     user_agent: Option<HeaderValue>,
-    remote_ip: Arc<str>,
+    peer: Arc<Peer>,
     trace: Option<HeaderValue>,
     started: Instant,
     request_bytes: Arc<AtomicU64>,
@@ -176,7 +201,7 @@ macro_rules! access_event {
             httpRequest.requestSize = %e.request_bytes.load(Ordering::Relaxed),
             httpRequest.responseSize = %$response_bytes,
             httpRequest.userAgent = e.user_agent.as_ref().and_then(|v| v.to_str().ok()),
-            httpRequest.remoteIp = %e.remote_ip,
+            httpRequest.remoteIp = &*e.peer.ip,
             httpRequest.protocol = "HTTP/1.1",
             kind = e.kind.label(),
             completed = $completed,
@@ -255,7 +280,7 @@ impl Exchange {
             write_json_str(out, agent)?;
         }
         out.push_str(r#","remoteIp":"#);
-        write_json_str(out, &self.remote_ip)?;
+        write_json_str(out, &self.peer.ip)?;
         out.push_str(r#","protocol":"HTTP/1.1"}}"#);
         out.push('\n');
         Ok(())
@@ -266,16 +291,10 @@ impl Exchange {
 /// access-log line for the end of the response body.
 pub struct Observed {
     exchange: Exchange,
-    metrics: Arc<Metrics>,
 }
 
-/// Starts observing `request` from `client_ip`; its body is counted from
-/// now on.
-pub fn observe<B>(
-    request: Request<B>,
-    client_ip: &Arc<str>,
-    metrics: &Arc<Metrics>,
-) -> (Observed, Request<Counted<B>>) {
+/// Starts observing `request` from `peer`; its body is counted from now on.
+pub fn observe<B>(request: Request<B>, peer: &Arc<Peer>) -> (Observed, Request<Counted<B>>) {
     let kind = Kind::of(request.uri().path());
     let request_bytes = Arc::new(AtomicU64::new(0));
     let headers = request.headers();
@@ -284,19 +303,15 @@ pub fn observe<B>(
         method: request.method().clone(),
         uri: request.uri().clone(),
         user_agent: headers.get(USER_AGENT).cloned(),
-        remote_ip: client_ip.clone(),
+        peer: peer.clone(),
         trace: headers.get(&TRACE_CONTEXT).cloned(),
         started: Instant::now(),
         request_bytes: request_bytes.clone(),
         status: 0,
     };
-    let to_upstream = (kind == Kind::Proxied).then(|| metrics.to_upstream_bytes().clone());
+    let to_upstream = (kind == Kind::Proxied).then(|| (peer.clone(), Direction::ToUpstream));
     let request = request.map(|body| Counted::new(body, Some(request_bytes), to_upstream));
-    let observed = Observed {
-        exchange,
-        metrics: metrics.clone(),
-    };
-    (observed, request)
+    (Observed { exchange }, request)
 }
 
 impl Observed {
@@ -307,28 +322,29 @@ impl Observed {
     /// Counts the final response now; its body writes the access-log line
     /// when it ends (a 101 is logged at once: what follows is not HTTP).
     pub fn finish<B: http_body::Body>(self, response: Response<B>) -> Response<Logged<B>> {
-        let Observed { mut exchange, metrics } = self;
+        let Observed { mut exchange } = self;
         let kind = exchange.kind;
+        let metrics = &exchange.peer.metrics;
         exchange.status = response.status().as_u16();
         metrics.count_request(kind.label(), response.status());
         let upgraded = response.status() == http::StatusCode::SWITCHING_PROTOCOLS;
-        if upgraded {
-            exchange.log(0, true);
-        }
         let streaming = !upgraded && kind == Kind::Proxied && !http_body::Body::is_end_stream(response.body());
+        if streaming {
+            metrics.open_streams.inc();
+        }
         let declared = response
             .headers()
             .get(CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-        let to_client = (kind == Kind::Proxied).then(|| metrics.to_client_bytes().clone());
+        let to_client = (kind == Kind::Proxied).then(|| (exchange.peer.clone(), Direction::ToClient));
+        if upgraded {
+            exchange.log(0, true);
+        }
         response.map(|body| Logged {
             body: Counted::new(body, None, to_client),
             exchange: (!upgraded).then_some(exchange),
             declared,
-            open_stream: streaming.then(|| {
-                metrics.open_streams.inc();
-                metrics
-            }),
+            open_stream: streaming,
         })
     }
 }
@@ -340,12 +356,12 @@ pub struct Counted<B> {
     /// Where someone else reads the count (the request's, for the line the
     /// response writes).
     shared: Option<Arc<AtomicU64>>,
-    metric: Option<IntCounter>,
+    metric: Option<(Arc<Peer>, Direction)>,
     ended: bool,
 }
 
 impl<B> Counted<B> {
-    fn new(inner: B, shared: Option<Arc<AtomicU64>>, metric: Option<IntCounter>) -> Self {
+    fn new(inner: B, shared: Option<Arc<AtomicU64>>, metric: Option<(Arc<Peer>, Direction)>) -> Self {
         Counted {
             inner,
             seen: 0,
@@ -373,8 +389,12 @@ impl<B: http_body::Body + Unpin> http_body::Body for Counted<B> {
                     if let Some(shared) = &self.shared {
                         shared.fetch_add(n, Ordering::Relaxed);
                     }
-                    if let Some(metric) = &self.metric {
-                        metric.inc_by(n);
+                    if let Some((peer, direction)) = &self.metric {
+                        let counter = match direction {
+                            Direction::ToUpstream => peer.metrics.to_upstream_bytes(),
+                            Direction::ToClient => peer.metrics.to_client_bytes(),
+                        };
+                        counter.inc_by(n);
                     }
                 }
             }
@@ -400,7 +420,8 @@ pub struct Logged<B> {
     /// `None` once logged.
     exchange: Option<Exchange>,
     declared: Option<u64>,
-    open_stream: Option<Arc<Metrics>>,
+    /// Counted in `open_streams` until dropped.
+    open_stream: bool,
 }
 
 impl<B: http_body::Body + Unpin> http_body::Body for Logged<B> {
@@ -425,8 +446,10 @@ impl<B: http_body::Body + Unpin> http_body::Body for Logged<B> {
 
 impl<B> Drop for Logged<B> {
     fn drop(&mut self) {
-        if let Some(metrics) = &self.open_stream {
-            metrics.open_streams.dec();
+        if self.open_stream {
+            if let Some((peer, _)) = &self.body.metric {
+                peer.metrics.open_streams.dec();
+            }
         }
         if let Some(exchange) = &self.exchange {
             let sent = self.body.seen;
@@ -447,7 +470,7 @@ mod tests {
             method: Method::POST,
             uri: "/run/predict?session_hash=abc&fn_index=3".parse().unwrap(),
             user_agent: Some(HeaderValue::from_static("agent \"quoted\" \\ 1.0")),
-            remote_ip: "10.0.0.1".into(),
+            peer: Peer::new([10, 0, 0, 1].into(), Metrics::new()),
             trace: Some(HeaderValue::from_static("105445aa7843bc8bf206b12000100000/1;o=1")),
             started: Instant::now(),
             request_bytes: Arc::new(AtomicU64::new(42)),
