@@ -917,6 +917,23 @@ mod tests {
     }
 
     #[test]
+    fn serving_threads_default_to_the_cpus_and_are_bounded() {
+        let c = Config::from_toml(MINIMAL_IAP, Some(SECRET.to_vec())).unwrap();
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(c.server.threads, cpus);
+        let with = |threads: &str| format!("[server]\nthreads = {threads}\n{MINIMAL_IAP}");
+        let c = Config::from_toml(&with("3"), Some(SECRET.to_vec())).unwrap();
+        assert_eq!(c.server.threads, 3);
+        for bad in ["0", "257", "\"two\""] {
+            let found = problems(&with(bad), Some(SECRET));
+            assert!(
+                found.iter().any(|p| p.starts_with("server.threads: ")),
+                "{bad}: {found:?}"
+            );
+        }
+    }
+
+    #[test]
     fn iap_mode_refuses_to_start_without_a_long_enough_secret() {
         assert!(problems(MINIMAL_IAP, None)
             .iter()

@@ -75,7 +75,9 @@ impl hyper::service::Service<Request<Incoming>> for Handler {
     fn call(&self, request: Request<Incoming>) -> Self::Future {
         let connection = self.0.clone();
         let reading_body = !request.body().is_end_stream();
-        connection.conn.enter(if reading_body { Phase::Body } else { Phase::Busy });
+        connection
+            .conn
+            .enter(if reading_body { Phase::Body } else { Phase::Busy });
         let request = request.map(|body| PhaseBody::request(body, connection.conn.clone()));
         let (observed, request) = access::observe(request, &connection.peer);
         Box::pin(async move {
