@@ -25,15 +25,17 @@
 //!   request without a body that meets a connection closed under it is
 //!   sent once more on a new one.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::io::{self, IoSlice};
 use std::mem::MaybeUninit;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::sync::{Mutex, MutexGuard, Weak};
 use std::task::{ready, Context, Poll};
-use std::thread::ThreadId;
 use std::time::Duration;
 
-use crate::FastMap;
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::FutureExt;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -91,21 +93,37 @@ impl UpstreamError {
     }
 }
 
-/// The pooled connections, by backend.
+/// The pooled connections: one pool per serving thread, so that checking
+/// a connection out and back in touches nothing another core touches (the
+/// threads serve their own connections, see `server::serve`), and a
+/// socket is only ever used from the thread whose runtime registered it.
 pub struct Upstreams {
-    /// By the backend's `host:port` as the lease spells it.
-    idle: FastMap<Box<str>, Vec<Idle>>,
+    /// Tells this instance's pools apart from another's in a thread's list.
+    id: usize,
+    /// Every thread's pool, for pruning.
+    pools: Mutex<Vec<Arc<ThreadPool>>>,
     connect_timeout: Duration,
     idle_timeout: Duration,
 }
 
+/// One thread's idle connections, by the backend's `host:port` as the
+/// lease spells it. Locked by its own thread (uncontended) and, briefly,
+/// by the pruner.
+#[derive(Default)]
+struct ThreadPool {
+    idle: Mutex<HashMap<Arc<str>, Vec<Idle>, foldhash::fast::RandomState>>,
+}
+
+thread_local! {
+    /// This thread's pools, by `Upstreams::id`.
+    static POOLS: RefCell<Vec<(usize, Weak<ThreadPool>)>> = const { RefCell::new(Vec::new()) };
+}
+
+static NEXT_ID: AtomicUsize = AtomicUsize::new(0);
+
 struct Idle {
     conn: Conn,
     since: Instant,
-    /// The thread whose runtime the socket is registered with: only that
-    /// thread takes it again, so its readiness never waits for another
-    /// thread's runtime (see `server::serve`).
-    owner: ThreadId,
 }
 
 /// One connection to a backend and the bytes read from it so far.
@@ -114,6 +132,9 @@ struct Conn {
     buf: BytesMut,
     /// Came from the pool (so the backend may have closed it meanwhile).
     reused: bool,
+    /// Where it goes back to: its thread's pool (weak: the pool holds
+    /// its idle connections), under the backend's key.
+    home: (Weak<ThreadPool>, Arc<str>),
 }
 
 /// The head of a response, and what the response body needs.
@@ -156,10 +177,31 @@ pub enum RequestFraming {
 impl Upstreams {
     pub fn new(connect_timeout: Duration, idle_timeout: Duration) -> Self {
         Upstreams {
-            idle: FastMap::default(),
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            pools: Mutex::new(Vec::new()),
             connect_timeout,
             idle_timeout,
         }
+    }
+
+    /// The calling thread's pool, made on its first use.
+    fn local_pool(&self) -> Arc<ThreadPool> {
+        POOLS.with(|pools| {
+            let mut pools = pools.borrow_mut();
+            if let Some(pool) = pools
+                .iter()
+                .find(|(id, _)| *id == self.id)
+                .and_then(|(_, p)| p.upgrade())
+            {
+                return pool;
+            }
+            // Forget pools of instances that are gone, then make this one's.
+            pools.retain(|(_, pool)| pool.strong_count() > 0);
+            let pool = Arc::new(ThreadPool::default());
+            locked(&self.pools).push(pool.clone());
+            pools.push((self.id, Arc::downgrade(&pool)));
+            pool
+        })
     }
 
     /// Sends one request — its head already serialised, `body` framed as
@@ -208,7 +250,6 @@ impl Upstreams {
                 Ok(mut response) => {
                     if let Some(reader) = &mut response.body {
                         reader.reusable &= !early;
-                        reader.pool = Some((self.clone(), upstream.clone()));
                     }
                     return Ok(response);
                 }
@@ -224,10 +265,10 @@ impl Upstreams {
     /// An idle connection of this thread's that still looks open, if there
     /// is one.
     fn checkout(&self, upstream: &Authority) -> Option<Conn> {
-        let mut idle = self.idle.get_mut(upstream.as_str())?;
-        let me = std::thread::current().id();
-        while let Some(at) = idle.iter().rposition(|i| i.owner == me) {
-            let Idle { mut conn, since, .. } = idle.swap_remove(at);
+        let pool = self.local_pool();
+        let mut idle = locked(&pool.idle);
+        let idle = idle.get_mut(upstream.as_str())?;
+        while let Some(Idle { mut conn, since }) = idle.pop() {
             if since.elapsed() < self.idle_timeout && conn.looks_open() {
                 conn.reused = true;
                 return Some(conn);
@@ -247,38 +288,66 @@ impl Upstreams {
             Err(_) => return Err(UpstreamError::ConnectTimeout(self.connect_timeout)),
         };
         let _ = io.set_nodelay(true);
+        let pool = self.local_pool();
+        let key = {
+            let idle = locked(&pool.idle);
+            idle.get_key_value(upstream.as_str()).map(|(key, _)| key.clone())
+        };
+        let key = key.unwrap_or_else(|| upstream.as_str().into());
         Ok(Conn {
             io,
             buf: BytesMut::with_capacity(READ_BUFFER_BYTES),
             reused: false,
+            home: (Arc::downgrade(&pool), key),
         })
     }
 
-    fn check_in(&self, upstream: Authority, conn: Conn) {
-        let idle = Idle {
-            conn,
-            since: Instant::now(),
-            owner: std::thread::current().id(),
-        };
-        match self.idle.get_mut(upstream.as_str()) {
-            Some(mut pool) if pool.len() < MAX_IDLE_PER_UPSTREAM => pool.push(idle),
-            Some(_) => {}
-            None => self.idle.entry(upstream.as_str().into()).or_default().push(idle),
-        }
-    }
-
-    /// Closes connections idle past the idle timeout and forgets backends
-    /// with none left. Called periodically.
+    /// Closes connections idle past the idle timeout, and forgets the pools
+    /// of threads that have exited once they are empty. Called
+    /// periodically.
     pub fn prune_idle(&self) {
-        self.idle.retain(|_, idle| {
-            idle.retain(|i| i.since.elapsed() < self.idle_timeout);
-            !idle.is_empty()
+        locked(&self.pools).retain(|pool| {
+            let mut idle = locked(&pool.idle);
+            idle.retain(|_, conns| {
+                conns.retain(|i| i.since.elapsed() < self.idle_timeout);
+                !conns.is_empty()
+            });
+            // Its thread (and any connection checked out from it) still
+            // holds it weakly, or the thread is gone.
+            !idle.is_empty() || Arc::weak_count(pool) > 0
         });
     }
 
-    /// Idle pooled connections, all backends together.
+    /// Idle pooled connections, all threads and backends together.
     pub fn idle_connections(&self) -> usize {
-        self.idle.iter().map(|entry| entry.value().len()).sum()
+        locked(&self.pools)
+            .iter()
+            .map(|pool| locked(&pool.idle).values().map(Vec::len).sum::<usize>())
+            .sum()
+    }
+}
+
+fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Conn {
+    /// Puts a connection with a complete exchange behind it back into its
+    /// thread's pool.
+    fn check_in(self) {
+        let (pool, key) = self.home.clone();
+        // The pool's instance is gone: the connection closes.
+        let Some(pool) = pool.upgrade() else {
+            return;
+        };
+        let mut idle = locked(&pool.idle);
+        let conns = idle.entry(key).or_default();
+        if conns.len() < MAX_IDLE_PER_UPSTREAM {
+            conns.push(Idle {
+                conn: self,
+                since: Instant::now(),
+            });
+        }
     }
 }
 
@@ -474,7 +543,6 @@ impl Conn {
                 conn: Some(self),
                 framing,
                 reusable,
-                pool: None,
             }),
             upgraded: None,
         }
@@ -727,7 +795,6 @@ pub struct BodyReader {
     conn: Option<Conn>,
     framing: BodyFraming,
     reusable: bool,
-    pool: Option<(Arc<Upstreams>, Authority)>,
 }
 
 impl BodyReader {
@@ -736,9 +803,7 @@ impl BodyReader {
             return;
         };
         if self.reusable && conn.buf.is_empty() {
-            if let Some((pool, upstream)) = self.pool.take() {
-                pool.check_in(upstream, conn);
-            }
+            conn.check_in();
         }
     }
 
@@ -1374,6 +1439,76 @@ mod tests {
         let mut echoed = [0u8; 4];
         io.read_exact(&mut echoed).await.unwrap();
         assert_eq!(&echoed, b"ping");
+    }
+
+    #[test]
+    fn each_thread_reuses_only_the_connections_it_made() {
+        let backend_runtime = tokio::runtime::Runtime::new().unwrap();
+        let backend = backend_runtime.block_on(RawBackend::start(answering(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+        )));
+        let pool = pool();
+        let threads: Vec<_> = (0..2)
+            .map(|_| {
+                let (pool, authority) = (pool.clone(), backend.authority.clone());
+                std::thread::spawn(move || {
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .unwrap();
+                    runtime.block_on(async {
+                        for _ in 0..5 {
+                            let response = pool.send(&authority, get(), Empty::<Bytes>::new()).await.unwrap();
+                            assert_eq!(body_of(response).await.unwrap(), "ok");
+                        }
+                    });
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().unwrap();
+        }
+        assert_eq!(backend.connections(), 2, "one connection per thread, each reused");
+        assert_eq!(pool.idle_connections(), 2);
+        pool.prune_idle();
+        assert_eq!(pool.idle_connections(), 2, "not idle long enough to be closed");
+    }
+
+    #[tokio::test]
+    async fn connections_idle_past_the_timeout_are_closed_by_the_pruner() {
+        let (closed_tx, closed_rx) = tokio::sync::oneshot::channel();
+        let closed_tx = std::sync::Mutex::new(Some(closed_tx));
+        let backend = RawBackend::start(move |_, mut stream: TcpStream| {
+            let tx = closed_tx.lock().unwrap().take();
+            async move {
+                read_request_head(&mut stream).await;
+                stream
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await
+                    .unwrap();
+                // The next read ends only when the router closes the socket.
+                let closed = read_request_head(&mut stream).await.is_none();
+                let _ = tx.unwrap().send(closed);
+            }
+        })
+        .await;
+        let pool = Arc::new(Upstreams::new(Duration::from_secs(2), Duration::from_millis(50)));
+        body_of(
+            pool.send(&backend.authority, get(), Empty::<Bytes>::new())
+                .await
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(pool.idle_connections(), 1);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        pool.prune_idle();
+        assert_eq!(pool.idle_connections(), 0);
+        let closed = tokio::time::timeout(Duration::from_secs(2), closed_rx)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(closed, "the backend saw the idle connection close");
     }
 
     #[tokio::test]
