@@ -85,12 +85,13 @@ const SMOKE: Profile = Profile {
     token_budget: Duration::from_millis(500),
 };
 
-/// The smoke run fails below these small-request throughput ratios. Far
-/// under what the router measures (about 0.5× nginx on 2 shared cores, see
-/// benches/README.md), so shared-runner noise cannot fail it; a gross
-/// regression (twice the CPU per request) or a broken path does.
-const SMOKE_FLOOR_NGINX: f64 = 0.3;
-const SMOKE_FLOOR_DIRECT: f64 = 0.15;
+/// The smoke run fails below these small-request throughput ratios. Half
+/// of what the router measures (about 1.0× nginx and 0.5× direct on 2
+/// shared cores, see benches/README.md), so shared-runner noise (±10 %
+/// between runs) cannot fail it; a gross regression (twice the CPU per
+/// request) or a broken path does.
+const SMOKE_FLOOR_NGINX: f64 = 0.5;
+const SMOKE_FLOOR_DIRECT: f64 = 0.25;
 
 /// Metric keys of one constant-rate load.
 #[derive(Clone, Copy)]
