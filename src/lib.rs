@@ -24,11 +24,13 @@
 //! | [`pages`] | the HTML/JSON pages the router serves itself |
 //! | [`metrics`] | Prometheus metrics on their own listener |
 //! | [`telemetry`] | Cloud Logging JSON logs, the access log, request metrics |
+//! | [`body`] | the body wrapper through which those watch bytes go by |
 //! | [`demo`] | stand-in WebUI pods and the one-command demo |
 
 pub mod admin;
 pub mod allocator;
 pub mod auth;
+pub mod body;
 pub mod config;
 pub mod demo;
 pub mod error;

@@ -7,49 +7,25 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use crate::body::{Watch, Watched};
 use crate::session::Session;
 
-/// A body that touches the session on every data frame, when it counts as
-/// activity.
-pub struct ActivityBody<B> {
-    inner: B,
-    session: Option<Arc<Session>>,
-}
+/// Watches a body: every data frame touches the session (when the exchange
+/// counts as activity).
+pub struct Touch(pub Option<Arc<Session>>);
 
-impl<B> ActivityBody<B> {
-    pub fn new(inner: B, session: Option<Arc<Session>>) -> Self {
-        ActivityBody { inner, session }
-    }
-}
-
-impl<B: Body + Unpin> Body for ActivityBody<B> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let (Poll::Ready(Some(Ok(frame))), Some(session)) = (&polled, &self.session) {
-            if frame.is_data() {
-                session.activity.touch();
-            }
+impl Watch for Touch {
+    fn data(&mut self, _bytes: u64) {
+        if let Some(session) = &self.0 {
+            session.activity.touch();
         }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
     }
 }
+
+/// A body that keeps its session active while its bytes move.
+pub type ActivityBody<B> = Watched<B, Touch>;
 
 /// A socket that touches the session whenever bytes are read from it.
 pub struct ActivityIo<T> {

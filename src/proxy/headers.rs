@@ -209,10 +209,15 @@ mod tests {
         Identity::new("accounts.google.com:1", "alice@example.com", None)
     }
 
-    /// The head the upstream receives for a GET with these headers, parsed
-    /// back as the upstream would.
-    fn forwarded(pairs: &[(&str, &str)]) -> (String, HeaderMap) {
-        let mut request = http::Request::get("/queue/join?x=1");
+    /// The head `write_request_head` writes for `request` with these
+    /// headers, and how it frames the body.
+    fn head_for(
+        request: http::request::Builder,
+        pairs: &[(&str, &str)],
+        identity: &Identity,
+        has_body: bool,
+    ) -> (RequestFraming, String) {
+        let mut request = request;
         for (k, v) in pairs {
             request = request.header(*k, *v);
         }
@@ -224,20 +229,23 @@ mod tests {
             &Authority::from_static("10.0.0.7:7860"),
             &Forwarded {
                 client_ip: "35.191.0.1",
-                identity: &identity(),
+                identity,
                 router_cookies: &["session_router".into(), "session_router_dev".into()],
                 upgrade: is_upgrade(&parts.headers),
             },
-            false,
+            has_body,
         );
+        (framing, String::from_utf8(out).unwrap())
+    }
+
+    /// The head the upstream receives for a GET with these headers, parsed
+    /// back as the upstream would.
+    fn forwarded(pairs: &[(&str, &str)]) -> (String, HeaderMap) {
+        let (framing, out) = head_for(http::Request::get("/queue/join?x=1"), pairs, &identity(), false);
         assert_eq!(framing, RequestFraming::Empty);
         let mut raw = [httparse::EMPTY_HEADER; 64];
         let mut parsed = httparse::Request::new(&mut raw);
-        assert!(
-            parsed.parse(&out).unwrap().is_complete(),
-            "{}",
-            String::from_utf8_lossy(&out)
-        );
+        assert!(parsed.parse(out.as_bytes()).unwrap().is_complete(), "{out}");
         assert_eq!(parsed.path, Some("/queue/join?x=1"));
         let mut headers = HeaderMap::new();
         for h in parsed.headers.iter() {
@@ -246,7 +254,7 @@ mod tests {
                 h.value.try_into().unwrap(),
             );
         }
-        (String::from_utf8(out).unwrap(), headers)
+        (out, headers)
     }
 
     #[test]
@@ -352,48 +360,14 @@ mod tests {
     #[test]
     fn an_identity_that_cannot_be_a_header_value_is_left_out() {
         let odd = Identity::new("accounts.google.com:1", "ünï@example.com", None);
-        let (parts, ()) = http::Request::get("/").body(()).unwrap().into_parts();
-        let mut out = Vec::new();
-        write_request_head(
-            &mut out,
-            &parts,
-            &Authority::from_static("10.0.0.7:7860"),
-            &Forwarded {
-                client_ip: "10.0.0.1",
-                identity: &odd,
-                router_cookies: &[],
-                upgrade: false,
-            },
-            false,
-        );
-        let text = String::from_utf8(out).unwrap();
+        let (_, text) = head_for(http::Request::get("/"), &[], &odd, false);
         assert!(!text.contains(EMAIL_HEADER), "{text}");
         assert!(text.contains(USER_HEADER));
     }
 
     #[test]
     fn a_body_keeps_its_length_or_is_chunked() {
-        let post = |headers: &[(&str, &str)]| {
-            let mut request = http::Request::post("/upload");
-            for (k, v) in headers {
-                request = request.header(*k, *v);
-            }
-            let (parts, ()) = request.body(()).unwrap().into_parts();
-            let mut out = Vec::new();
-            let framing = write_request_head(
-                &mut out,
-                &parts,
-                &Authority::from_static("10.0.0.7:7860"),
-                &Forwarded {
-                    client_ip: "10.0.0.1",
-                    identity: &identity(),
-                    router_cookies: &[],
-                    upgrade: false,
-                },
-                true,
-            );
-            (framing, String::from_utf8(out).unwrap())
-        };
+        let post = |headers: &[(&str, &str)]| head_for(http::Request::post("/upload"), headers, &identity(), true);
         let (framing, head) = post(&[("content-length", "5")]);
         assert_eq!(framing, RequestFraming::Length);
         assert!(head.contains("content-length: 5\r\n") && !head.contains("transfer-encoding"));

@@ -28,7 +28,7 @@ use tokio_util::task::TaskTracker;
 use crate::metrics::Metrics;
 use crate::server::connection::GuardedIo;
 use crate::session::Session;
-use activity_io::{ActivityBody, ActivityIo};
+use activity_io::{ActivityBody, ActivityIo, Touch};
 use headers::Forwarded;
 use upstream::{BodyReader, Outgoing, UpstreamError, Upstreams};
 
@@ -152,7 +152,7 @@ impl Forwarder {
             has_body,
         );
         let counts = exchange.counts_as_activity;
-        let body = ActivityBody::new(body, (counts && has_body).then(|| session.clone()));
+        let body = ActivityBody::new(body, Touch((counts && has_body).then(|| session.clone())));
 
         let in_flight = exchange
             .counts_as_activity
@@ -199,7 +199,7 @@ impl Forwarder {
         *answer.body_mut() = UpstreamBody(
             response
                 .take_body()
-                .map(|body| ActivityBody::new(body, counts.then(|| session.clone()))),
+                .map(|body| ActivityBody::new(body, Touch(counts.then(|| session.clone())))),
         );
         Ok(answer)
     }

@@ -1025,6 +1025,11 @@ mod tests {
         request("GET", RequestFraming::Empty, "")
     }
 
+    /// A GET with no body, as most tests send.
+    async fn get_from(pool: &Arc<Upstreams>, backend: &RawBackend) -> Result<ResponseHead, UpstreamError> {
+        pool.send(&backend.authority, get(), Empty::<Bytes>::new()).await
+    }
+
     async fn body_of(mut response: ResponseHead) -> Result<Bytes, UpstreamError> {
         let body = response.take_body().expect("a body");
         Ok(body.collect().await?.to_bytes())
@@ -1038,10 +1043,7 @@ mod tests {
         .await;
         let pool = pool();
         for _ in 0..3 {
-            let response = pool
-                .send(&backend.authority, get(), Empty::<Bytes>::new())
-                .await
-                .unwrap();
+            let response = get_from(&pool, &backend).await.unwrap();
             assert_eq!(response.status, 200);
             assert_eq!(response.headers["x-a"], "1");
             assert_eq!(response.headers["content-length"], "5");
@@ -1058,10 +1060,7 @@ mod tests {
         .await;
         let pool = pool();
         for _ in 0..2 {
-            let response = pool
-                .send(&backend.authority, get(), Empty::<Bytes>::new())
-                .await
-                .unwrap();
+            let response = get_from(&pool, &backend).await.unwrap();
             assert!(!response.headers.contains_key("transfer-encoding"), "hop-by-hop");
             assert_eq!(body_of(response).await.unwrap(), "hello world");
         }
@@ -1077,10 +1076,7 @@ mod tests {
         .await;
         let pool = pool();
         for _ in 0..2 {
-            let response = pool
-                .send(&backend.authority, get(), Empty::<Bytes>::new())
-                .await
-                .unwrap();
+            let response = get_from(&pool, &backend).await.unwrap();
             assert_eq!(body_of(response).await.unwrap(), "all of it");
         }
         assert_eq!(backend.connections(), 2);
@@ -1092,10 +1088,7 @@ mod tests {
             b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a.css>\r\n\r\nHTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\nok",
         ))
         .await;
-        let response = pool()
-            .send(&backend.authority, get(), Empty::<Bytes>::new())
-            .await
-            .unwrap();
+        let response = get_from(&pool(), &backend).await.unwrap();
         assert_eq!(response.status, 201);
         assert!(!response.headers.contains_key("link"));
         assert_eq!(body_of(response).await.unwrap(), "ok");
@@ -1130,10 +1123,7 @@ mod tests {
         );
         assert_eq!(body_of(head).await.unwrap(), "");
         for status in [204, 304] {
-            let response = pool
-                .send(&backend.authority, get(), Empty::<Bytes>::new())
-                .await
-                .unwrap();
+            let response = get_from(&pool, &backend).await.unwrap();
             assert_eq!(response.status, status);
             assert_eq!(body_of(response).await.unwrap(), "");
         }
@@ -1150,7 +1140,7 @@ mod tests {
             b"NOT HTTP AT ALL\r\n\r\n",
         ] {
             let backend = RawBackend::start(answering(answer)).await;
-            let result = pool().send(&backend.authority, get(), Empty::<Bytes>::new()).await;
+            let result = get_from(&pool(), &backend).await;
             assert!(
                 matches!(result, Err(UpstreamError::Malformed(_))),
                 "{}",
@@ -1166,15 +1156,10 @@ mod tests {
         ))
         .await;
         let pool = pool();
-        let response = pool
-            .send(&backend.authority, get(), Empty::<Bytes>::new())
-            .await
-            .unwrap();
+        let response = get_from(&pool, &backend).await.unwrap();
         assert!(!response.headers.contains_key("content-length"));
         assert_eq!(body_of(response).await.unwrap(), "ok");
-        pool.send(&backend.authority, get(), Empty::<Bytes>::new())
-            .await
-            .unwrap();
+        get_from(&pool, &backend).await.unwrap();
         assert_eq!(backend.connections(), 2, "not reused after an ambiguous response");
     }
 
@@ -1187,10 +1172,7 @@ mod tests {
                 .await;
         })
         .await;
-        let response = pool()
-            .send(&backend.authority, get(), Empty::<Bytes>::new())
-            .await
-            .unwrap();
+        let response = get_from(&pool(), &backend).await.unwrap();
         assert!(matches!(body_of(response).await, Err(UpstreamError::ClosedInBody)));
     }
 
@@ -1207,7 +1189,7 @@ mod tests {
             }
         })
         .await;
-        let result = pool().send(&backend.authority, get(), Empty::<Bytes>::new()).await;
+        let result = get_from(&pool(), &backend).await;
         assert!(matches!(result, Err(UpstreamError::Malformed(_))));
     }
 
@@ -1223,10 +1205,7 @@ mod tests {
         })
         .await;
         let pool = pool();
-        let response = pool
-            .send(&backend.authority, get(), Empty::<Bytes>::new())
-            .await
-            .unwrap();
+        let response = get_from(&pool, &backend).await.unwrap();
         body_of(response).await.unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
         // Not a retry: the closed connection was seen before sending. A POST
@@ -1260,10 +1239,7 @@ mod tests {
         let backend = closes_on_second_request().await;
         let pool = pool();
         for _ in 0..2 {
-            let response = pool
-                .send(&backend.authority, get(), Empty::<Bytes>::new())
-                .await
-                .unwrap();
+            let response = get_from(&pool, &backend).await.unwrap();
             assert_eq!(body_of(response).await.unwrap(), "ok");
         }
         assert_eq!(backend.connections(), 2);
@@ -1273,13 +1249,7 @@ mod tests {
     async fn a_post_that_meets_a_connection_closed_under_it_fails_rather_than_going_twice() {
         let backend = closes_on_second_request().await;
         let pool = pool();
-        body_of(
-            pool.send(&backend.authority, get(), Empty::<Bytes>::new())
-                .await
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+        body_of(get_from(&pool, &backend).await.unwrap()).await.unwrap();
         let post = request("POST", RequestFraming::Empty, "content-length: 0\r\n");
         let result = pool.send(&backend.authority, post, Empty::<Bytes>::new()).await;
         assert!(
@@ -1493,13 +1463,7 @@ mod tests {
         })
         .await;
         let pool = Arc::new(Upstreams::new(Duration::from_secs(2), Duration::from_millis(50)));
-        body_of(
-            pool.send(&backend.authority, get(), Empty::<Bytes>::new())
-                .await
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+        body_of(get_from(&pool, &backend).await.unwrap()).await.unwrap();
         assert_eq!(pool.idle_connections(), 1);
         tokio::time::sleep(Duration::from_millis(100)).await;
         pool.prune_idle();

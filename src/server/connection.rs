@@ -28,6 +28,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::body::Watch;
 use tokio::time::{Instant, Sleep};
 
 /// Where a connection is in its request cycle.
@@ -219,61 +221,26 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for GuardedIo<T> {
     }
 }
 
-/// A body that moves the connection's phase along: a request body at its
-/// end (reading → busy), a response body when dropped (→ idle, unless the
-/// connection was upgraded).
-pub struct PhaseBody<B> {
-    inner: B,
-    state: Arc<ConnState>,
-    is_request: bool,
-}
+/// Watches a request body: at its end the connection goes from reading a
+/// body to busy.
+pub struct RequestPhase(pub Arc<ConnState>);
 
-impl<B> PhaseBody<B> {
-    pub fn request(inner: B, state: Arc<ConnState>) -> Self {
-        PhaseBody {
-            inner,
-            state,
-            is_request: true,
-        }
-    }
-
-    pub fn response(inner: B, state: Arc<ConnState>) -> Self {
-        PhaseBody {
-            inner,
-            state,
-            is_request: false,
-        }
+impl Watch for RequestPhase {
+    fn end(&mut self) {
+        self.0.advance(Phase::Body, Phase::Busy);
     }
 }
 
-impl<B: http_body::Body + Unpin> http_body::Body for PhaseBody<B> {
-    type Data = B::Data;
-    type Error = B::Error;
+/// Watches a response body: once it is dropped (sent, or the exchange broke
+/// off) the connection is idle, unless it was upgraded.
+pub struct ResponsePhase(pub Arc<ConnState>);
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if self.is_request && matches!(polled, Poll::Ready(None)) {
-            self.state.advance(Phase::Body, Phase::Busy);
-        }
-        polled
-    }
+impl Watch for ResponsePhase {}
 
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl<B> Drop for PhaseBody<B> {
+impl Drop for ResponsePhase {
     fn drop(&mut self) {
-        if !self.is_request && self.state.phase() != Phase::Upgraded {
-            self.state.enter(Phase::Idle);
+        if self.0.phase() != Phase::Upgraded {
+            self.0.enter(Phase::Idle);
         }
     }
 }

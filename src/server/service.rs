@@ -28,8 +28,9 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tower::ServiceExt;
 
-use super::connection::{ConnState, Phase, PhaseBody};
+use super::connection::{ConnState, Phase, RequestPhase, ResponsePhase};
 use super::{limits, AppState};
+use crate::body::Watched;
 use crate::error::{self, ErrorPages};
 use crate::pages;
 use crate::proxy::{BoxError, UpstreamBody};
@@ -37,9 +38,9 @@ use crate::routes;
 use crate::telemetry::access::{self, Counted, Kind, Logged, Peer};
 
 /// The body of every response the router sends.
-pub type ResponseBody = PhaseBody<Logged<Answer>>;
+pub type ResponseBody = Watched<Logged<Answer>, ResponsePhase>;
 /// A request body as the handlers receive it.
-type RequestBody = Counted<PhaseBody<Incoming>>;
+type RequestBody = Counted<Watched<Incoming, RequestPhase>>;
 
 /// One connection's request handler. Cloned into every request's future:
 /// it is the connection's own `Arc`, so the clone touches nothing another
@@ -78,7 +79,7 @@ impl hyper::service::Service<Request<Incoming>> for Handler {
         connection
             .conn
             .enter(if reading_body { Phase::Body } else { Phase::Busy });
-        let request = request.map(|body| PhaseBody::request(body, connection.conn.clone()));
+        let request = request.map(|body| Watched::new(body, RequestPhase(connection.conn.clone())));
         let (observed, request) = access::observe(request, &connection.peer);
         Box::pin(async move {
             let response = connection.dispatch(observed.kind(), request).await;
@@ -86,7 +87,7 @@ impl hyper::service::Service<Request<Incoming>> for Handler {
             if response.status() == StatusCode::SWITCHING_PROTOCOLS {
                 connection.conn.enter(Phase::Upgraded);
             }
-            Ok(response.map(|body| PhaseBody::response(body, connection.conn.clone())))
+            Ok(response.map(|body| Watched::new(body, ResponsePhase(connection.conn.clone()))))
         })
     }
 }

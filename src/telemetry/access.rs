@@ -7,20 +7,18 @@
 //! written, with secret query values redacted then.
 
 use std::fmt::{self, Write};
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::header::{CONTENT_LENGTH, USER_AGENT};
 use http::{HeaderName, HeaderValue, Method, Request, Response, Uri};
-use http_body::{Frame, SizeHint};
 use tokio::time::Instant;
 use tracing::Level;
 
 use super::cloud_logging::{self, write_json_str, Escaped};
 use super::{stderr, PROJECT_ID};
+use crate::body::{Watch, Watched};
 use crate::metrics::Metrics;
 
 /// What a request is, for metrics, log levels and routing.
@@ -310,7 +308,7 @@ pub fn observe<B>(request: Request<B>, peer: &Arc<Peer>) -> (Observed, Request<C
         status: 0,
     };
     let to_upstream = (kind == Kind::Proxied).then(|| (peer.clone(), Direction::ToUpstream));
-    let request = request.map(|body| Counted::new(body, Some(request_bytes), to_upstream));
+    let request = request.map(|body| Watched::new(body, Tally::new(Some(request_bytes), to_upstream)));
     (Observed { exchange }, request)
 }
 
@@ -340,18 +338,19 @@ impl Observed {
         if upgraded {
             exchange.log(0, true);
         }
-        response.map(|body| Logged {
-            body: Counted::new(body, None, to_client),
+        let line = LogLine {
+            tally: Tally::new(None, to_client),
             exchange: (!upgraded).then_some(exchange),
             declared,
             open_stream: streaming,
-        })
+        };
+        response.map(|body| Watched::new(body, line))
     }
 }
 
-/// A body that counts its data bytes (and feeds a metric).
-pub struct Counted<B> {
-    inner: B,
+/// Counts a body's data bytes, into `proxied_bytes` too when `metric`
+/// says which way they go.
+pub struct Tally {
     seen: u64,
     /// Where someone else reads the count (the request's, for the line the
     /// response writes).
@@ -360,10 +359,9 @@ pub struct Counted<B> {
     ended: bool,
 }
 
-impl<B> Counted<B> {
-    fn new(inner: B, shared: Option<Arc<AtomicU64>>, metric: Option<(Arc<Peer>, Direction)>) -> Self {
-        Counted {
-            inner,
+impl Tally {
+    fn new(shared: Option<Arc<AtomicU64>>, metric: Option<(Arc<Peer>, Direction)>) -> Self {
+        Tally {
             seen: 0,
             shared,
             metric,
@@ -372,51 +370,33 @@ impl<B> Counted<B> {
     }
 }
 
-impl<B: http_body::Body + Unpin> http_body::Body for Counted<B> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    let n = bytes::Buf::remaining(data) as u64;
-                    self.seen += n;
-                    if let Some(shared) = &self.shared {
-                        shared.fetch_add(n, Ordering::Relaxed);
-                    }
-                    if let Some((peer, direction)) = &self.metric {
-                        let counter = match direction {
-                            Direction::ToUpstream => peer.metrics.to_upstream_bytes(),
-                            Direction::ToClient => peer.metrics.to_client_bytes(),
-                        };
-                        counter.inc_by(n);
-                    }
-                }
-            }
-            Poll::Ready(None) => self.ended = true,
-            _ => {}
+impl Watch for Tally {
+    fn data(&mut self, bytes: u64) {
+        self.seen += bytes;
+        if let Some(shared) = &self.shared {
+            shared.fetch_add(bytes, Ordering::Relaxed);
         }
-        polled
+        if let Some((peer, direction)) = &self.metric {
+            let counter = match direction {
+                Direction::ToUpstream => peer.metrics.to_upstream_bytes(),
+                Direction::ToClient => peer.metrics.to_client_bytes(),
+            };
+            counter.inc_by(bytes);
+        }
     }
 
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+    fn end(&mut self) {
+        self.ended = true;
     }
 }
 
-/// A response body that writes the access-log line when it is dropped:
-/// after the last byte, or when the exchange broke off.
-pub struct Logged<B> {
-    body: Counted<B>,
+/// A request body, counted for the access log and the metrics.
+pub type Counted<B> = Watched<B, Tally>;
+
+/// Counts a response body and writes the access-log line when the body is
+/// dropped: after the last byte, or when the exchange broke off.
+pub struct LogLine {
+    tally: Tally,
     /// `None` once logged.
     exchange: Option<Exchange>,
     declared: Option<u64>,
@@ -424,40 +404,33 @@ pub struct Logged<B> {
     open_stream: bool,
 }
 
-impl<B: http_body::Body + Unpin> http_body::Body for Logged<B> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
+impl Watch for LogLine {
+    fn data(&mut self, bytes: u64) {
+        self.tally.data(bytes);
     }
 
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+    fn end(&mut self) {
+        self.tally.end();
     }
 }
 
-impl<B> Drop for Logged<B> {
+impl Drop for LogLine {
     fn drop(&mut self) {
         if self.open_stream {
-            if let Some((peer, _)) = &self.body.metric {
+            if let Some((peer, _)) = &self.tally.metric {
                 peer.metrics.open_streams.dec();
             }
         }
         if let Some(exchange) = &self.exchange {
-            let sent = self.body.seen;
-            let completed = self.body.ended || self.declared == Some(sent);
+            let sent = self.tally.seen;
+            let completed = self.tally.ended || self.declared == Some(sent);
             exchange.log(sent, completed);
         }
     }
 }
+
+/// A response body that writes its access-log line when it is done.
+pub type Logged<B> = Watched<B, LogLine>;
 
 #[cfg(test)]
 mod tests {
