@@ -62,6 +62,10 @@ const MAX_CHUNK_LINE: usize = 1024;
 /// Request bodies whose first part is at most this large go out in the
 /// same write as the head.
 const COALESCE_BYTES: usize = 16 * 1024;
+/// Below the shortest keep-alive timeout a backend is likely to have
+/// (uvicorn, which serves Gradio, closes idle connections after 5 s), so a
+/// connection this fresh is not being closed as a request is written to it.
+const SAFE_IDLE: Duration = Duration::from_secs(4);
 /// Idle connections kept per backend; more are closed.
 const MAX_IDLE_PER_UPSTREAM: usize = 64;
 
@@ -228,7 +232,7 @@ impl Upstreams {
         // of the response); any other request cannot.
         let mut may_resend = framing == RequestFraming::Empty && idempotent;
         loop {
-            let mut conn = match self.checkout(upstream) {
+            let mut conn = match self.checkout(upstream, may_resend) {
                 Some(conn) => conn,
                 None => self.connect(upstream).await?,
             };
@@ -263,13 +267,20 @@ impl Upstreams {
     }
 
     /// An idle connection of this thread's that still looks open, if there
-    /// is one.
-    fn checkout(&self, upstream: &Authority) -> Option<Conn> {
+    /// is one. A request that could not be sent again (`may_resend` false)
+    /// only takes one idle for less than [`SAFE_IDLE`]: a backend may be
+    /// closing an older one at this very moment.
+    fn checkout(&self, upstream: &Authority, may_resend: bool) -> Option<Conn> {
         let pool = self.local_pool();
         let mut idle = locked(&pool.idle);
         let idle = idle.get_mut(upstream.as_str())?;
+        let limit = if may_resend {
+            self.idle_timeout
+        } else {
+            self.idle_timeout.min(SAFE_IDLE)
+        };
         while let Some(Idle { mut conn, since }) = idle.pop() {
-            if since.elapsed() < self.idle_timeout && conn.looks_open() {
+            if since.elapsed() < limit && conn.looks_open() {
                 conn.reused = true;
                 return Some(conn);
             }
@@ -1243,6 +1254,26 @@ mod tests {
             assert_eq!(body_of(response).await.unwrap(), "ok");
         }
         assert_eq!(backend.connections(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_that_cannot_go_twice_takes_no_connection_idle_for_seconds() {
+        let backend = RawBackend::start(answering(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")).await;
+        let pool = pool();
+        body_of(get_from(&pool, &backend).await.unwrap()).await.unwrap();
+        tokio::time::advance(SAFE_IDLE + Duration::from_millis(1)).await;
+        let post = request("POST", RequestFraming::Empty, "content-length: 0\r\n");
+        body_of(
+            pool.send(&backend.authority, post, Empty::<Bytes>::new())
+                .await
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(backend.connections(), 2, "a fresh connection for the POST");
+        tokio::time::advance(SAFE_IDLE + Duration::from_millis(1)).await;
+        body_of(get_from(&pool, &backend).await.unwrap()).await.unwrap();
+        assert_eq!(backend.connections(), 2, "a GET, which can go again, reuses one");
     }
 
     #[tokio::test]
