@@ -232,13 +232,16 @@ impl Upstreams {
         // of the response); any other request cannot.
         let mut may_resend = framing == RequestFraming::Empty && idempotent;
         loop {
+            // Connecting and sending a body are boxed: they are the rarer
+            // paths, and inline their state would enlarge every request's
+            // future (moved at each await above it).
             let mut conn = match self.checkout(upstream, may_resend) {
                 Some(conn) => conn,
-                None => self.connect(upstream).await?,
+                None => Box::pin(self.connect(upstream)).await?,
             };
             let result = match (framing, body.take()) {
                 (RequestFraming::Empty, _) | (_, None) => conn.send_head(&head).await,
-                (framing, Some(body)) => conn.send_with_body(&mut head, body, framing).await,
+                (framing, Some(body)) => Box::pin(conn.send_with_body(&mut head, body, framing)).await,
             };
             let early = match result {
                 Ok(early) => early,

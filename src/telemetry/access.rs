@@ -179,7 +179,8 @@ struct Exchange {
     peer: Arc<Peer>,
     trace: Option<HeaderValue>,
     started: Instant,
-    request_bytes: Arc<AtomicU64>,
+    /// The request body's count; `None` when it had no body.
+    request_bytes: Option<Arc<AtomicU64>>,
     status: u16,
 }
 
@@ -196,7 +197,7 @@ macro_rules! access_event {
             httpRequest.requestUrl = %url,
             httpRequest.status = u64::from(e.status),
             httpRequest.latency = %Latency(e.started.elapsed()),
-            httpRequest.requestSize = %e.request_bytes.load(Ordering::Relaxed),
+            httpRequest.requestSize = %e.request_size(),
             httpRequest.responseSize = %$response_bytes,
             httpRequest.userAgent = e.user_agent.as_ref().and_then(|v| v.to_str().ok()),
             httpRequest.remoteIp = &*e.peer.ip,
@@ -212,6 +213,12 @@ macro_rules! access_event {
 }
 
 impl Exchange {
+    fn request_size(&self) -> u64 {
+        self.request_bytes
+            .as_ref()
+            .map_or(0, |bytes| bytes.load(Ordering::Relaxed))
+    }
+
     fn log(&self, response_bytes: u64, completed: bool) {
         let level = if self.kind == Kind::Health {
             Level::DEBUG
@@ -269,7 +276,7 @@ impl Exchange {
         out.push_str(r#","latency":""#);
         Latency(self.started.elapsed()).write_to(out)?;
         out.push_str(r#"","requestSize":""#);
-        out.push_str(number.format(self.request_bytes.load(Ordering::Relaxed)));
+        out.push_str(number.format(self.request_size()));
         out.push_str(r#"","responseSize":""#);
         out.push_str(number.format(response_bytes));
         out.push('"');
@@ -292,9 +299,10 @@ pub struct Observed {
 }
 
 /// Starts observing `request` from `peer`; its body is counted from now on.
-pub fn observe<B>(request: Request<B>, peer: &Arc<Peer>) -> (Observed, Request<Counted<B>>) {
+pub fn observe<B: http_body::Body>(request: Request<B>, peer: &Arc<Peer>) -> (Observed, Request<Counted<B>>) {
     let kind = Kind::of(request.uri().path());
-    let request_bytes = Arc::new(AtomicU64::new(0));
+    // A request without a body needs no shared count (nearly every GET).
+    let request_bytes = (!http_body::Body::is_end_stream(request.body())).then(|| Arc::new(AtomicU64::new(0)));
     let headers = request.headers();
     let exchange = Exchange {
         kind,
@@ -308,7 +316,7 @@ pub fn observe<B>(request: Request<B>, peer: &Arc<Peer>) -> (Observed, Request<C
         status: 0,
     };
     let to_upstream = (kind == Kind::Proxied).then(|| (peer.clone(), Direction::ToUpstream));
-    let request = request.map(|body| Watched::new(body, Tally::new(Some(request_bytes), to_upstream)));
+    let request = request.map(|body| Watched::new(body, Tally::new(request_bytes, to_upstream)));
     (Observed { exchange }, request)
 }
 
@@ -446,7 +454,7 @@ mod tests {
             peer: Peer::new([10, 0, 0, 1].into(), Metrics::new()),
             trace: Some(HeaderValue::from_static("105445aa7843bc8bf206b12000100000/1;o=1")),
             started: Instant::now(),
-            request_bytes: Arc::new(AtomicU64::new(42)),
+            request_bytes: Some(Arc::new(AtomicU64::new(42))),
             status: 200,
         };
         let formatted = super::super::render_with_cloud_logging(|| {
