@@ -3,7 +3,7 @@
 //!
 //! ```sh
 //! cargo bench --bench proxy               # full run, ~3 minutes after the build
-//! cargo bench --bench proxy -- --smoke    # CI subset, ~35 s after the build
+//! cargo bench --bench proxy -- --smoke    # CI subset, ~40 s after the build
 //! ```
 //!
 //! See `benches/README.md` for what is measured, how, and the targets.
