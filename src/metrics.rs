@@ -5,10 +5,12 @@
 //! units (seconds, bytes), `_total` counters. Labels are bounded sets —
 //! never a user, an email, a path or a backend name.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use axum::routing::get;
 use axum::Router;
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
@@ -59,6 +61,9 @@ pub struct Metrics {
     pub kube_api_calls: IntCounterVec,
     /// Per-backend-kind flag, for dashboards: 1 for the configured kind.
     pub backend_info: IntGaugeVec,
+    /// Upstream connections kept open for reuse, read from the pool when
+    /// scraped.
+    pub upstream_idle_connections: Arc<Sampled>,
     /// The series every request increments, looked up once: a
     /// `with_label_values` hashes the labels and takes a lock each time.
     hot: HotSeries,
@@ -95,6 +100,48 @@ fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
     let metric = IntGauge::new(name, help).expect("valid metric");
     registry.register(Box::new(metric.clone())).expect("unique metric");
     metric
+}
+
+/// A gauge read from its source when scraped: for a figure the code keeps
+/// anyway, which counting at every change would make the request path pay
+/// for.
+pub struct Sampled {
+    gauge: IntGauge,
+    source: Mutex<Option<Box<dyn Fn() -> i64 + Send + Sync>>>,
+}
+
+impl Sampled {
+    /// Reads the gauge from `source` from now on (replacing any earlier one).
+    pub fn read_from(&self, source: impl Fn() -> i64 + Send + Sync + 'static) {
+        *self.source.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(Box::new(source));
+    }
+}
+
+/// What the registry holds of a [`Sampled`] gauge.
+struct SampledCollector(Arc<Sampled>);
+
+impl Collector for SampledCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.0.gauge.desc()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        if let Some(source) = &*self.0.source.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) {
+            self.0.gauge.set(source());
+        }
+        self.0.gauge.collect()
+    }
+}
+
+fn sampled(registry: &Registry, name: &str, help: &str) -> Arc<Sampled> {
+    let sampled = Arc::new(Sampled {
+        gauge: IntGauge::new(name, help).expect("valid metric"),
+        source: Mutex::new(None),
+    });
+    registry
+        .register(Box::new(SampledCollector(sampled.clone())))
+        .expect("unique metric");
+    sampled
 }
 
 fn histogram(registry: &Registry, name: &str, help: &str, buckets: &[f64]) -> Histogram {
@@ -209,6 +256,11 @@ impl Metrics {
                 &["verb", "outcome"],
             ),
             backend_info,
+            upstream_idle_connections: sampled(
+                &r,
+                "session_router_upstream_idle_connections",
+                "Upstream connections kept open for reuse.",
+            ),
             registry: r,
         };
         metrics.start_at_zero();

@@ -69,6 +69,12 @@ async fn metrics_move_with_the_traffic_and_live_only_on_their_own_port() {
     assert_eq!(ok.status(), 200);
     // A 401.
     assert_eq!(client().get(router.url("/whoami")).send().await.unwrap().status(), 401);
+    let pooled = scrape(&router).await;
+    assert_eq!(
+        sample(&pooled, "session_router_upstream_idle_connections", &[]),
+        1.0,
+        "the GET's connection waits in the pool"
+    );
     // A WebSocket open and close.
     let mut request = router.ws_url("/ws").into_client_request().unwrap();
     request.headers_mut().insert(ASSERTION, alice.parse().unwrap());
@@ -77,6 +83,11 @@ async fn metrics_move_with_the_traffic_and_live_only_on_their_own_port() {
     socket.next().await.unwrap().unwrap();
     let during = scrape(&router).await;
     assert_eq!(sample(&during, "session_router_open_websockets", &[]), 1.0);
+    assert_eq!(
+        sample(&during, "session_router_upstream_idle_connections", &[]),
+        0.0,
+        "the WebSocket took the pooled connection for its relay"
+    );
     socket.close(None).await.unwrap();
     drop(socket);
 

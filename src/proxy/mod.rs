@@ -91,8 +91,13 @@ pub struct Exchange<'a> {
 impl Forwarder {
     /// `router_cookies` are the router's own cookie names, never forwarded.
     pub fn new(connect_timeout: Duration, router_cookies: Vec<String>, metrics: Arc<Metrics>) -> Self {
+        let upstreams = Arc::new(Upstreams::new(connect_timeout, POOL_IDLE_TIMEOUT));
+        let pool = Arc::downgrade(&upstreams);
+        metrics
+            .upstream_idle_connections
+            .read_from(move || pool.upgrade().map_or(0, |pool| pool.idle_connections() as i64));
         Forwarder {
-            upstreams: Arc::new(Upstreams::new(connect_timeout, POOL_IDLE_TIMEOUT)),
+            upstreams,
             relays: TaskTracker::new(),
             stop_relays: CancellationToken::new(),
             router_cookies,
