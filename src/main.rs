@@ -12,12 +12,6 @@ use session_router::config::{Config, ConfigError, LogConfig, LogFormat};
 use session_router::demo::{self, DemoOptions};
 use session_router::telemetry;
 
-/// glibc's allocator serialises threads that free each other's memory
-/// (tasks move between runtime workers), which showed up as futex waits
-/// on the request path; mimalloc frees to the owning thread without a lock.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(version, about = "One dedicated GPU backend per signed-in user, behind Cloud IAP.")]
 struct Cli {
