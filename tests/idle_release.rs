@@ -188,16 +188,13 @@ async fn the_status_page_shows_the_session_with_a_release_button() {
     let router = TestRouter::iap(&issuer, &[&pods[0]], "").await;
     let alice = issuer.user("alice");
     pod_of(&router, &alice).await;
-    let page = client()
-        .get(router.url("/_router/status"))
-        .header(ASSERTION, &alice)
-        .header("accept", "text/html")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let page = support::text_of(
+        client()
+            .get(router.url("/_router/status"))
+            .header(ASSERTION, &alice)
+            .header("accept", "text/html"),
+    )
+    .await;
     assert!(page.contains("alice@example.com"));
     assert!(page.contains("static-0"));
     assert!(page.contains(r#"action="/_router/release""#));

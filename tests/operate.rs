@@ -18,14 +18,7 @@ const ASSERTION: &str = "x-goog-iap-jwt-assertion";
 /// Scrapes and parses `/metrics` with a real Prometheus text parser.
 async fn scrape(router: &TestRouter) -> prometheus_parse::Scrape {
     let addr = router.state.metrics_addr().expect("metrics listener");
-    let text = client()
-        .get(format!("http://{addr}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = support::text_of(client().get(format!("http://{addr}/metrics"))).await;
     prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).expect("valid exposition text")
 }
 
@@ -347,16 +340,13 @@ async fn an_admin_sees_every_replicas_sessions_and_can_release_one() {
         .to_string();
 
     // The HTML page works too, with a release form per row.
-    let html = client()
-        .get(a.url("/_router/admin"))
-        .header(ASSERTION, &boss)
-        .header("accept", "text/html")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let html = support::text_of(
+        client()
+            .get(a.url("/_router/admin"))
+            .header(ASSERTION, &boss)
+            .header("accept", "text/html"),
+    )
+    .await;
     assert!(html.contains("bob@example.com") && html.contains(r#"action="/_router/admin/release""#));
 
     // Not an admin: 403. Cross-site form post: 403, nothing released.

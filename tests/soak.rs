@@ -71,14 +71,7 @@ impl Router {
     /// the top of this file). `http` keeps its connection to the metrics
     /// listener open, so that one counts the same every time.
     async fn held_fds(&self, http: &reqwest::Client) -> usize {
-        let text = http
-            .get(format!("http://{}/metrics", self.metrics))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = support::text_of(http.get(format!("http://{}/metrics", self.metrics))).await;
         let pooled: usize = text
             .lines()
             .find_map(|l| l.strip_prefix("session_router_upstream_idle_connections "))
