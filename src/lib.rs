@@ -60,6 +60,13 @@ use crate::server::AppState;
 /// default SipHash costs a third of a microsecond on a 600-byte token.
 pub(crate) type FastMap<K, V> = dashmap::DashMap<K, V, foldhash::fast::RandomState>;
 
+/// Locks `mutex`, also after a panic elsewhere poisoned it: what these
+/// mutexes guard (buffers, pools, a cached value) stays usable, and a
+/// request must not fail because another one panicked.
+pub(crate) fn locked<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// Why the router could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {

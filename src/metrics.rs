@@ -17,6 +17,8 @@ use prometheus::{
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::locked;
+
 /// Latency buckets (seconds) from 1 ms to 2 min: upstream answers range
 /// from a cached asset to a long generation.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -113,7 +115,7 @@ pub struct Sampled {
 impl Sampled {
     /// Reads the gauge from `source` from now on (replacing any earlier one).
     pub fn read_from(&self, source: impl Fn() -> i64 + Send + Sync + 'static) {
-        *self.source.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(Box::new(source));
+        *locked(&self.source) = Some(Box::new(source));
     }
 }
 
@@ -126,7 +128,7 @@ impl Collector for SampledCollector {
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
-        if let Some(source) = &*self.0.source.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) {
+        if let Some(source) = &*locked(&self.0.source) {
             self.0.gauge.set(source());
         }
         self.0.gauge.collect()

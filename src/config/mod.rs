@@ -21,9 +21,9 @@ pub const COOKIE_SECRET_ENV: &str = "SESSION_ROUTER_COOKIE_SECRET";
 /// The issuer every IAP token carries.
 pub const IAP_ISSUER: &str = "https://cloud.google.com/iap";
 const MIN_SECRET_BYTES: usize = 32;
-/// Connection time limits beyond this are a typo, not a policy.
 /// More serving threads than this is a typo, not a machine.
 const MAX_THREADS: usize = 256;
+/// Connection time limits beyond this are a typo, not a policy.
 const MAX_CONNECTION_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// The validated configuration of one router process.

@@ -31,8 +31,7 @@ use std::io::{self, IoSlice};
 use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::sync::{Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
@@ -48,6 +47,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::BoxError;
+use crate::locked;
 
 /// Read buffer of a connection; a body streams through it in reads of up
 /// to this size.
@@ -339,10 +339,6 @@ impl Upstreams {
             .map(|pool| locked(&pool.idle).values().map(Vec::len).sum::<usize>())
             .sum()
     }
-}
-
-fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Conn {

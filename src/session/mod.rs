@@ -20,6 +20,7 @@ pub use registry::{Registry, SessionError};
 
 use crate::allocator::Lease;
 use crate::auth::Identity;
+use crate::locked;
 
 /// One user's hold on one backend.
 pub struct Session {
@@ -53,12 +54,12 @@ impl Session {
 
     /// Runs `f` with the pinning cookie last issued for this session.
     pub fn with_issued_pin<R>(&self, f: impl FnOnce(Option<&cookie::Issued>) -> R) -> R {
-        let issued = self.issued_pin.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let issued = locked(&self.issued_pin);
         f(issued.as_ref())
     }
 
     pub fn remember_pin(&self, issued: cookie::Issued) {
-        *self.issued_pin.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(issued);
+        *locked(&self.issued_pin) = Some(issued);
     }
 
     /// Resolves when the session's backend has been released.

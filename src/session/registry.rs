@@ -122,7 +122,8 @@ impl Registry {
         let cell = match slot {
             Slot::Pending(cell) => cell,
             // Made by a concurrent request since the lookup above.
-            Slot::Ready(session) => Arc::new(OnceCell::new_with(Some(session))),
+            Slot::Ready(session) if session.is_releasing() => return Err(SessionError::Releasing),
+            Slot::Ready(session) => return Ok(session),
         };
         let result = cell
             .get_or_try_init(|| async {

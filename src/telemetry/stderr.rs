@@ -23,11 +23,13 @@
 
 use std::io::{self, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::Thread;
 use std::time::Duration;
 
 use tracing_subscriber::fmt::MakeWriter;
+
+use crate::locked;
 
 /// How long a line may wait in its thread's buffer.
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
@@ -59,10 +61,6 @@ static WRITER: Writer = Writer {
 
 thread_local! {
     static MINE: Arc<Pending> = register();
-}
-
-fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// The calling thread's buffer, known to the writer (started on first use).
