@@ -53,6 +53,41 @@ fn check_config_prints_the_effective_config_with_the_secret_redacted() {
 }
 
 #[test]
+fn a_short_idle_timeout_on_agones_passes_without_setting_the_activity_sync_interval() {
+    let base = r#"
+[auth]
+audiences = ["/projects/1/global/backendServices/2"]
+[session]
+idle_timeout = "20s"
+[backend]
+kind = "agones"
+[backend.agones]
+fleet = "webui"
+"#;
+    let check = |text: &str| {
+        let file = config_file(text);
+        Command::new(BIN)
+            .args(["check-config", "--config"])
+            .arg(&file.0)
+            .env(SECRET_ENV, SECRET)
+            .output()
+            .unwrap()
+    };
+    let unset = check(base);
+    assert!(unset.status.success(), "{}", String::from_utf8_lossy(&unset.stderr));
+    let stdout = String::from_utf8_lossy(&unset.stdout);
+    assert!(stdout.contains("activity_sync_interval = \"6s 666ms\""), "{stdout}");
+
+    let explicit = check(&format!("{base}activity_sync_interval = \"30s\"\n"));
+    assert!(!explicit.status.success());
+    let stderr = String::from_utf8_lossy(&explicit.stderr);
+    assert!(
+        stderr.contains("backend.agones.activity_sync_interval: 30s is not shorter than session.idle_timeout"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn every_shipped_example_config_is_valid() {
     for entry in std::fs::read_dir("config").unwrap() {
         let path = entry.unwrap().path();

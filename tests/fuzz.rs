@@ -483,6 +483,7 @@ const SECTIONS: &[(&str, &[&str])] = &[
             "api_timeout",
             "allocation_retry_window",
             "activity_sync_interval",
+            "adopt_legacy",
             "kube_api_url",
             "allocator_url",
             "allocator_ca_file",

@@ -196,6 +196,9 @@ pub struct AgonesConfig {
     /// their GameServer for the other replicas' reapers.
     #[serde(serialize_with = "as_duration")]
     pub activity_sync_interval: Duration,
+    /// Whether a user adopts a GameServer the original front end allocated
+    /// to their label (no hash label yet); off, such servers are only swept.
+    pub adopt_legacy: bool,
     /// Kubernetes API base URL; unset = in-cluster service account, else
     /// `KUBECONFIG` / `~/.kube/config`. E.g. `http://127.0.0.1:8001` for
     /// `kubectl proxy`.
@@ -400,13 +403,7 @@ impl Config {
             ));
         }
         let session = read_session(&mut root, auth.mode, cookie_secret, &mut problems);
-        let backend = read_backend(&mut root, &mut problems);
-        if backend.kind != BackendKind::Static && backend.agones.activity_sync_interval >= session.idle_timeout {
-            problems.push(Problem::new(
-                "backend.agones.activity_sync_interval",
-                "must be shorter than session.idle_timeout, or other replicas release pods that are in use".into(),
-            ));
-        }
+        let backend = read_backend(&mut root, session.idle_timeout, &mut problems);
         let log = read_log(&mut root, &mut problems);
         let mut admin_section = root.section("admin", &mut problems);
         let admin = AdminConfig {
@@ -643,7 +640,7 @@ fn read_session(
     }
 }
 
-fn read_backend(root: &mut Section<'_>, problems: &mut Vec<Problem>) -> BackendConfig {
+fn read_backend(root: &mut Section<'_>, idle_timeout: Duration, problems: &mut Vec<Problem>) -> BackendConfig {
     let mut backend = root.section("backend", problems);
     let kind_key = backend.key("kind");
     let kind = match backend.string("kind", "static", problems).as_str() {
@@ -685,7 +682,7 @@ fn read_backend(root: &mut Section<'_>, problems: &mut Vec<Problem>) -> BackendC
         problems.push(Problem::new(&upstreams_key, reason.into()));
     }
     pool.finish(problems);
-    let agones = read_agones(&mut backend, kind, problems);
+    let agones = read_agones(&mut backend, kind, idle_timeout, problems);
     backend.finish(problems);
     BackendConfig {
         kind,
@@ -695,7 +692,12 @@ fn read_backend(root: &mut Section<'_>, problems: &mut Vec<Problem>) -> BackendC
     }
 }
 
-fn read_agones(backend: &mut Section<'_>, kind: BackendKind, problems: &mut Vec<Problem>) -> AgonesConfig {
+fn read_agones(
+    backend: &mut Section<'_>,
+    kind: BackendKind,
+    idle_timeout: Duration,
+    problems: &mut Vec<Problem>,
+) -> AgonesConfig {
     let in_use = kind != BackendKind::Static;
     let mut agones = backend.section("agones", problems);
     let namespace = agones.string("namespace", "default", problems);
@@ -746,7 +748,26 @@ fn read_agones(backend: &mut Section<'_>, kind: BackendKind, problems: &mut Vec<
     }
     let api_timeout = agones.duration("api_timeout", Duration::from_secs(10), problems);
     let allocation_retry_window = agones.duration("allocation_retry_window", Duration::from_secs(3), problems);
-    let activity_sync_interval = agones.duration("activity_sync_interval", Duration::from_secs(30), problems);
+    // Unset, it follows the idle timeout, so no default ever conflicts with
+    // what the user chose; set, it must leave the other replicas' reapers
+    // time to see the activity.
+    let activity_sync_interval = if agones.is_present("activity_sync_interval") {
+        let set = agones.duration("activity_sync_interval", Duration::from_secs(30), problems);
+        if in_use && set >= idle_timeout {
+            problems.push(Problem::new(
+                &agones.key("activity_sync_interval"),
+                format!(
+                    "{} is not shorter than session.idle_timeout ({}), so other replicas would release pods that are in use; make it shorter, or leave it unset to use the smaller of 30s and a third of idle_timeout",
+                    humantime::format_duration(set),
+                    humantime::format_duration(idle_timeout)
+                ),
+            ));
+        }
+        set
+    } else {
+        default_activity_sync_interval(idle_timeout)
+    };
+    let adopt_legacy = agones.boolean("adopt_legacy", true, problems);
     let url_key = agones.key("kube_api_url");
     let kube_api_url = optional_url(&mut agones, "kube_api_url", &url_key, problems);
     let allocator_key = agones.key("allocator_url");
@@ -790,12 +811,20 @@ fn read_agones(backend: &mut Section<'_>, kind: BackendKind, problems: &mut Vec<
         api_timeout,
         allocation_retry_window,
         activity_sync_interval,
+        adopt_legacy,
         kube_api_url,
         allocator_url,
         allocator_ca_file,
         allocator_client_cert_file,
         allocator_client_key_file,
     }
+}
+
+/// The smaller of 30 s and a third of the idle timeout (whole milliseconds,
+/// so `dump-config` shows a readable value).
+fn default_activity_sync_interval(idle_timeout: Duration) -> Duration {
+    let third = Duration::from_millis((idle_timeout / 3).as_millis() as u64);
+    Duration::from_secs(30).min(third)
 }
 
 fn optional_url(
@@ -941,6 +970,58 @@ mod tests {
         assert!(problems(MINIMAL_IAP, Some(b"short"))
             .iter()
             .any(|p| p.contains("at least 32 bytes")));
+    }
+
+    const AGONES_20S_IDLE: &str = r#"
+        [auth]
+        audiences = ["/projects/1/global/backendServices/2"]
+        [session]
+        idle_timeout = "20s"
+        [backend]
+        kind = "agones"
+        [backend.agones]
+        fleet = "webui"
+    "#;
+
+    #[test]
+    fn an_unset_activity_sync_interval_follows_a_short_idle_timeout() {
+        let c = Config::from_toml(AGONES_20S_IDLE, Some(SECRET.to_vec())).unwrap();
+        assert_eq!(c.backend.agones.activity_sync_interval, Duration::from_millis(6666));
+        let long = AGONES_20S_IDLE.replace("\"20s\"", "\"1h\"");
+        let c = Config::from_toml(&long, Some(SECRET.to_vec())).unwrap();
+        assert_eq!(c.backend.agones.activity_sync_interval, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn an_explicit_activity_sync_interval_must_be_shorter_than_the_idle_timeout() {
+        let set = |value: &str| format!("{AGONES_20S_IDLE}\nactivity_sync_interval = \"{value}\"\n");
+        let found = problems(&set("30s"), Some(SECRET));
+        assert!(
+            found.iter().any(|p| p.starts_with(
+                "backend.agones.activity_sync_interval: 30s is not shorter than session.idle_timeout (20s)"
+            )),
+            "{found:#?}"
+        );
+        let c = Config::from_toml(&set("5s"), Some(SECRET.to_vec())).unwrap();
+        assert_eq!(c.backend.agones.activity_sync_interval, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn legacy_adoption_is_on_by_default_and_can_be_turned_off() {
+        let c = Config::from_toml(AGONES_20S_IDLE, Some(SECRET.to_vec())).unwrap();
+        assert!(c.backend.agones.adopt_legacy);
+        let off = format!("{AGONES_20S_IDLE}\nadopt_legacy = false\n");
+        assert!(
+            !Config::from_toml(&off, Some(SECRET.to_vec()))
+                .unwrap()
+                .backend
+                .agones
+                .adopt_legacy
+        );
+        let bad = format!("{AGONES_20S_IDLE}\nadopt_legacy = \"yes\"\n");
+        assert!(problems(&bad, Some(SECRET))
+            .iter()
+            .any(|p| p.starts_with("backend.agones.adopt_legacy: ")));
     }
 
     #[test]
