@@ -1429,6 +1429,33 @@ async fn oversized_heads_get_431_and_over_long_uris_414_at_the_configured_limits
     );
 }
 
+#[tokio::test]
+async fn a_uri_longer_than_the_head_limit_gets_414_and_a_clean_close() {
+    let key = Key::new("key-1");
+    let jwks = KeyServer::start(vec![key.jwk()]).await;
+    let pod = DemoPod::start("pod-1").await.unwrap();
+    let router = router(&jwks.url(), &[pod.url()], "", "").await;
+    for size in [20_000, 70_000, 200_000] {
+        let request = format!(
+            "GET /whoami?q={} HTTP/1.1\r\nhost: {}\r\nconnection: keep-alive\r\n\r\n",
+            "a".repeat(size),
+            router.addr
+        );
+        let mut stream = TcpStream::connect(router.addr).await.unwrap();
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        let ended = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await;
+        let text = String::from_utf8_lossy(&answer);
+        let ended = ended.unwrap_or_else(|_| panic!("{size}-byte URI: connection left open; got {text:.300}"));
+        assert!(
+            ended.is_ok(),
+            "{size}-byte URI: the connection was reset, not closed: {ended:?}; got {text:.300}"
+        );
+        assert_eq!(statuses(&text), vec![414], "{size}-byte URI: {text:.300}");
+        assert!(text.contains("URI Too Long"), "{text:.300}");
+    }
+}
+
 #[test]
 fn the_documented_defaults_hold() {
     let text =

@@ -345,6 +345,12 @@ impl Config {
                 "must be between 256 and 65000".into(),
             ));
         }
+        if max_uri_bytes + 1024 > max_header_bytes {
+            problems.push(Problem::new(
+                &server.key("max_uri_bytes"),
+                format!("must be at least 1024 less than server.max_header_bytes ({max_header_bytes}): the URI is part of the head, with room left for its headers"),
+            ));
+        }
         let metrics_key = server.key("metrics_listen");
         let metrics_text = server.string("metrics_listen", "", &mut problems);
         let metrics_listen = if metrics_text.is_empty() {
@@ -943,6 +949,18 @@ mod tests {
                 "missing {key:?} in {found:#?}"
             );
         }
+    }
+
+    #[test]
+    fn the_uri_limit_must_leave_room_in_the_head_limit() {
+        let with = |limits: &str| format!("[server]\n{limits}\n{MINIMAL_IAP}");
+        let found = problems(&with("max_header_bytes = 8192\nmax_uri_bytes = 8000"), Some(SECRET));
+        assert!(
+            found.iter().any(|p| p
+                .starts_with("server.max_uri_bytes: must be at least 1024 less than server.max_header_bytes (8192)")),
+            "{found:#?}"
+        );
+        assert!(problems(&with("max_header_bytes = 8192\nmax_uri_bytes = 7168"), Some(SECRET)).is_empty());
     }
 
     #[test]

@@ -17,7 +17,8 @@
 //!
 //! It also refuses heads with a bare LF line ending (a request-smuggling
 //! ingredient the HTTP parser tolerates): such a byte is replaced by NUL, so
-//! the parser rejects the head with a 400.
+//! the parser rejects the head with a 400; and a request line too long for
+//! `max_uri_bytes` is answered 414 before the parser sees it.
 
 use std::future::Future;
 use std::io;
@@ -30,6 +31,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
+use super::limits::{Refusal, REQUEST_LINE_SLACK};
 use crate::body::Watch;
 
 /// Where a connection is in its request cycle.
@@ -61,6 +63,13 @@ pub struct Timeouts {
     pub keepalive: Duration,
     pub header: Duration,
     pub body: Duration,
+}
+
+/// A socket's limits: its time limits and the longest URI.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub timeouts: Timeouts,
+    pub max_uri_bytes: usize,
 }
 
 /// Shared between the socket wrapper and the request/response wrappers.
@@ -135,6 +144,8 @@ pub struct GuardedIo<T> {
     timeouts: Timeouts,
     timer: Pin<Box<Sleep>>,
     head: HeadScan,
+    /// Set once a request is refused here: from then on it answers reads.
+    refusal: Option<Refusal>,
 }
 
 impl<T> GuardedIo<T> {
@@ -144,20 +155,24 @@ impl<T> GuardedIo<T> {
         self.inner
     }
 
-    pub fn new(inner: T, state: Arc<ConnState>, timeouts: Timeouts) -> Self {
+    pub fn new(inner: T, state: Arc<ConnState>, limits: Limits) -> Self {
         GuardedIo {
             inner,
             state,
-            timeouts,
-            timer: Box::pin(tokio::time::sleep(timeouts.keepalive)),
-            head: HeadScan::default(),
+            timeouts: limits.timeouts,
+            timer: Box::pin(tokio::time::sleep(limits.timeouts.keepalive)),
+            head: HeadScan::new(limits.max_uri_bytes + REQUEST_LINE_SLACK),
+            refusal: None,
         }
     }
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for GuardedIo<T> {
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for GuardedIo<T> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        if let Some(refusal) = &mut this.refusal {
+            return refusal.poll(&mut this.inner, cx);
+        }
         if let Some(deadline) = this.state.deadline(&this.timeouts) {
             // The timer may run early, never late: it is re-armed when the
             // limit moves closer, and when it fires before the limit (which
@@ -186,8 +201,17 @@ impl<T: AsyncRead + Unpin> AsyncRead for GuardedIo<T> {
                 this.state.on_bytes_read();
                 // Every byte of the request stream, pipelined ones too; an
                 // upgraded connection carries another protocol.
-                if this.state.phase() != Phase::Upgraded {
-                    this.head.scan(&mut buf.filled_mut()[before..]);
+                let phase = this.state.phase();
+                if phase != Phase::Upgraded {
+                    let line_too_long = this.head.scan(&mut buf.filled_mut()[before..]);
+                    // Answered here only while hyper writes nothing itself
+                    // (a pipelined head behind a response gets its 431).
+                    if line_too_long && matches!(phase, Phase::Idle | Phase::Head) {
+                        tracing::debug!("refusing a request line over max_uri_bytes: 414");
+                        buf.set_filled(before);
+                        let refusal = this.refusal.insert(Refusal::uri_too_long());
+                        return refusal.poll(&mut this.inner, cx);
+                    }
                 }
             }
         }
@@ -258,7 +282,6 @@ impl Drop for ResponsePhase {
 /// connection rather than risk touching body bytes. It looks at each byte
 /// of a head once, jumping from line feed to line feed, and allocates
 /// nothing.
-#[derive(Default)]
 struct HeadScan {
     at: Framing,
     last: u8,
@@ -267,6 +290,11 @@ struct HeadScan {
     length_seen: bool,
     chunked: bool,
     upgrade: bool,
+    /// The current line is a head's first: the request line.
+    in_request_line: bool,
+    /// Bytes of the request line so far, and the most it may have.
+    request_line_len: usize,
+    max_request_line: usize,
 }
 
 #[derive(Default, Clone, Copy, PartialEq, Eq)]
@@ -353,11 +381,28 @@ impl LinePrefix {
 }
 
 impl HeadScan {
-    fn scan(&mut self, bytes: &mut [u8]) {
+    fn new(max_request_line: usize) -> HeadScan {
+        HeadScan {
+            at: Framing::Head,
+            last: 0,
+            line: LinePrefix::default(),
+            content_length: None,
+            length_seen: false,
+            chunked: false,
+            upgrade: false,
+            in_request_line: true,
+            request_line_len: 0,
+            max_request_line,
+        }
+    }
+
+    /// Scans the next bytes of the stream; true when a request line grew
+    /// past its limit (the scan then stops).
+    fn scan(&mut self, bytes: &mut [u8]) -> bool {
         let mut i = 0;
         while i < bytes.len() {
             match self.at {
-                Framing::Stop => return,
+                Framing::Stop => return false,
                 Framing::Body(left) => {
                     let take = left.min((bytes.len() - i) as u64);
                     i += take as usize;
@@ -389,6 +434,13 @@ impl HeadScan {
                     // Everything up to the next LF belongs to the current line.
                     let rest = &bytes[i..];
                     let content = memchr::memchr(b'\n', rest).unwrap_or(rest.len());
+                    if self.in_request_line && self.at == Framing::Head {
+                        self.request_line_len += content;
+                        if self.request_line_len > self.max_request_line {
+                            self.at = Framing::Stop;
+                            return true;
+                        }
+                    }
                     if content > 0 {
                         self.line.extend(&rest[..content], self.at == Framing::Head);
                         self.last = rest[content - 1];
@@ -401,6 +453,7 @@ impl HeadScan {
                 }
             }
         }
+        false
     }
 
     fn line_feed(&mut self, lf: &mut u8) {
@@ -412,10 +465,16 @@ impl HeadScan {
         self.last = b'\n';
         let prefix = std::mem::take(&mut self.line);
         let line = prefix.as_slice();
+        self.request_line_len = 0;
+        // Blank lines before a request line are skipped by the parser.
+        self.in_request_line &= !prefix.has_content;
         match self.at {
             Framing::Head if !prefix.has_content => self.end_head(lf),
             Framing::Head => self.header(line),
-            Framing::Trailers if !prefix.has_content => self.at = Framing::Head,
+            Framing::Trailers if !prefix.has_content => {
+                self.at = Framing::Head;
+                self.in_request_line = true;
+            }
             Framing::Trailers => {}
             Framing::ChunkSize => {
                 let size = std::str::from_utf8(line)
@@ -463,6 +522,7 @@ impl HeadScan {
         self.content_length = None;
         self.chunked = false;
         self.upgrade = false;
+        self.in_request_line = true;
     }
 }
 
@@ -471,7 +531,7 @@ mod tests {
     use super::*;
 
     fn scanned(parts: &[&[u8]]) -> Vec<u8> {
-        let mut scan = HeadScan::default();
+        let mut scan = HeadScan::new(usize::MAX);
         let mut out = Vec::new();
         for part in parts {
             let mut bytes = part.to_vec();
@@ -542,6 +602,33 @@ mod tests {
         let out = scanned(&[&stream]);
         assert_eq!(&out[..first.len()], first);
         assert_eq!(out[out.len() - 1], 0, "the second head's framing conflict is poisoned");
+    }
+
+    #[test]
+    fn a_request_line_over_its_limit_is_reported_wherever_the_reads_split() {
+        let long = format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "a".repeat(100));
+        for cut in [1, 50, 104, long.len()] {
+            let mut scan = HeadScan::new(100);
+            let (a, b) = long.as_bytes().split_at(cut);
+            let reported = scan.scan(&mut a.to_vec()) || scan.scan(&mut b.to_vec());
+            assert!(reported, "cut at {cut}");
+        }
+        let fits = "GET /short HTTP/1.1\r\nX-Header: ".to_string() + &"h".repeat(500) + "\r\n\r\n";
+        assert!(
+            !HeadScan::new(100).scan(&mut fits.into_bytes()),
+            "header lines are not request lines"
+        );
+    }
+
+    #[test]
+    fn a_pipelined_request_line_is_measured_after_the_body() {
+        let first = b"POST /a HTTP/1.1\r\nContent-Length: 200\r\n\r\n".to_vec();
+        let mut stream = first.clone();
+        stream.extend(std::iter::repeat_n(b'b', 200));
+        let mut scan = HeadScan::new(100);
+        assert!(!scan.scan(&mut stream), "a long body is not a request line");
+        let next = format!("\r\nGET /{} HTTP/1.1\r\n\r\n", "a".repeat(100));
+        assert!(scan.scan(&mut next.into_bytes()));
     }
 
     #[test]

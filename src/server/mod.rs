@@ -33,7 +33,7 @@ use crate::reaper;
 use crate::routes;
 use crate::session::cookie::{CookieCodec, Signer};
 use crate::session::Registry;
-use connection::{ConnState, GuardedIo, Timeouts};
+use connection::{ConnState, GuardedIo, Limits, Timeouts};
 use service::Handler;
 
 /// Everything a request handler needs, shared by all connections.
@@ -164,10 +164,13 @@ pub async fn serve(
         drain: CancellationToken::new(),
         force_close: CancellationToken::new(),
         threads_done: CancellationToken::new(),
-        timeouts: Timeouts {
-            keepalive: server_config.keepalive_timeout,
-            header: server_config.header_timeout,
-            body: server_config.body_timeout,
+        limits: Limits {
+            timeouts: Timeouts {
+                keepalive: server_config.keepalive_timeout,
+                header: server_config.header_timeout,
+                body: server_config.body_timeout,
+            },
+            max_uri_bytes: server_config.max_uri_bytes,
         },
         max_header_bytes: server_config.max_header_bytes,
         state: state.clone(),
@@ -269,7 +272,7 @@ struct Acceptor {
     force_close: CancellationToken,
     /// The extra threads may exit: their connections and relays are done.
     threads_done: CancellationToken,
-    timeouts: Timeouts,
+    limits: Limits,
     max_header_bytes: usize,
 }
 
@@ -306,7 +309,7 @@ impl Acceptor {
     fn serve_connection(&self, stream: tokio::net::TcpStream, peer: SocketAddr) {
         let _ = stream.set_nodelay(true);
         let conn = ConnState::new();
-        let io = TokioIo::new(GuardedIo::new(stream, conn.clone(), self.timeouts));
+        let io = TokioIo::new(GuardedIo::new(stream, conn.clone(), self.limits));
         let service = Handler::new(self.state.clone(), self.endpoints.clone(), peer.ip(), conn);
         let drain = self.drain.clone();
         let force_close = self.force_close.clone();
