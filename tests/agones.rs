@@ -4,10 +4,10 @@
 
 mod support;
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use serde_json::Value;
-use session_router::allocator::agones::label::user_label_value;
+use session_router::allocator::agones::label::{self, user_label_value};
 use session_router::allocator::agones::Agones;
 use session_router::allocator::{AllocError, Allocator};
 use session_router::auth::Identity;
@@ -370,6 +370,191 @@ async fn gameservers_without_a_user_label_are_never_touched() {
     let _router = TestRouter::agones(&issuer, &fake, "agones", "idle_timeout = \"1s\"", "").await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(fake.server("gs-other").is_some());
+}
+
+// ---------------------------------------------------------------------------
+// Migration: servers the original front end allocated carry the user label only.
+
+const HASH_LABEL: &str = "session-router.dev/user-hash";
+
+fn a_while_ago(seconds: u64) -> SystemTime {
+    SystemTime::now() - Duration::from_secs(seconds)
+}
+
+fn allocation_calls(fake: &FakeAgones) -> usize {
+    fake.calls()
+        .iter()
+        .filter(|c| c.contains("gameserverallocations"))
+        .count()
+}
+
+#[tokio::test]
+async fn a_legacy_gameserver_is_adopted_by_the_user_whose_label_it_carries() {
+    let issuer = IapIssuer::start().await;
+    let (_pods, fake) = fleet(2).await;
+    // Allocated long before the cut-over: the sweep would take it as idle,
+    // but the user's return stamps it as active.
+    fake.allocate_legacy("gs-2", "alice@example.com", a_while_ago(3600));
+    let a = TestRouter::agones(&issuer, &fake, "agones", "idle_timeout = \"30s\"", "").await;
+    let b = TestRouter::agones(&issuer, &fake, "agones", "idle_timeout = \"30s\"", "").await;
+    assert_eq!(pod_of(&a, &issuer.user("alice")).await, "pod-2");
+    let gs = fake.server("gs-2").unwrap();
+    assert_eq!(
+        gs["metadata"]["labels"][HASH_LABEL],
+        label::user_hash("alice@example.com")
+    );
+    assert_eq!(
+        gs["metadata"]["annotations"]["session-router.dev/email"],
+        "alice@example.com"
+    );
+    assert!(gs["metadata"]["annotations"]["session-router.dev/last-activity"].is_string());
+    assert_eq!(allocation_calls(&fake), 0, "adopting allocates nothing");
+    // Another replica, no cookie: the same pod; and nobody else takes it.
+    assert_eq!(pod_of(&b, &issuer.user("alice")).await, "pod-2");
+    assert_eq!(pod_of(&b, &issuer.user("bob")).await, "pod-1");
+    assert_eq!(fake.held_by(&label("alice")), vec!["gs-2"]);
+}
+
+#[tokio::test]
+async fn of_two_legacy_gameservers_the_older_is_adopted_and_the_newer_released() {
+    let issuer = IapIssuer::start().await;
+    let (_pods, fake) = fleet(3).await;
+    fake.allocate_legacy("gs-3", "alice@example.com", a_while_ago(60));
+    fake.allocate_legacy("gs-2", "alice@example.com", a_while_ago(60));
+    let router = TestRouter::agones(&issuer, &fake, "agones", "", "").await;
+    assert_eq!(
+        pod_of(&router, &issuer.user("alice")).await,
+        "pod-2",
+        "gs-2 was created first"
+    );
+    assert!(fake.server("gs-3").is_none(), "the newer legacy server is released");
+    assert_eq!(fake.held_by(&label("alice")), vec!["gs-2"]);
+    assert_eq!(fake.server("gs-1").unwrap()["status"]["state"], "Ready");
+}
+
+#[tokio::test]
+async fn a_legacy_gameserver_beside_the_users_own_is_released() {
+    let issuer = IapIssuer::start().await;
+    let (_pods, fake) = fleet(2).await;
+    // The legacy one is older, but the user already has a server of their own.
+    fake.allocate_legacy("gs-1", "alice@example.com", a_while_ago(60));
+    fake.allocate_directly("gs-2", "alice@example.com");
+    let router = TestRouter::agones(&issuer, &fake, "agones", "", "").await;
+    assert_eq!(pod_of(&router, &issuer.user("alice")).await, "pod-2");
+    assert!(fake.server("gs-1").is_none(), "the legacy duplicate is released");
+    assert_eq!(fake.held_by(&label("alice")), vec!["gs-2"]);
+}
+
+#[tokio::test]
+async fn replicas_adopting_at_once_adopt_one_gameserver() {
+    let issuer = IapIssuer::start().await;
+    let (_pods, fake) = fleet(3).await;
+    fake.allocate_legacy("gs-1", "alice@example.com", a_while_ago(60));
+    let a = TestRouter::agones(&issuer, &fake, "agones", "", "").await;
+    let b = TestRouter::agones(&issuer, &fake, "agones", "", "").await;
+    let alice = issuer.user("alice");
+    let requests = (0..6).map(|i| {
+        let router = if i % 2 == 0 { &a } else { &b };
+        pod_of(router, &alice)
+    });
+    let pods = futures_util::future::join_all(requests).await;
+    assert!(pods.iter().all(|p| p == "pod-1"), "{pods:?}");
+    assert_eq!(fake.held_by(&label("alice")), vec!["gs-1"]);
+    for other in ["gs-2", "gs-3"] {
+        assert_eq!(fake.server(other).unwrap()["status"]["state"], "Ready", "{other} taken");
+    }
+}
+
+#[tokio::test]
+async fn an_adoption_that_loses_the_race_uses_the_winners_adoption() {
+    let fake = FakeAgones::start().await;
+    let pods = pods(2).await;
+    fake.add_ready("gs-1", pods[0].addr);
+    fake.add_ready("gs-2", pods[1].addr);
+    fake.allocate_legacy("gs-1", "alice@example.com", a_while_ago(60));
+    let config = agones_config(&fake);
+    let agones = Agones::connect(&config.backend.agones, config.backend.kind, Metrics::new())
+        .await
+        .unwrap();
+    // The watch has made its list; the next one is the adoption's look.
+    assert!(eventually(Duration::from_secs(5), || async { agones.is_ready() }).await);
+    // Another replica adopts gs-1 between this one's look and its claim.
+    fake.adopt_after_next_list("gs-1", "alice@example.com");
+    let alice = Identity::new("accounts.google.com:alice", "alice@example.com", None);
+    let lease = agones.allocate(&alice).await.unwrap();
+    assert_eq!(&*lease.backend, "gs-1");
+    let refused = fake
+        .calls()
+        .iter()
+        .filter(|c| c.starts_with("PATCH") && c.contains("gs-1"))
+        .count();
+    assert_eq!(refused, 1, "the stale claim was sent (and refused by its precondition)");
+    assert_eq!(fake.held_by(&label("alice")), vec!["gs-1"]);
+    assert_eq!(fake.server("gs-2").unwrap()["status"]["state"], "Ready");
+}
+
+#[tokio::test]
+async fn a_legacy_gameserver_nobody_adopts_is_released_once_idle() {
+    let issuer = IapIssuer::start().await;
+    let (_pods, fake) = fleet(2).await;
+    fake.allocate_legacy("gs-1", "gone@example.com", a_while_ago(3600));
+    fake.allocate_legacy("gs-2", "busy@example.com", SystemTime::now());
+    let _router = TestRouter::agones(&issuer, &fake, "agones", "idle_timeout = \"3s\"", "").await;
+    let swept = eventually(Duration::from_secs(5), || async { fake.server("gs-1").is_none() }).await;
+    assert!(swept, "an idle legacy server was left Allocated");
+    assert!(
+        fake.server("gs-2").is_some(),
+        "a legacy server allocated just now is not idle yet"
+    );
+}
+
+#[tokio::test]
+async fn with_adoption_off_a_legacy_gameserver_is_only_swept() {
+    let issuer = IapIssuer::start().await;
+    let (_pods, fake) = fleet(2).await;
+    fake.allocate_legacy("gs-1", "alice@example.com", SystemTime::now());
+    let router = TestRouter::agones(
+        &issuer,
+        &fake,
+        "agones",
+        "idle_timeout = \"3s\"",
+        "adopt_legacy = false",
+    )
+    .await;
+    assert_eq!(
+        pod_of(&router, &issuer.user("alice")).await,
+        "pod-2",
+        "a server of her own"
+    );
+    assert!(
+        fake.server("gs-1").unwrap()["metadata"]["labels"][HASH_LABEL].is_null(),
+        "not adopted"
+    );
+    assert!(fake.server("gs-1").is_some(), "not released as a duplicate");
+    let swept = eventually(Duration::from_secs(6), || async { fake.server("gs-1").is_none() }).await;
+    assert!(swept, "released by the idle rule once idle");
+}
+
+#[tokio::test]
+async fn a_server_adopted_by_one_email_is_not_taken_by_another_email_with_the_same_label() {
+    let issuer = IapIssuer::start().await;
+    let (_pods, fake) = fleet(2).await;
+    let (first, second) = ("alice.smith@example.com", "alice@smith.example.com");
+    assert_eq!(
+        user_label_value(first),
+        user_label_value(second),
+        "the original form collides"
+    );
+    fake.allocate_legacy("gs-1", first, a_while_ago(60));
+    let router = TestRouter::agones(&issuer, &fake, "agones", "", "").await;
+    let token = |email: &str| issuer.token(&format!("accounts.google.com:{email}"), email).sign();
+    assert_eq!(pod_of(&router, &token(first)).await, "pod-1");
+    assert_eq!(
+        pod_of(&router, &token(second)).await,
+        "pod-2",
+        "the hash label keeps the other out"
+    );
+    assert!(fake.server("gs-1").is_some() && fake.server("gs-2").is_some());
 }
 
 /// An Agones config pointing at `fake`, for tests that use the allocator directly.

@@ -63,6 +63,9 @@ struct Inner {
     /// The next this-many allocations are applied but never answered in
     /// time (the response is lost: the caller times out).
     lose_allocations: u32,
+    /// Right after answering the next list, this GameServer is adopted by
+    /// this email, as another replica racing the lister would.
+    adopt_after_list: Option<(String, String)>,
 }
 
 struct World {
@@ -188,15 +191,26 @@ impl FakeAgones {
     /// Allocates `name` to the user with `email` as another replica would
     /// have (the same labels the router sets).
     pub fn allocate_directly(&self, name: &str, email: &str) {
-        use session_router::allocator::agones::{label, USER_HASH_LABEL};
-        let labels = BTreeMap::from([
-            ("user".to_string(), label::user_label_value(email)),
-            (USER_HASH_LABEL.to_string(), label::user_hash(email)),
-        ]);
+        allocate_as_router(&self.world, &mut self.inner(), name, email);
+    }
+
+    /// Allocates `name` as the original nginx+lua front end did: the user
+    /// label only (no hash label, no email annotation), at `allocated_at`.
+    pub fn allocate_legacy(&self, name: &str, email: &str, allocated_at: SystemTime) {
+        use session_router::allocator::agones::label;
+        let labels = BTreeMap::from([("user".to_string(), label::user_label_value(email))]);
         let mut inner = self.inner();
         let mut gs = inner.servers.get(name).cloned().unwrap();
         apply_allocation(&mut gs, &labels, &BTreeMap::new());
+        gs["metadata"]["annotations"]["agones.dev/last-allocated"] =
+            json!(humantime::format_rfc3339_nanos(allocated_at).to_string());
         change(&self.world, &mut inner, "MODIFIED", name, Some(gs));
+    }
+
+    /// Right after the next list is answered, `name` gets `email`'s labels
+    /// (as [`FakeAgones::allocate_directly`]): another replica won a race.
+    pub fn adopt_after_next_list(&self, name: &str, email: &str) {
+        self.inner().adopt_after_list = Some((name.to_string(), email.to_string()));
     }
 
     /// Sets an annotation as another replica (or operator) would.
@@ -264,6 +278,17 @@ impl FakeAgones {
     pub fn clear_calls(&self) {
         self.inner().calls.clear();
     }
+}
+
+fn allocate_as_router(world: &World, inner: &mut Inner, name: &str, email: &str) {
+    use session_router::allocator::agones::{label, USER_HASH_LABEL};
+    let labels = BTreeMap::from([
+        ("user".to_string(), label::user_label_value(email)),
+        (USER_HASH_LABEL.to_string(), label::user_hash(email)),
+    ]);
+    let mut gs = inner.servers.get(name).cloned().unwrap();
+    apply_allocation(&mut gs, &labels, &BTreeMap::new());
+    change(world, inner, "MODIFIED", name, Some(gs));
 }
 
 async fn record(State(world): State<Arc<World>>, request: Request, next: Next) -> Response {
@@ -559,14 +584,17 @@ async fn list_or_watch(
     let in_scope = move |gs: &Value| ns == NAMESPACE && selector_matches(gs, &selector);
     let watching = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
     if !watching {
-        let inner = world.inner.lock().unwrap();
+        let mut inner = world.inner.lock().unwrap();
         let items: Vec<Value> = inner.servers.values().filter(|gs| in_scope(gs)).cloned().collect();
-        return axum::Json(json!({
+        let list = json!({
             "apiVersion": "agones.dev/v1", "kind": "GameServerList",
             "metadata": {"resourceVersion": inner.rv.to_string()},
             "items": items,
-        }))
-        .into_response();
+        });
+        if let Some((name, email)) = inner.adopt_after_list.take() {
+            allocate_as_router(&world, &mut inner, &name, &email);
+        }
+        return axum::Json(list).into_response();
     }
     let since: u64 = query.get("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
     let timeout = Duration::from_secs(query.get("timeoutSeconds").and_then(|v| v.parse().ok()).unwrap_or(290));

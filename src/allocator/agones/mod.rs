@@ -163,15 +163,6 @@ impl Agones {
         self.cache.get(&ObjectRef::new(name).within(&self.config.namespace))
     }
 
-    fn user_selector(&self, email: &str) -> String {
-        let labels = user_labels(&self.config, email);
-        let mut selector = format!("{FLEET_LABEL}={}", self.config.fleet);
-        for (key, value) in labels {
-            selector.push_str(&format!(",{key}={value}"));
-        }
-        selector
-    }
-
     fn lease_for(
         &self,
         gs: Option<&GameServer>,
@@ -274,32 +265,103 @@ impl Agones {
         }
     }
 
-    /// If replicas raced and the user holds several Allocated servers, keeps
-    /// the oldest and deletes the rest. Returns the one kept.
-    async fn settle_duplicates(&self, email: &str, allocated: GameServer) -> Result<GameServer, AllocError> {
+    /// The user's Allocated servers as the API lists them: their own (both
+    /// labels) and legacy ones (the user label only, as the original front
+    /// end left them). Servers whose hash label is another user's — the
+    /// label values of two emails can coincide — are neither.
+    async fn holdings(&self, email: &str) -> Result<Holdings, AllocError> {
+        let label = label::user_label_value(email);
+        let selector = format!("{FLEET_LABEL}={},{}={label}", self.config.fleet, self.config.user_label);
         let list = self
             .call(
                 "list",
                 "list the user's GameServers",
-                self.gameservers
-                    .list(&ListParams::default().labels(&self.user_selector(email))),
+                self.gameservers.list(&ListParams::default().labels(&selector)),
             )
             .await?;
-        let mut mine: Vec<GameServer> = list.items.into_iter().filter(|gs| gs.state() == "Allocated").collect();
-        if mine.len() <= 1 {
-            return Ok(mine.pop().unwrap_or(allocated));
+        let hash = label::user_hash(email);
+        let mut holdings = Holdings::default();
+        for gs in list.items.into_iter().filter(|gs| gs.state() == "Allocated") {
+            match gs.label(USER_HASH_LABEL) {
+                Some(h) if h == hash => holdings.own.push(gs),
+                Some(_) => {}
+                None => holdings.legacy.push(gs),
+            }
         }
-        mine.sort_by_key(age_key);
-        let keep = mine.remove(0);
-        for extra in mine {
-            tracing::warn!(
-                kept = keep.name(),
-                released = extra.name(),
-                "user held two GameServers; releasing the newer"
-            );
-            let _ = self.delete(extra.name(), extra.metadata.resource_version.clone()).await;
+        holdings.own.sort_by_key(age_key);
+        holdings.legacy.sort_by_key(age_key);
+        Ok(holdings)
+    }
+
+    /// Gives the user the oldest server the original front end allocated to
+    /// their label, if they have none of their own: it gets the hash label,
+    /// the email and a fresh activity stamp (so no replica's sweep takes it
+    /// as idle), with a `resourceVersion` precondition so that of replicas
+    /// adopting at once exactly one wins; the others see it as the user's
+    /// own on their next look. The user's other legacy servers are released.
+    async fn adopt_legacy(&self, user: &Identity) -> Result<Option<Lease>, AllocError> {
+        for _ in 0..3 {
+            let Holdings { own, legacy } = self.holdings(&user.email).await?;
+            let mut legacy = legacy.into_iter();
+            let Some(oldest) = legacy.next().filter(|_| own.is_empty()) else {
+                return Ok(None);
+            };
+            let mut metadata = allocation_metadata(&self.config, &user.email);
+            metadata
+                .annotations
+                .insert(LAST_ACTIVITY.into(), activity_stamp(SystemTime::now()));
+            let patch = serde_json::json!({ "metadata": {
+                "resourceVersion": oldest.metadata.resource_version,
+                "labels": metadata.labels,
+                "annotations": metadata.annotations,
+            } });
+            let what = format!("adopt GameServer {}", oldest.name());
+            let (params, patch) = (PatchParams::default(), Patch::Merge(&patch));
+            let claim = self.gameservers.patch(oldest.name(), &params, &patch);
+            let adopted = match self.call("patch", &what, claim).await {
+                Ok(adopted) => adopted,
+                // Changed or gone meanwhile (another replica adopting it): look again.
+                Err(CallError::Conflict | CallError::NotFound) => continue,
+                Err(CallError::Failed(e)) => return Err(e),
+            };
+            tracing::info!(user = %user.email, gameserver = adopted.name(), "adopted a GameServer the original front end allocated");
+            self.release_extras(adopted.name(), legacy).await;
+            return self.lease_for(Some(&adopted), None).map(Some);
         }
+        Ok(None)
+    }
+
+    /// If replicas raced and the user holds several Allocated servers, keeps
+    /// the oldest of their own and releases the rest, legacy ones included
+    /// (unless adoption is off: then legacy servers are left to the sweep).
+    /// Returns the one kept.
+    async fn settle_duplicates(&self, email: &str, allocated: GameServer) -> Result<GameServer, AllocError> {
+        let Holdings { own, legacy } = self.holdings(email).await?;
+        let mut own = own.into_iter();
+        let Some(keep) = own.next() else {
+            return Ok(allocated);
+        };
+        let legacy = legacy.into_iter().filter(|_| self.config.adopt_legacy);
+        self.release_extras(keep.name(), own.chain(legacy)).await;
         Ok(keep)
+    }
+
+    /// Releases a user's servers other than `kept`, each only if unchanged
+    /// since it was listed.
+    async fn release_extras(&self, kept: &str, extras: impl Iterator<Item = GameServer>) {
+        for extra in extras {
+            let legacy = extra.label(USER_HASH_LABEL).is_none();
+            tracing::warn!(
+                kept,
+                released = extra.name(),
+                legacy,
+                "user held two GameServers; releasing the other"
+            );
+            let deleted = self.delete(extra.name(), extra.metadata.resource_version.clone()).await;
+            if matches!(deleted, Ok(Deleted::Now)) {
+                self.metrics.release("duplicate", true);
+            }
+        }
     }
 
     /// Whether `gs` carries this user's labels (value and hash).
@@ -310,12 +372,23 @@ impl Agones {
     }
 }
 
+/// A user's Allocated servers, oldest first.
+#[derive(Default)]
+struct Holdings {
+    own: Vec<GameServer>,
+    legacy: Vec<GameServer>,
+}
+
 /// Oldest first; ties broken by name so every replica picks the same one.
 fn age_key(gs: &GameServer) -> (Option<k8s_openapi::jiff::Timestamp>, String) {
     (
         gs.metadata.creation_timestamp.as_ref().map(|t| t.0),
         gs.name().to_string(),
     )
+}
+
+fn activity_stamp(at: SystemTime) -> String {
+    humantime::format_rfc3339_millis(at).to_string()
 }
 
 fn parse_time(text: &str) -> Option<SystemTime> {
@@ -333,6 +406,11 @@ fn last_seen(gs: &GameServer) -> Option<SystemTime> {
 #[async_trait]
 impl Allocator for Agones {
     async fn allocate(&self, user: &Identity) -> Result<Lease, AllocError> {
+        if self.config.adopt_legacy {
+            if let Some(lease) = self.adopt_legacy(user).await? {
+                return Ok(lease);
+            }
+        }
         let status = self.allocate_with_retries(user).await?;
         let name = status.game_server_name.clone();
         let gs = match self.cached(&name) {
@@ -468,8 +546,7 @@ impl Allocator for Agones {
     }
 
     async fn record_activity(&self, lease: &Lease, at: SystemTime) -> Result<(), AllocError> {
-        let stamp = humantime::format_rfc3339_millis(at).to_string();
-        let patch = serde_json::json!({ "metadata": { "annotations": { LAST_ACTIVITY: stamp } } });
+        let patch = serde_json::json!({ "metadata": { "annotations": { LAST_ACTIVITY: activity_stamp(at) } } });
         self.call(
             "patch",
             &format!("record activity on GameServer {}", lease.backend),
@@ -491,9 +568,15 @@ impl Allocator for Agones {
             if gs.state() != "Allocated" {
                 continue;
             }
-            // Servers allocated by someone else carry no user label: never ours to touch.
-            if let Some(user) = gs.label(&self.config.user_label) {
-                let key = gs.label(USER_HASH_LABEL).unwrap_or(user).to_string();
+            // Servers allocated by someone else carry no user label: never
+            // ours to touch. A legacy server (no hash label) may share its
+            // label with another user's, so it stands alone: only the idle
+            // rule releases it.
+            if gs.label(&self.config.user_label).is_some() {
+                let key = match gs.label(USER_HASH_LABEL) {
+                    Some(hash) => hash.to_string(),
+                    None => format!("legacy/{}", gs.name()),
+                };
                 by_user.entry(key).or_default().push(gs);
             }
         }
