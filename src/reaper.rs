@@ -4,6 +4,11 @@
 //! `max_lifetime`. The registry confirms each release before it forgets the
 //! session; a failed release is retried on the next pass.
 //!
+//! With `session.busy_probe` set, an idle session is released only once its
+//! backend reports no job running ([`BusyProbe`]); until then each pass
+//! asks again, and other replicas are told the backend is in use (their
+//! sweeps ask the backend too).
+//!
 //! Each pass also shares this replica's recent activity with the others
 //! (at most once per `activity_sync_interval` per user) and lets the
 //! allocator sweep backends no replica holds.
@@ -16,8 +21,10 @@ use futures_util::StreamExt;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::allocator::BusyProbe;
 use crate::server::AppState;
 use crate::session::Session;
+use crate::telemetry;
 
 /// At most this many backend calls (activity records, releases) at once.
 const CONCURRENT_CALLS: usize = 8;
@@ -47,6 +54,7 @@ fn period(idle_timeout: Duration) -> Duration {
 }
 
 pub async fn run(state: Arc<AppState>, stop: CancellationToken) {
+    let probe = state.config.session.busy_probe.as_deref().map(BusyProbe::new);
     let mut ticker = tokio::time::interval(period(state.config.session.idle_timeout));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -54,11 +62,11 @@ pub async fn run(state: Arc<AppState>, stop: CancellationToken) {
             _ = ticker.tick() => {}
             _ = stop.cancelled() => return,
         }
-        pass(&state).await;
+        pass(&state, probe.as_ref()).await;
     }
 }
 
-async fn pass(state: &AppState) {
+async fn pass(state: &AppState, probe: Option<&BusyProbe>) {
     let session_config = &state.config.session;
     let allocator = state.registry.allocator();
     let sync_interval = state.config.backend.agones.activity_sync_interval;
@@ -67,13 +75,21 @@ async fn pass(state: &AppState) {
     futures_util::stream::iter(&sessions)
         .for_each_concurrent(CONCURRENT_CALLS, |session| async move {
             let elsewhere = allocator.activity_elsewhere(&session.lease);
-            if let Some(reason) = due(
+            let mut reason = due(
                 session,
                 elsewhere,
                 session_config.idle_timeout,
                 session_config.max_lifetime,
                 now,
-            ) {
+            );
+            if let (Some("idle"), Some(probe)) = (reason, probe) {
+                if probe.is_busy(&session.lease.upstream).await {
+                    tracing::info!(user_id = %telemetry::user_id(&session.identity.sub), backend = %session.lease.backend, "idle release postponed: the backend reports a job in progress");
+                    session.activity.note_busy();
+                    reason = None;
+                }
+            }
+            if let Some(reason) = reason {
                 // Errors are logged by the registry; the session stays and
                 // the next pass retries.
                 let _ = state.registry.release(session, reason).await;
@@ -98,7 +114,7 @@ async fn pass(state: &AppState) {
         .iter()
         .map(|s| s.lease.backend.clone())
         .collect();
-    allocator.sweep(session_config.idle_timeout, &held_here).await;
+    allocator.sweep(session_config.idle_timeout, &held_here, probe).await;
 }
 
 #[cfg(test)]

@@ -372,6 +372,26 @@ async fn gameservers_without_a_user_label_are_never_touched() {
     assert!(fake.server("gs-other").is_some());
 }
 
+#[tokio::test]
+async fn a_generation_running_behind_one_replica_keeps_every_replica_from_releasing() {
+    let issuer = IapIssuer::start().await;
+    let pod = support::api_pod::ApiPod::start(Some(1)).await;
+    let fake = FakeAgones::start().await;
+    fake.add_ready("gs-1", pod.addr);
+    let session = "idle_timeout = \"1s\"\nbusy_probe = \"/sdapi/v1/progress\"";
+    let a = TestRouter::agones(&issuer, &fake, "agones", session, "").await;
+    let _b = TestRouter::agones(&issuer, &fake, "agones", session, "").await;
+    let alice = issuer.user("alice");
+    let first = whoami(&a, &alice, None).await;
+    assert_eq!(first.status(), 200);
+    // The tab is closed; the batch runs for three idle timeouts while B sweeps.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(fake.server("gs-1").is_some(), "released during a running generation");
+    pod.set_jobs(Some(0));
+    let released = eventually(Duration::from_secs(5), || async { fake.server("gs-1").is_none() }).await;
+    assert!(released, "never released after the generation finished");
+}
+
 // ---------------------------------------------------------------------------
 // Migration: servers the original front end allocated carry the user label only.
 

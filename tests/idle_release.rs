@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
+use support::api_pod::ApiPod;
 use support::{client, eventually, pods, set_cookie, IapIssuer, TestRouter};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
@@ -198,4 +199,76 @@ async fn the_status_page_shows_the_session_with_a_release_button() {
     assert!(page.contains("alice@example.com"));
     assert!(page.contains("static-0"));
     assert!(page.contains(r#"action="/_router/release""#));
+}
+
+async fn probing_router(issuer: &IapIssuer, pod: &ApiPod, session: &str) -> TestRouter {
+    let more = format!("[session]\nidle_timeout = \"1s\"\nbusy_probe = \"/sdapi/v1/progress\"\n{session}");
+    TestRouter::start(&support::static_config(
+        issuer,
+        "",
+        "",
+        &more,
+        &format!("{:?}", pod.url),
+    ))
+    .await
+}
+
+#[tokio::test]
+async fn a_running_generation_postpones_the_idle_release_until_it_is_done() {
+    let issuer = IapIssuer::start().await;
+    let pod = ApiPod::start(Some(1)).await;
+    let router = probing_router(&issuer, &pod, "").await;
+    let alice = issuer.user("alice");
+    assert_eq!(pod_of(&router, &alice).await.status(), 200);
+    // Alice closed the tab; her batch runs on for three idle timeouts.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        router.state.registry.get("accounts.google.com:alice").is_some(),
+        "released while the backend reported a job running"
+    );
+    assert!(
+        pod.probes() >= 2,
+        "the backend was asked on each pass ({} probes)",
+        pod.probes()
+    );
+    pod.set_jobs(Some(0));
+    let released = eventually(Duration::from_secs(3), || async {
+        router.state.registry.get("accounts.google.com:alice").is_none()
+    })
+    .await;
+    assert!(released, "never released after the job finished");
+}
+
+#[tokio::test]
+async fn a_probe_that_fails_does_not_postpone() {
+    let issuer = IapIssuer::start().await;
+    let pod = ApiPod::start(None).await;
+    let router = probing_router(&issuer, &pod, "").await;
+    let alice = issuer.user("alice");
+    assert_eq!(pod_of(&router, &alice).await.status(), 200);
+    let released = eventually(Duration::from_secs(4), || async {
+        router.state.registry.get("accounts.google.com:alice").is_none()
+    })
+    .await;
+    assert!(released, "a 404 from the probe kept the backend");
+    assert!(pod.probes() >= 1, "the probe was never asked");
+}
+
+#[tokio::test]
+async fn a_busy_backend_is_released_at_max_lifetime() {
+    let issuer = IapIssuer::start().await;
+    let pod = ApiPod::start(Some(3)).await;
+    let router = probing_router(&issuer, &pod, "max_lifetime = \"3s\"").await;
+    let alice = issuer.user("alice");
+    assert_eq!(pod_of(&router, &alice).await.status(), 200);
+    let started = std::time::Instant::now();
+    let released = eventually(Duration::from_secs(6), || async {
+        router.state.registry.get("accounts.google.com:alice").is_none()
+    })
+    .await;
+    assert!(released, "max_lifetime did not end a busy session");
+    assert!(
+        started.elapsed() >= Duration::from_millis(2500),
+        "released before max_lifetime"
+    );
 }

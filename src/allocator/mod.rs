@@ -3,6 +3,7 @@
 //! configuration.
 
 pub mod agones;
+mod busy_probe;
 mod static_pool;
 
 use std::collections::HashSet;
@@ -13,6 +14,7 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use http::uri::Authority;
 
+pub use busy_probe::BusyProbe;
 pub use static_pool::StaticPool;
 
 use crate::auth::Identity;
@@ -106,9 +108,10 @@ pub trait Allocator: Send + Sync + 'static {
     }
 
     /// Releases backends no replica is using any more: idle ones whose
-    /// session lives on no replica here (`held_here` names this replica's),
-    /// and duplicates. Run by every replica's reaper.
-    async fn sweep(&self, _idle_timeout: Duration, _held_here: &HashSet<Arc<str>>) {}
+    /// session lives on no replica here (`held_here` names this replica's)
+    /// and whose backend does not report a job running (`probe`, when
+    /// configured), and duplicates. Run by every replica's reaper.
+    async fn sweep(&self, _idle_timeout: Duration, _held_here: &HashSet<Arc<str>>, _probe: Option<&BusyProbe>) {}
 }
 
 /// One user's backend as the backend system records it.

@@ -135,6 +135,9 @@ pub struct SessionConfig {
     /// The `Retry-After` sent with the waiting page.
     #[serde(serialize_with = "as_duration")]
     pub retry_after: Duration,
+    /// Path on the user's backend that says whether a job is running (the
+    /// WebUI's `/sdapi/v1/progress`); a busy answer postpones idle release.
+    pub busy_probe: Option<String>,
     /// The cookie-signing key, from [`COOKIE_SECRET_ENV`]. Never printed.
     #[serde(serialize_with = "redacted")]
     pub cookie_secret: Secret,
@@ -615,6 +618,17 @@ fn read_session(
     let max_lifetime = session.duration("max_lifetime", Duration::ZERO, problems);
     let cookie_ttl = session.duration("cookie_ttl", Duration::from_secs(12 * 3600), problems);
     let retry_after = session.duration("retry_after", Duration::from_secs(5), problems);
+    let probe_key = session.key("busy_probe");
+    let probe = session.string("busy_probe", "", problems);
+    let busy_probe = (!probe.is_empty()).then_some(probe);
+    if let Some(path) = &busy_probe {
+        if !path.starts_with('/') || path.parse::<http::uri::PathAndQuery>().is_err() {
+            problems.push(Problem::new(
+                &probe_key,
+                format!("{path:?} must be a path on the backend starting with '/', e.g. \"/sdapi/v1/progress\""),
+            ));
+        }
+    }
     session.finish(problems);
 
     let cookie_secret = match (cookie_secret, mode) {
@@ -642,6 +656,7 @@ fn read_session(
         max_lifetime,
         cookie_ttl,
         retry_after,
+        busy_probe,
         cookie_secret,
     }
 }
@@ -947,6 +962,22 @@ mod tests {
             assert!(
                 found.iter().any(|p| p.starts_with(key)),
                 "missing {key:?} in {found:#?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_busy_probe_is_off_by_default_and_must_be_a_path() {
+        let c = Config::from_toml(MINIMAL_IAP, Some(SECRET.to_vec())).unwrap();
+        assert_eq!(c.session.busy_probe, None);
+        let with = |probe: &str| format!("[session]\nbusy_probe = {probe:?}\n{MINIMAL_IAP}");
+        let c = Config::from_toml(&with("/sdapi/v1/progress"), Some(SECRET.to_vec())).unwrap();
+        assert_eq!(c.session.busy_probe.as_deref(), Some("/sdapi/v1/progress"));
+        for bad in ["sdapi/v1/progress", "/a b", "http://elsewhere/progress"] {
+            let found = problems(&with(bad), Some(SECRET));
+            assert!(
+                found.iter().any(|p| p.starts_with("session.busy_probe: ")),
+                "{bad}: {found:?}"
             );
         }
     }

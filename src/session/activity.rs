@@ -19,6 +19,10 @@ pub struct Activity {
     /// enough: a reader only needs some recent value, never an ordering.
     last_ms: AtomicU64,
     in_flight: AtomicUsize,
+    /// Milliseconds after `origin` when the backend last reported a job
+    /// running ([`Activity::note_busy`]): shared with other replicas like
+    /// activity, but not activity here (the user may have gone).
+    busy_ms: AtomicU64,
     /// `last_ms` as of the last time activity was shared with other
     /// replicas, and when (ms after `origin`) that was.
     published_ms: AtomicU64,
@@ -31,6 +35,7 @@ impl Activity {
             origin: Instant::now(),
             last_ms: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
+            busy_ms: AtomicU64::new(0),
             published_ms: AtomicU64::new(NEVER),
             published_at_ms: AtomicU64::new(0),
         }
@@ -63,7 +68,10 @@ impl Activity {
     /// happened. Only the reaper calls this.
     pub fn unshared(&self, interval: Duration) -> Option<std::time::SystemTime> {
         let now = self.now_ms();
-        let last = self.last_ms.load(Ordering::Relaxed);
+        let last = self
+            .last_ms
+            .load(Ordering::Relaxed)
+            .max(self.busy_ms.load(Ordering::Relaxed));
         let busy = self.in_flight.load(Ordering::Acquire) > 0;
         let published = self.published_ms.load(Ordering::Relaxed);
         let new = busy || published == NEVER || last > published;
@@ -74,7 +82,14 @@ impl Activity {
         }
         self.published_ms.store(last, Ordering::Relaxed);
         self.published_at_ms.store(now.max(1), Ordering::Relaxed);
-        Some(std::time::SystemTime::now() - self.idle_for())
+        let since = if busy { 0 } else { now.saturating_sub(last) };
+        Some(std::time::SystemTime::now() - Duration::from_millis(since))
+    }
+
+    /// Records that the backend reported a job running now: the session
+    /// stays idle here, but other replicas are told it is in use.
+    pub fn note_busy(&self) {
+        self.busy_ms.store(self.now_ms(), Ordering::Relaxed);
     }
 
     /// Marks a request as awaiting its response until the guard drops
@@ -144,6 +159,19 @@ mod tests {
             s.activity.unshared(Duration::from_secs(30)).is_none(),
             "nothing new to share"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_busy_backend_is_shared_as_in_use_without_ending_idleness_here() {
+        let s = session();
+        s.activity.touch();
+        assert!(s.activity.unshared(Duration::from_secs(30)).is_some());
+        tokio::time::advance(Duration::from_secs(100)).await;
+        s.activity.note_busy();
+        assert!(s.activity.idle_for() >= Duration::from_secs(100), "still idle here");
+        let shared = s.activity.unshared(Duration::from_secs(30)).expect("busy is news");
+        let age = std::time::SystemTime::now().duration_since(shared).unwrap();
+        assert!(age < Duration::from_secs(1), "shared as in use now, not {age:?} ago");
     }
 
     #[tokio::test(start_paused = true)]

@@ -3,6 +3,7 @@
 //! asked to.
 #![allow(dead_code)]
 
+pub mod api_pod;
 pub mod browser;
 pub mod fake_agones;
 pub mod iap;

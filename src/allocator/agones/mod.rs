@@ -32,7 +32,7 @@ use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use rand::Rng;
 
-use super::{AllocError, Allocator, BackendSession, Capacity, Lease};
+use super::{AllocError, Allocator, BackendSession, BusyProbe, Capacity, Lease};
 use crate::auth::Identity;
 use crate::config::{AgonesConfig, BackendKind};
 use crate::metrics::Metrics;
@@ -558,7 +558,7 @@ impl Allocator for Agones {
         .map_err(AllocError::from)
     }
 
-    async fn sweep(&self, idle_timeout: Duration, held_here: &HashSet<Arc<str>>) {
+    async fn sweep(&self, idle_timeout: Duration, held_here: &HashSet<Arc<str>>, probe: Option<&BusyProbe>) {
         if !self.cache_ready.load(Ordering::Acquire) {
             return;
         }
@@ -591,6 +591,12 @@ impl Allocator for Agones {
                     let idle = last_seen(gs).and_then(|seen| now.duration_since(seen).ok());
                     if idle.is_none_or(|idle| idle < idle_timeout) {
                         continue;
+                    }
+                    if let (Some(probe), Ok(lease)) = (probe, self.lease_for(Some(gs), None)) {
+                        if probe.is_busy(&lease.upstream).await {
+                            tracing::debug!(gameserver = gs.name(), "idle by its record, but a job is running: kept");
+                            continue;
+                        }
                     }
                     "idle"
                 };
