@@ -33,7 +33,8 @@ struct Row {
     allocated_at: Option<String>,
     last_activity: Option<String>,
     idle_seconds: Option<u64>,
-    lifetime_seconds: Option<u64>,
+    /// How long the user has held the backend (its GPU time so far).
+    held_seconds: Option<u64>,
     /// Whether this replica holds the session (others only in the fleet).
     on_this_replica: bool,
 }
@@ -54,6 +55,16 @@ fn stamp(t: Option<SystemTime>) -> Option<String> {
 
 fn seconds_since(t: Option<SystemTime>, now: SystemTime) -> Option<u64> {
     t.map(|t| now.duration_since(t).unwrap_or_default().as_secs())
+}
+
+/// `2 h 05 min`, `12 min 30 s`, `40 s`: GPU time at a glance.
+fn held_text(seconds: u64) -> String {
+    let (h, m, s) = (seconds / 3600, seconds / 60 % 60, seconds % 60);
+    match (h, m) {
+        (0, 0) => format!("{s} s"),
+        (0, _) => format!("{m} min {s:02} s"),
+        _ => format!("{h} h {m:02} min"),
+    }
 }
 
 fn rows(state: &AppState) -> Vec<Row> {
@@ -85,7 +96,7 @@ fn rows(state: &AppState) -> Vec<Row> {
                 allocated_at: stamp(r.allocated_at),
                 last_activity: stamp(last_activity),
                 idle_seconds: seconds_since(last_activity, now),
-                lifetime_seconds: seconds_since(r.allocated_at, now),
+                held_seconds: seconds_since(r.allocated_at, now),
             }
         })
         .collect()
@@ -121,7 +132,7 @@ fn page(rows: &[Row], capacity: Capacity, waiting: usize, idle_timeout: u64) -> 
         .iter()
         .map(|r| {
             format!(
-                r#"<tr><td>{user}</td><td>{backend}</td><td>{node}</td><td>{allocated}</td><td>{last}</td><td>{idle}</td><td>{lifetime}</td><td>{here}</td>
+                r#"<tr><td>{user}</td><td>{backend}</td><td>{node}</td><td>{allocated}</td><td>{last}</td><td>{idle}</td><td>{held}</td><td>{here}</td>
 <td><form method="post" action="/_router/admin/release"><input type="hidden" name="target" value="{backend}"><button type="submit">Release</button></form></td></tr>"#,
                 user = escape(&r.user),
                 backend = escape(&r.backend),
@@ -129,7 +140,7 @@ fn page(rows: &[Row], capacity: Capacity, waiting: usize, idle_timeout: u64) -> 
                 allocated = r.allocated_at.clone().unwrap_or_else(dash),
                 last = r.last_activity.clone().unwrap_or_else(dash),
                 idle = r.idle_seconds.map_or_else(dash, |s| format!("{s} s")),
-                lifetime = r.lifetime_seconds.map_or_else(dash, |s| format!("{s} s")),
+                held = r.held_seconds.map_or_else(dash, held_text),
                 here = if r.on_this_replica { "yes" } else { "" },
             )
         })
@@ -139,7 +150,7 @@ fn page(rows: &[Row], capacity: Capacity, waiting: usize, idle_timeout: u64) -> 
     } else {
         format!(
             r#"<table border="1" cellpadding="4" cellspacing="0">
-<tr><th>User</th><th>Backend</th><th>Node</th><th>Allocated at</th><th>Last activity</th><th>Idle</th><th>Lifetime</th><th>This replica</th><th></th></tr>
+<tr><th>User</th><th>Backend</th><th>Node</th><th>Allocated at</th><th>Last activity</th><th>Idle</th><th>Held</th><th>This replica</th><th></th></tr>
 {body_rows}</table>"#
         )
     };

@@ -12,7 +12,8 @@ use axum::Router;
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    CounterVec, Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -51,6 +52,8 @@ pub struct Metrics {
     /// By `reason`: user, idle, max_lifetime, dead_pod, admin, duplicate.
     pub releases: IntCounterVec,
     pub release_failures: IntCounterVec,
+    /// Allocation → confirmed release, summed, by release `reason`: GPU time.
+    pub backend_held_seconds: CounterVec,
     pub users_waiting: IntGauge,
     pub wait_seconds: Histogram,
     /// By `result`: cached, verified, rejected; and `reason` class for rejections.
@@ -229,6 +232,15 @@ impl Metrics {
                 "Failed release attempts, by reason.",
                 &["reason"],
             ),
+            backend_held_seconds: {
+                let opts = Opts::new(
+                    "session_router_backend_held_seconds_total",
+                    "Seconds backends were held by users, from allocation to confirmed release, by release reason.",
+                );
+                let metric = CounterVec::new(opts, &["reason"]).expect("valid metric");
+                r.register(Box::new(metric.clone())).expect("unique metric");
+                metric
+            },
             users_waiting: gauge(
                 &r,
                 "session_router_users_waiting",
@@ -281,6 +293,7 @@ impl Metrics {
         for reason in RELEASE_REASONS {
             self.releases.with_label_values(&[reason]);
             self.release_failures.with_label_values(&[reason]);
+            self.backend_held_seconds.with_label_values(&[reason]);
         }
         for reason in crate::auth::AuthError::CLASSES {
             self.token_checks.with_label_values(&["rejected", reason]);
@@ -332,6 +345,13 @@ impl Metrics {
     /// Counts one Kubernetes/allocator call.
     pub fn kube_call(&self, verb: &str, outcome: &str) {
         self.kube_api_calls.with_label_values(&[verb, outcome]).inc();
+    }
+
+    /// Adds a released backend's held time.
+    pub fn held(&self, reason: &str, held: std::time::Duration) {
+        self.backend_held_seconds
+            .with_label_values(&[reason])
+            .inc_by(held.as_secs_f64());
     }
 
     pub fn release(&self, reason: &str, ok: bool) {

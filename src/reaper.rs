@@ -74,6 +74,7 @@ async fn pass(state: &AppState, probe: Option<&BusyProbe>) {
     let sessions = state.registry.sessions();
     futures_util::stream::iter(&sessions)
         .for_each_concurrent(CONCURRENT_CALLS, |session| async move {
+            session.activity.account();
             let elsewhere = allocator.activity_elsewhere(&session.lease);
             let mut reason = due(
                 session,

@@ -392,6 +392,30 @@ async fn a_generation_running_behind_one_replica_keeps_every_replica_from_releas
     assert!(released, "never released after the generation finished");
 }
 
+#[tokio::test]
+async fn every_replica_counts_the_hold_from_the_first_allocation() {
+    let issuer = IapIssuer::start().await;
+    let (_pods, fake) = fleet(1).await;
+    let a = TestRouter::agones(&issuer, &fake, "agones", "", "").await;
+    let alice = issuer.user("alice");
+    assert_eq!(pod_of(&a, &alice).await, "pod-1");
+    let recorded = eventually(Duration::from_secs(3), || async {
+        fake.server("gs-1").unwrap()["metadata"]["annotations"]["session-router.dev/allocated-at"].is_string()
+    })
+    .await;
+    assert!(recorded, "the start of the hold is recorded on the GameServer");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Replica B meets Alice (no cookie) after the allocation was re-done.
+    let b = TestRouter::agones(&issuer, &fake, "agones", "", "").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(pod_of(&b, &alice).await, "pod-1");
+    let held_on_b = b.state.registry.get("accounts.google.com:alice").unwrap().held();
+    assert!(
+        held_on_b >= Duration::from_millis(1500),
+        "B counts from its own first sight: {held_on_b:?}"
+    );
+}
+
 // ---------------------------------------------------------------------------
 // Migration: servers the original front end allocated carry the user label only.
 
@@ -503,9 +527,12 @@ async fn an_adoption_that_loses_the_race_uses_the_winners_adoption() {
     let alice = Identity::new("accounts.google.com:alice", "alice@example.com", None);
     let lease = agones.allocate(&alice).await.unwrap();
     assert_eq!(&*lease.backend, "gs-1");
+    // Claims come before the fall-back allocation (later patches record
+    // the start of the hold).
     let refused = fake
         .calls()
         .iter()
+        .take_while(|c| !c.contains("gameserverallocations"))
         .filter(|c| c.starts_with("PATCH") && c.contains("gs-1"))
         .count();
     assert_eq!(refused, 1, "the stale claim was sent (and refused by its precondition)");

@@ -187,31 +187,12 @@ upstreams = [{up}]
         ),
     )
     .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_session-router"))
-        .args(["serve", "--config"])
-        .arg(&config_path)
-        .env("SESSION_ROUTER_COOKIE_SECRET", secret)
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    let stderr = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let mut lines = Vec::new();
-    let addr = loop {
-        let line = rx.recv_timeout(Duration::from_secs(10)).expect("router started");
-        let parsed: Value = serde_json::from_str(&line).unwrap_or_else(|_| panic!("not JSON: {line}"));
-        lines.push(line);
-        if parsed["message"] == "session-router listening" {
-            break parsed["listen"].as_str().unwrap().to_string();
-        }
-    };
+    let RouterProcess {
+        mut child,
+        rx,
+        mut lines,
+        addr,
+    } = RouterProcess::start(&config_path, secret);
 
     let token = issuer.user("alice");
     let first = client()
@@ -289,6 +270,168 @@ upstreams = [{up}]
     }
 }
 
+/// The router binary serving a config file, with its stderr read line by line.
+struct RouterProcess {
+    child: std::process::Child,
+    rx: std::sync::mpsc::Receiver<String>,
+    /// Lines up to and including "session-router listening".
+    lines: Vec<String>,
+    addr: String,
+}
+
+impl RouterProcess {
+    fn start(config_path: &std::path::Path, secret: &str) -> RouterProcess {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_session-router"))
+            .args(["serve", "--config"])
+            .arg(config_path)
+            .env("SESSION_ROUTER_COOKIE_SECRET", secret)
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let mut lines = Vec::new();
+        let addr = loop {
+            let line = rx.recv_timeout(Duration::from_secs(10)).expect("router started");
+            let parsed: Value = serde_json::from_str(&line).unwrap_or_else(|_| panic!("not JSON: {line}"));
+            lines.push(line);
+            if parsed["message"] == "session-router listening" {
+                break parsed["listen"].as_str().unwrap().to_string();
+            }
+        };
+        RouterProcess { child, rx, lines, addr }
+    }
+}
+
+#[tokio::test]
+async fn a_release_logs_the_held_and_active_seconds_for_gpu_hours() {
+    let issuer = IapIssuer::start().await;
+    let pods = pods(1).await;
+    let secret = "log-test-secret-0123456789-abcdefghijklmnop";
+    let config_path =
+        std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("gpu-hours-{}.toml", std::process::id()));
+    std::fs::write(
+        &config_path,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\ndrain_timeout = \"1s\"\n[auth]\naudiences = [\"{aud}\"]\njwks_url = \"{jwks}\"\n[session]\nidle_timeout = \"10s\"\n[log]\nformat = \"json\"\ninclude_email = true\n[backend.static]\nupstreams = [{up}]\n",
+            aud = support::AUDIENCE,
+            jwks = issuer.jwks_url(),
+            up = support::upstream_list(&[&pods[0]]),
+        ),
+    )
+    .unwrap();
+    let RouterProcess {
+        mut child,
+        rx,
+        mut lines,
+        addr,
+    } = RouterProcess::start(&config_path, secret);
+    let token = issuer.user("alice");
+    // Active for about 2.5 s: a request every half second.
+    for _ in 0..6 {
+        let seen = client()
+            .get(format!("http://{addr}/whoami"))
+            .header(ASSERTION, &token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(seen.status(), 200);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let released = client()
+        .post(format!("http://{addr}/_router/release"))
+        .header(ASSERTION, &token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(released.status(), 200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let _ = child.wait();
+    while let Ok(line) = rx.recv_timeout(Duration::from_millis(500)) {
+        lines.push(line);
+    }
+    let _ = std::fs::remove_file(&config_path);
+
+    let releases: Vec<Value> = lines
+        .iter()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|l| l["message"] == "session released")
+        .collect();
+    assert_eq!(releases.len(), 1, "one line per release: {releases:?}");
+    let line = &releases[0];
+    assert_eq!(line["reason"], "user");
+    assert_eq!(line["email"], "alice@example.com");
+    assert!(line["user_id"].as_str().is_some_and(|id| !id.is_empty()), "{line}");
+    assert!(line["backend"].is_string(), "{line}");
+    let held = line["held_seconds"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("held_seconds: {line}"));
+    let active = line["active_seconds"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("active_seconds: {line}"));
+    assert!((2..=5).contains(&held), "held {held} s: {line}");
+    assert!(
+        active >= 2 && active <= held,
+        "active {active} s of {held} s held: {line}"
+    );
+}
+
+#[tokio::test]
+async fn held_time_is_counted_by_release_reason() {
+    let issuer = IapIssuer::start().await;
+    let pods = pods(1).await;
+    let text = support::static_config(
+        &issuer,
+        r#"metrics_listen = "127.0.0.1:0""#,
+        "",
+        "",
+        &support::upstream_list(&[&pods[0]]),
+    );
+    let router = TestRouter::start(&text).await;
+    let token = issuer.user("alice");
+    let seen = client()
+        .get(router.url("/whoami"))
+        .header(ASSERTION, &token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(seen.status(), 200);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let before = sample(
+        &scrape(&router).await,
+        "session_router_backend_held_seconds_total",
+        &[("reason", "user")],
+    );
+    assert_eq!(before, 0.0);
+    let released = client()
+        .post(router.url("/_router/release"))
+        .header(ASSERTION, &token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(released.status(), 200);
+    let after = sample(
+        &scrape(&router).await,
+        "session_router_backend_held_seconds_total",
+        &[("reason", "user")],
+    );
+    assert!((1.0..5.0).contains(&after), "held {after} s");
+    let idle = sample(
+        &scrape(&router).await,
+        "session_router_backend_held_seconds_total",
+        &[("reason", "idle")],
+    );
+    assert_eq!(idle, 0.0, "the idle series exists at zero");
+}
+
 async fn admin_get(router: &TestRouter, token: &str) -> reqwest::Response {
     client()
         .get(router.url("/_router/admin"))
@@ -329,6 +472,9 @@ async fn an_admin_sees_every_replicas_sessions_and_can_release_one() {
     let view: Value = admin_get(&a, &boss).await.json().await.unwrap();
     assert_eq!(view["capacity"]["allocated"], 2);
     assert_eq!(view["capacity"]["ready"], 1);
+    for session in view["sessions"].as_array().unwrap() {
+        assert!(session["held_seconds"].is_u64(), "how long it has been held: {session}");
+    }
     let bobs = view["sessions"]
         .as_array()
         .unwrap()
@@ -348,6 +494,7 @@ async fn an_admin_sees_every_replicas_sessions_and_can_release_one() {
     )
     .await;
     assert!(html.contains("bob@example.com") && html.contains(r#"action="/_router/admin/release""#));
+    assert!(html.contains("<th>Held</th>"), "{html}");
 
     // Not an admin: 403. Cross-site form post: 403, nothing released.
     assert_eq!(admin_get(&a, &issuer.user("alice")).await.status(), 403);

@@ -81,6 +81,13 @@ pub trait Allocator: Send + Sync + 'static {
         false
     }
 
+    /// Since when the user has held this backend, if the backend system
+    /// records it (so every replica counts held time and `max_lifetime`
+    /// from the same moment).
+    fn held_since(&self, _lease: &Lease) -> Option<SystemTime> {
+        None
+    }
+
     /// The newest activity other replicas recorded for this lease.
     fn activity_elsewhere(&self, _lease: &Lease) -> Option<SystemTime> {
         None

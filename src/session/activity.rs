@@ -10,7 +10,7 @@ use tokio::time::Instant;
 
 use super::Session;
 
-/// `published_ms` before the first share.
+/// `published_ms` before the first share, `accounted_ms` before the first count.
 const NEVER: u64 = u64::MAX;
 
 pub struct Activity {
@@ -27,6 +27,10 @@ pub struct Activity {
     /// replicas, and when (ms after `origin`) that was.
     published_ms: AtomicU64,
     published_at_ms: AtomicU64,
+    /// Time with activity so far (ms), counted by [`Activity::account`] up
+    /// to `accounted_ms` after `origin`.
+    active_ms: AtomicU64,
+    accounted_ms: AtomicU64,
 }
 
 impl Activity {
@@ -38,6 +42,8 @@ impl Activity {
             busy_ms: AtomicU64::new(0),
             published_ms: AtomicU64::new(NEVER),
             published_at_ms: AtomicU64::new(0),
+            active_ms: AtomicU64::new(0),
+            accounted_ms: AtomicU64::new(NEVER),
         }
     }
 
@@ -84,6 +90,31 @@ impl Activity {
         self.published_at_ms.store(now.max(1), Ordering::Relaxed);
         let since = if busy { 0 } else { now.saturating_sub(last) };
         Some(std::time::SystemTime::now() - Duration::from_millis(since))
+    }
+
+    /// Counts the time since the last call as active if there was activity
+    /// in it (a request or stream bytes, a request awaiting its response, a
+    /// job the backend reported), and returns the total so far. The reaper
+    /// calls it every pass, so the total is exact to one reaper period; the
+    /// hot path pays nothing for it.
+    pub fn account(&self) -> Duration {
+        let now = self.now_ms();
+        // A session is made for a request: its first period is active.
+        let (from, first) = match self.accounted_ms.swap(now, Ordering::Relaxed) {
+            NEVER => (0, true),
+            from => (from, false),
+        };
+        let last = self
+            .last_ms
+            .load(Ordering::Relaxed)
+            .max(self.busy_ms.load(Ordering::Relaxed));
+        let busy = self.in_flight.load(Ordering::Acquire) > 0;
+        let active = if first || busy || last > from {
+            now.saturating_sub(from)
+        } else {
+            0
+        };
+        Duration::from_millis(self.active_ms.fetch_add(active, Ordering::Relaxed) + active)
     }
 
     /// Records that the backend reported a job running now: the session
@@ -172,6 +203,35 @@ mod tests {
         let shared = s.activity.unshared(Duration::from_secs(30)).expect("busy is news");
         let age = std::time::SystemTime::now().duration_since(shared).unwrap();
         assert!(age < Duration::from_secs(1), "shared as in use now, not {age:?} ago");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn active_time_counts_the_periods_with_activity_only() {
+        let s = session();
+        s.activity.touch();
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(s.activity.account(), Duration::from_secs(10), "a period with a request");
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(
+            s.activity.account(),
+            Duration::from_secs(10),
+            "a silent period adds nothing"
+        );
+        let guard = Activity::begin(&s);
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(
+            s.activity.account(),
+            Duration::from_secs(20),
+            "a request awaiting its response"
+        );
+        drop(guard);
+        tokio::time::advance(Duration::from_secs(10)).await;
+        s.activity.note_busy();
+        assert_eq!(
+            s.activity.account(),
+            Duration::from_secs(30),
+            "a job the backend reports"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -67,6 +67,11 @@ impl Session {
         self.closed.cancelled()
     }
 
+    /// How long the user has held the backend.
+    pub fn held(&self) -> std::time::Duration {
+        SystemTime::now().duration_since(self.allocated_at).unwrap_or_default()
+    }
+
     pub fn is_releasing(&self) -> bool {
         self.releasing.load(Ordering::Acquire)
     }

@@ -129,7 +129,14 @@ impl Registry {
             .get_or_try_init(|| async {
                 let user_id = telemetry::user_id(&identity.sub);
                 let email = telemetry::email(&identity.email);
-                let lease = match pin().and_then(|pin| self.allocator.adopt(identity, &pin)) {
+                let pin = pin();
+                let pinned_since = pin
+                    .as_ref()
+                    .filter(|pin| pin.allocated_at > 0)
+                    .map(|pin| std::time::UNIX_EPOCH + Duration::from_secs(pin.allocated_at));
+                let adopted = pin.and_then(|pin| self.allocator.adopt(identity, &pin));
+                let pinned = adopted.is_some();
+                let lease = match adopted {
                     Some(lease) => {
                         tracing::info!(%user_id, %email, backend = %lease.backend, "session pinned: re-attached the backend named by the cookie");
                         lease
@@ -149,7 +156,14 @@ impl Registry {
                         lease
                     }
                 };
-                Ok::<_, SessionError>(Arc::new(Session::new(identity.clone(), lease, SystemTime::now())))
+                // Held since the backend system says, else since the cookie
+                // that re-attached it says, else since now.
+                let since = self
+                    .allocator
+                    .held_since(&lease)
+                    .or(pinned_since.filter(|_| pinned))
+                    .unwrap_or_else(SystemTime::now);
+                Ok::<_, SessionError>(Arc::new(Session::new(identity.clone(), lease, since)))
             })
             .await;
         match result {
@@ -231,8 +245,17 @@ impl Registry {
             return Err(e.into());
         }
         self.forget(session);
-        self.metrics.release(reason, true);
-        tracing::info!(%user_id, email = %telemetry::email(&session.identity.email), %backend, reason, "session released");
+        telemetry::released(
+            &self.metrics,
+            &telemetry::Released {
+                sub: Some(&session.identity.sub),
+                email: Some(&session.identity.email),
+                backend,
+                reason,
+                held: Some(session.held()),
+                active: Some(session.activity.account()),
+            },
+        );
         Ok(true)
     }
 

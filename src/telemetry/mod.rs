@@ -16,10 +16,12 @@ mod stderr;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
 use crate::config::{LogConfig, LogFormat};
+use crate::metrics::Metrics;
 use cloud_logging::CloudLogging;
 
 static INCLUDE_EMAIL: AtomicBool = AtomicBool::new(false);
@@ -61,6 +63,37 @@ pub fn flush() {
 
 fn own_json_lines() -> bool {
     OWN_JSON_LINES.load(Ordering::Acquire)
+}
+
+/// A confirmed release: what GPU-hours per user are summed from.
+pub struct Released<'a> {
+    /// The user's IAP `sub`, when the releasing replica knows it.
+    pub sub: Option<&'a str>,
+    pub email: Option<&'a str>,
+    pub backend: &'a str,
+    pub reason: &'static str,
+    /// Allocation → release, when known.
+    pub held: Option<Duration>,
+    /// Time with activity, when this replica saw the session.
+    pub active: Option<Duration>,
+}
+
+/// Counts a confirmed release and writes its one `session released` line
+/// (`held_seconds`, `active_seconds`; the README's GPU-hours query reads it).
+pub fn released(metrics: &Metrics, release: &Released<'_>) {
+    metrics.release(release.reason, true);
+    if let Some(held) = release.held {
+        metrics.held(release.reason, held);
+    }
+    tracing::info!(
+        user_id = release.sub.map(user_id),
+        email = release.email.map(email),
+        backend = release.backend,
+        reason = release.reason,
+        held_seconds = release.held.map(|d| d.as_secs()),
+        active_seconds = release.active.map(|d| d.as_secs()),
+        "session released"
+    );
 }
 
 /// A stable, non-reversible id for a user (from their IAP `sub`).

@@ -44,6 +44,10 @@ pub const FLEET_LABEL: &str = "agones.dev/fleet";
 pub const LAST_ALLOCATED: &str = "agones.dev/last-allocated";
 pub const LAST_ACTIVITY: &str = "session-router.dev/last-activity";
 pub const EMAIL_ANNOTATION: &str = "session-router.dev/email";
+/// When the user was given the GameServer: `agones.dev/last-allocated`
+/// moves on every re-allocation (a replica re-finding the user's server),
+/// so the start of the hold is recorded once, here.
+pub const ALLOCATED_AT: &str = "session-router.dev/allocated-at";
 /// Label carrying [`label::user_hash`], which tells apart users whose user
 /// label values coincide.
 pub const USER_HASH_LABEL: &str = "session-router.dev/user-hash";
@@ -307,9 +311,10 @@ impl Agones {
                 return Ok(None);
             };
             let mut metadata = allocation_metadata(&self.config, &user.email);
-            metadata
-                .annotations
-                .insert(LAST_ACTIVITY.into(), activity_stamp(SystemTime::now()));
+            let now = SystemTime::now();
+            metadata.annotations.insert(LAST_ACTIVITY.into(), activity_stamp(now));
+            let since = oldest.annotation(LAST_ALLOCATED).and_then(parse_time).unwrap_or(now);
+            metadata.annotations.insert(ALLOCATED_AT.into(), activity_stamp(since));
             let patch = serde_json::json!({ "metadata": {
                 "resourceVersion": oldest.metadata.resource_version,
                 "labels": metadata.labels,
@@ -359,8 +364,44 @@ impl Agones {
             );
             let deleted = self.delete(extra.name(), extra.metadata.resource_version.clone()).await;
             if matches!(deleted, Ok(Deleted::Now)) {
-                self.metrics.release("duplicate", true);
+                self.released(&extra, "duplicate");
             }
+        }
+    }
+
+    /// Counts and logs the confirmed release of a server no session here
+    /// held: its hold as the server records it; its activity is unknown.
+    fn released(&self, gs: &GameServer, reason: &'static str) {
+        let held = held_since(gs).map(|since| SystemTime::now().duration_since(since).unwrap_or_default());
+        crate::telemetry::released(
+            &self.metrics,
+            &crate::telemetry::Released {
+                sub: None,
+                email: gs.annotation(EMAIL_ANNOTATION),
+                backend: gs.name(),
+                reason,
+                held,
+                active: None,
+            },
+        );
+    }
+
+    /// Records on a freshly allocated server when its hold began (its
+    /// allocation stamp). A failure only costs accuracy: the hold is then
+    /// counted from when each replica first saw it.
+    async fn mark_held_since(&self, gs: &GameServer) {
+        let since = gs
+            .annotation(LAST_ALLOCATED)
+            .and_then(parse_time)
+            .unwrap_or_else(SystemTime::now);
+        let patch = serde_json::json!({ "metadata": { "annotations": { ALLOCATED_AT: activity_stamp(since) } } });
+        let (params, patch) = (PatchParams::default(), Patch::Merge(&patch));
+        let what = format!("record the allocation time on GameServer {}", gs.name());
+        if let Err(CallError::Failed(e)) = self
+            .call("patch", &what, self.gameservers.patch(gs.name(), &params, &patch))
+            .await
+        {
+            tracing::warn!(gameserver = gs.name(), error = %e, "could not record when the hold began");
         }
     }
 
@@ -395,6 +436,13 @@ fn parse_time(text: &str) -> Option<SystemTime> {
     humantime::parse_rfc3339_weak(text.trim()).ok()
 }
 
+/// When the hold on a GameServer began: as recorded, else its allocation.
+fn held_since(gs: &GameServer) -> Option<SystemTime> {
+    [ALLOCATED_AT, LAST_ALLOCATED]
+        .into_iter()
+        .find_map(|key| gs.annotation(key).and_then(parse_time))
+}
+
 /// The newest activity recorded on a GameServer: ours, or its allocation.
 fn last_seen(gs: &GameServer) -> Option<SystemTime> {
     [LAST_ACTIVITY, LAST_ALLOCATED]
@@ -422,7 +470,11 @@ impl Allocator for Agones {
         };
         let kept = self.settle_duplicates(&user.email, gs).await?;
         let allocation = (kept.name() == name).then_some(&status);
-        self.lease_for(Some(&kept), allocation)
+        let lease = self.lease_for(Some(&kept), allocation)?;
+        if kept.annotation(ALLOCATED_AT).is_none() {
+            self.mark_held_since(&kept).await;
+        }
+        Ok(lease)
     }
 
     fn adopt(&self, user: &Identity, pin: &PinnedBackend) -> Option<Lease> {
@@ -505,7 +557,7 @@ impl Allocator for Agones {
                         .as_ref()
                         .map(|s| s.node_name.clone())
                         .filter(|n| !n.is_empty()),
-                    allocated_at: gs.annotation(LAST_ALLOCATED).and_then(parse_time),
+                    allocated_at: held_since(gs),
                     last_activity: last_seen(gs),
                 })
             })
@@ -537,8 +589,16 @@ impl Allocator for Agones {
             return Ok(false);
         }
         let deleted = self.delete(backend, gs.metadata.resource_version.clone()).await;
-        self.metrics.release(reason, deleted.is_ok());
+        match &deleted {
+            Ok(Deleted::Now) => self.released(&gs, reason),
+            Ok(Deleted::AlreadyGone) => {}
+            Err(_) => self.metrics.release(reason, false),
+        }
         deleted.map(|d| matches!(d, Deleted::Now))
+    }
+
+    fn held_since(&self, lease: &Lease) -> Option<SystemTime> {
+        self.cached(&lease.backend).and_then(|gs| held_since(&gs))
     }
 
     fn activity_elsewhere(&self, lease: &Lease) -> Option<SystemTime> {
@@ -600,19 +660,16 @@ impl Allocator for Agones {
                     }
                     "idle"
                 };
-                let deleted = self.delete(gs.name(), gs.metadata.resource_version.clone()).await;
-                match &deleted {
-                    Ok(Deleted::Now) => self.metrics.release(reason, true),
-                    Err(AllocError::Backend { .. }) => self.metrics.release(reason, false),
-                    _ => {}
-                }
-                match deleted {
-                    Ok(Deleted::Now) => tracing::info!(gameserver = gs.name(), reason, "session released by sweep"),
+                match self.delete(gs.name(), gs.metadata.resource_version.clone()).await {
+                    Ok(Deleted::Now) => self.released(gs, reason),
                     Ok(Deleted::AlreadyGone) => {}
                     Err(AllocError::Conflict) => {
                         tracing::debug!(gameserver = gs.name(), "GameServer changed meanwhile; not released")
                     }
-                    Err(e) => tracing::warn!(gameserver = gs.name(), error = %e, "release failed; will retry"),
+                    Err(e) => {
+                        self.metrics.release(reason, false);
+                        tracing::warn!(gameserver = gs.name(), error = %e, "release failed; will retry")
+                    }
                 }
             }
         }
