@@ -119,7 +119,8 @@ pub fn render(error: &RouterError, wants_html: bool, uri: &Uri, settings: &Error
         RouterError::Session(SessionError::Alloc(AllocError::Backend { .. } | AllocError::Conflict)) => {
             pages::backend_unavailable(wants_html, retry)
         }
-        RouterError::Session(_) => pages::waiting(wants_html, retry),
+        RouterError::Session(SessionError::Waiting(place)) => pages::waiting(wants_html, retry, Some(*place)),
+        RouterError::Session(_) => pages::waiting(wants_html, retry, None),
         RouterError::UriTooLong(_) | RouterError::Proxy(ProxyError::ClientBody { .. }) => {
             pages::client_error(error.status())
         }

@@ -101,9 +101,7 @@ async fn pass(state: &AppState, probe: Option<&BusyProbe>) {
             }
         })
         .await;
-    // Waiting pages refresh every retry_after; a waiter silent for three
-    // of those has gone.
-    state.registry.prune_waiting(session_config.retry_after * 3);
+    state.registry.line().prune();
     if let Some(keys) = state.auth.key_store() {
         keys.report_age();
     }

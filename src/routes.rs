@@ -22,7 +22,7 @@ use crate::pages::{self, escape};
 use crate::proxy::{headers::is_upgrade, BoxError, Exchange, ProxyError, UpstreamBody};
 use crate::server::AppState;
 use crate::session::cookie::set_cookie;
-use crate::session::Session;
+use crate::session::{Place, Session};
 use crate::telemetry;
 
 type Shared = State<Arc<AppState>>;
@@ -148,7 +148,10 @@ pub async fn status(State(state): Shared, headers: HeaderMap) -> Result<Response
     let identity = state.identify(&headers).await?;
     let session = state.registry.get(&identity.sub);
     let idle_timeout = state.config.session.idle_timeout.as_secs();
+    let place = state.registry.line().place(&identity.sub);
+    let retry_after = state.config.session.retry_after.as_secs().max(1);
     if !pages::wants_html(&headers) {
+        let line = place.map(|p| json!({ "position": p.position, "waiting": p.waiting, "retry_after": retry_after }));
         let session = session.map(|s| {
             json!({
                 "backend": &*s.lease.backend,
@@ -158,12 +161,17 @@ pub async fn status(State(state): Shared, headers: HeaderMap) -> Result<Response
                 "idle_timeout_seconds": idle_timeout,
             })
         });
-        return Ok(Json(json!({ "user": &*identity.email, "session": session })).into_response());
+        return Ok(Json(json!({ "user": &*identity.email, "session": session, "line": line })).into_response());
     }
-    Ok(status_page(&identity, session.as_deref(), idle_timeout).into_response())
+    Ok(status_page(&identity, session.as_deref(), place, idle_timeout).into_response())
 }
 
-fn status_page(identity: &Identity, session: Option<&Session>, idle_timeout: u64) -> axum::response::Html<String> {
+fn status_page(
+    identity: &Identity,
+    session: Option<&Session>,
+    place: Option<Place>,
+    idle_timeout: u64,
+) -> axum::response::Html<String> {
     let user = escape(&identity.email);
     let body = match session {
         Some(s) => format!(
@@ -177,10 +185,18 @@ fn status_page(identity: &Identity, session: Option<&Session>, idle_timeout: u64
             allocated = humantime::format_rfc3339_seconds(s.allocated_at),
             idle = s.activity.idle_for().as_secs(),
         ),
-        None => format!(
-            r#"<p>Signed in as <strong>{user}</strong>. You hold no GPU right now.</p>
+        None => match place {
+            Some(place) => format!(
+                r#"<p>Signed in as <strong>{user}</strong>. All GPUs are in use.</p>
+<p><strong>{standing}</strong></p>
+<p><a href="/">Keep the WebUI tab open</a> to keep your place.</p>"#,
+                standing = pages::line_sentence(place),
+            ),
+            None => format!(
+                r#"<p>Signed in as <strong>{user}</strong>. You hold no GPU right now.</p>
 <p><a href="/">Open the WebUI</a> to get one.</p>"#
-        ),
+            ),
+        },
     };
     axum::response::Html(pages::document(
         "Your session",

@@ -70,7 +70,7 @@ pub fn session_lookup(users: usize, lookups: usize, repeats: usize) -> SessionLo
         backend: "static-0".into(),
         upstream: http::uri::Authority::from_static("127.0.0.1:7860"),
     };
-    let registry = Registry::new(Arc::new(OneBackend(lease)), Metrics::new());
+    let registry = Registry::new(Arc::new(OneBackend(lease)), Metrics::new(), Duration::from_secs(10));
     // IAP subjects look like `accounts.google.com:` and 21 digits.
     let identities: Vec<Identity> = (0..users)
         .map(|i| {

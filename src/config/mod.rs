@@ -135,6 +135,9 @@ pub struct SessionConfig {
     /// The `Retry-After` sent with the waiting page.
     #[serde(serialize_with = "as_duration")]
     pub retry_after: Duration,
+    /// A waiter who has not asked for this long leaves the line.
+    #[serde(serialize_with = "as_duration")]
+    pub queue_timeout: Duration,
     /// Path on the user's backend that says whether a job is running (the
     /// WebUI's `/sdapi/v1/progress`); a busy answer postpones idle release.
     pub busy_probe: Option<String>,
@@ -618,6 +621,23 @@ fn read_session(
     let max_lifetime = session.duration("max_lifetime", Duration::ZERO, problems);
     let cookie_ttl = session.duration("cookie_ttl", Duration::from_secs(12 * 3600), problems);
     let retry_after = session.duration("retry_after", Duration::from_secs(5), problems);
+    // Waiting pages ask again every retry_after: three missed refreshes
+    // (and never under 10 s) mean the tab is closed.
+    let queue_key = session.key("queue_timeout");
+    let queue_timeout = session.duration(
+        "queue_timeout",
+        (retry_after * 3).max(Duration::from_secs(10)),
+        problems,
+    );
+    if queue_timeout <= retry_after {
+        problems.push(Problem::new(
+            &queue_key,
+            format!(
+                "must be longer than session.retry_after ({}), or waiters who keep asking lose their place",
+                humantime::format_duration(retry_after)
+            ),
+        ));
+    }
     let probe_key = session.key("busy_probe");
     let probe = session.string("busy_probe", "", problems);
     let busy_probe = (!probe.is_empty()).then_some(probe);
@@ -656,6 +676,7 @@ fn read_session(
         max_lifetime,
         cookie_ttl,
         retry_after,
+        queue_timeout,
         busy_probe,
         cookie_secret,
     }
@@ -964,6 +985,22 @@ mod tests {
                 "missing {key:?} in {found:#?}"
             );
         }
+    }
+
+    #[test]
+    fn the_queue_timeout_follows_retry_after_and_must_outlast_it() {
+        let c = Config::from_toml(MINIMAL_IAP, Some(SECRET.to_vec())).unwrap();
+        assert_eq!(c.session.queue_timeout, Duration::from_secs(15), "3 × the 5s default");
+        let with = |lines: &str| format!("[session]\n{lines}\n{MINIMAL_IAP}");
+        let c = Config::from_toml(&with("retry_after = \"2s\""), Some(SECRET.to_vec())).unwrap();
+        assert_eq!(c.session.queue_timeout, Duration::from_secs(10), "at least 10s");
+        let found = problems(&with("retry_after = \"5s\"\nqueue_timeout = \"5s\""), Some(SECRET));
+        assert!(
+            found
+                .iter()
+                .any(|p| p.starts_with("session.queue_timeout: must be longer")),
+            "{found:?}"
+        );
     }
 
     #[test]

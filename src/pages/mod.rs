@@ -11,6 +11,8 @@ use http::header::{HeaderValue, ACCEPT, CACHE_CONTROL, LOCATION, RETRY_AFTER};
 use http::{HeaderMap, StatusCode, Uri};
 use serde_json::json;
 
+use crate::session::Place;
+
 /// True when the client prefers an HTML page to JSON.
 pub fn wants_html(headers: &HeaderMap) -> bool {
     headers
@@ -83,27 +85,53 @@ fn with_retry_after(mut response: Response, retry: Duration) -> Response {
 }
 
 /// 503 while no backend is free: never a 200, always a `Retry-After`.
-pub fn waiting(wants_html: bool, retry: Duration) -> Response {
+pub fn waiting(wants_html: bool, retry: Duration, place: Option<Place>) -> Response {
+    let seconds = retry.as_secs().max(1);
     let response = if wants_html {
+        let standing = place.map_or_else(String::new, |p| format!("<p><strong>{}</strong></p>", line_sentence(p)));
         html(
             StatusCode::SERVICE_UNAVAILABLE,
             "Waiting for a free GPU",
             &format!(
-                "<p>All GPUs are in use right now. This page tries again every {} seconds and \
-                 opens your WebUI as soon as one is free.</p>\
-                 <p class=\"muted\">GPUs are given back when their users have been idle for a while.</p>",
-                retry.as_secs().max(1)
+                "{standing}<p>All GPUs are in use right now. This page tries again every {seconds} seconds and \
+                 opens your WebUI as soon as one is free; keep it open to keep your place.</p>\
+                 <p class=\"muted\">GPUs are given back when their users have been idle for a while.</p>"
             ),
             Some(retry),
         )
     } else {
-        json_error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "no_capacity",
-            "no backend is free; retry after the Retry-After delay",
-        )
+        let mut body = json!({
+            "error": "no_capacity",
+            "message": "no backend is free; retry after the Retry-After delay to keep your place in line",
+            "retry_after": seconds,
+        });
+        if let Some(p) = place {
+            body["position"] = json!(p.position);
+            body["waiting"] = json!(p.waiting);
+        }
+        let mut response = (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
+        response
+            .headers_mut()
+            .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        response
     };
     with_retry_after(response, retry)
+}
+
+/// "You are number 3 in line (2 people behind you)." — said the same way
+/// on the waiting page and the status page.
+pub fn line_sentence(place: Place) -> String {
+    let head = if place.position == 1 {
+        ": the next GPU freed is yours"
+    } else {
+        ""
+    };
+    let behind = match place.waiting - place.position {
+        0 => String::new(),
+        1 => " (1 person behind you)".to_string(),
+        n => format!(" ({n} people behind you)"),
+    };
+    format!("You are number {} in line{head}{behind}.", place.position)
 }
 
 /// 503 when the backend system (Kubernetes, the allocator) failed: the user
@@ -249,9 +277,24 @@ mod tests {
     #[test]
     fn the_waiting_page_is_a_503_with_retry_after_in_both_forms() {
         for html in [true, false] {
-            let r = waiting(html, Duration::from_secs(7));
+            let r = waiting(
+                html,
+                Duration::from_secs(7),
+                Some(Place {
+                    position: 2,
+                    waiting: 3,
+                }),
+            );
             assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
             assert_eq!(r.headers()[RETRY_AFTER], "7");
         }
+    }
+
+    #[test]
+    fn the_place_in_line_is_said_in_words() {
+        let at = |position, waiting| line_sentence(Place { position, waiting });
+        assert_eq!(at(3, 5), "You are number 3 in line (2 people behind you).");
+        assert_eq!(at(2, 3), "You are number 2 in line (1 person behind you).");
+        assert_eq!(at(1, 1), "You are number 1 in line: the next GPU freed is yours.");
     }
 }

@@ -65,7 +65,7 @@ impl AppState {
             .set(1);
         AppState {
             auth: Authenticator::new(&config.auth, &session.cookie_secret, dev_cookie, metrics.clone()),
-            registry: Registry::new(allocator, metrics.clone()),
+            registry: Registry::new(allocator, metrics.clone(), config.session.queue_timeout),
             cookies,
             forwarder,
             metrics,

@@ -4,9 +4,11 @@
 //! - [`registry`]: the table of sessions, single-flight allocation per user.
 //! - [`cookie`]: the signed pinning cookie.
 //! - [`activity`]: last-activity tracking shared by the proxy and the reaper.
+//! - [`line`]: the waiting line of users who got no backend.
 
 pub mod activity;
 pub mod cookie;
+pub mod line;
 pub mod registry;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,6 +18,7 @@ use std::time::SystemTime;
 use tokio_util::sync::CancellationToken;
 
 pub use activity::{Activity, InFlight};
+pub use line::Place;
 pub use registry::{Registry, SessionError};
 
 use crate::allocator::Lease;

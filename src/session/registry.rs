@@ -10,11 +10,11 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use crate::FastMap;
-use dashmap::DashMap;
 use tokio::sync::OnceCell;
 use tokio::time::Instant;
 
 use super::cookie::PinnedBackend;
+use super::line::{Line, Place};
 use super::Session;
 use crate::allocator::{AllocError, Allocator};
 use crate::auth::Identity;
@@ -54,30 +54,25 @@ pub enum SessionError {
     /// The user's backend is being given back right now.
     #[error("session is being released")]
     Releasing,
+    /// No backend for the user now: they stand in the waiting line.
+    #[error("no backend free; number {} of {} in line", .0.position, .0.waiting)]
+    Waiting(Place),
 }
 
 pub struct Registry {
     sessions: FastMap<Arc<str>, Slot>,
     allocator: Arc<dyn Allocator>,
     metrics: Arc<Metrics>,
-    /// Users shown the waiting page: when they started waiting and when
-    /// they last asked.
-    waiting: DashMap<Arc<str>, Waiting>,
-}
-
-#[derive(Clone, Copy)]
-struct Waiting {
-    since: Instant,
-    last_asked: Instant,
+    line: Line,
 }
 
 impl Registry {
-    pub fn new(allocator: Arc<dyn Allocator>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(allocator: Arc<dyn Allocator>, metrics: Arc<Metrics>, queue_timeout: Duration) -> Self {
         Registry {
             sessions: FastMap::default(),
             allocator,
+            line: Line::new(queue_timeout, metrics.clone()),
             metrics,
-            waiting: DashMap::new(),
         }
     }
 
@@ -142,6 +137,10 @@ impl Registry {
                         lease
                     }
                     None => {
+                        // Fair: nobody overtakes the line for a free backend.
+                        if !self.line.may_try(&identity.sub, self.allocator.capacity().ready) {
+                            return Err(SessionError::Waiting(self.line.join(identity)));
+                        }
                         let started = Instant::now();
                         let allocated = self.allocator.allocate(identity).await;
                         self.metrics.allocation_seconds.observe(started.elapsed().as_secs_f64());
@@ -174,7 +173,7 @@ impl Registry {
                         *slot = Slot::Ready(session.clone());
                     }
                 }
-                self.stop_waiting(&identity.sub);
+                self.line.leave(&identity.sub);
                 self.metrics.sessions_active.set(self.sessions.len() as i64);
                 Ok(session.clone())
             }
@@ -184,49 +183,16 @@ impl Registry {
                 self.sessions
                     .remove_if(&identity.sub, |_, s| s.is_cell(&cell) && s.session().is_none());
                 if matches!(e, SessionError::Alloc(AllocError::NoCapacity)) {
-                    self.start_waiting(identity);
+                    return Err(SessionError::Waiting(self.line.join(identity)));
                 }
                 Err(e)
             }
         }
     }
 
-    fn start_waiting(&self, identity: &Identity) {
-        let now = Instant::now();
-        let mut fresh = false;
-        self.waiting
-            .entry(identity.sub.clone())
-            .and_modify(|w| w.last_asked = now)
-            .or_insert_with(|| {
-                fresh = true;
-                Waiting {
-                    since: now,
-                    last_asked: now,
-                }
-            });
-        if fresh {
-            let user_id = telemetry::user_id(&identity.sub);
-            tracing::info!(%user_id, email = %telemetry::email(&identity.email), "session waiting: no backend free");
-        }
-        self.metrics.users_waiting.set(self.waiting.len() as i64);
-    }
-
-    fn stop_waiting(&self, sub: &str) {
-        if let Some((_, waited)) = self.waiting.remove(sub) {
-            self.metrics.wait_seconds.observe(waited.since.elapsed().as_secs_f64());
-            self.metrics.users_waiting.set(self.waiting.len() as i64);
-        }
-    }
-
-    /// Forgets waiters that stopped asking (closed the tab) for `patience`.
-    pub fn prune_waiting(&self, patience: Duration) {
-        self.waiting.retain(|_, w| w.last_asked.elapsed() < patience);
-        self.metrics.users_waiting.set(self.waiting.len() as i64);
-    }
-
-    /// How many users this replica is showing the waiting page.
-    pub fn waiting(&self) -> usize {
-        self.waiting.len()
+    /// The waiting line (positions, pruning).
+    pub fn line(&self) -> &Line {
+        &self.line
     }
 
     /// Releases the session's backend, and only once that is confirmed
@@ -336,7 +302,10 @@ mod tests {
             allocations: AtomicUsize::new(0),
             fail_releases: false.into(),
         });
-        (Registry::new(pool.clone(), Metrics::new()), pool)
+        (
+            Registry::new(pool.clone(), Metrics::new(), Duration::from_secs(10)),
+            pool,
+        )
     }
 
     fn user(name: &str) -> Identity {
@@ -368,7 +337,10 @@ mod tests {
         registry.get_or_allocate(&user("a"), || None).await.unwrap();
         assert!(matches!(
             registry.get_or_allocate(&user("b"), || None).await,
-            Err(SessionError::Alloc(AllocError::NoCapacity))
+            Err(SessionError::Waiting(Place {
+                position: 1,
+                waiting: 1
+            }))
         ));
         assert_eq!(registry.len(), 1);
         let a = registry.get("a").unwrap();
