@@ -23,6 +23,7 @@
 //! | [`error`] | `RouterError` and its single mapping to HTTP |
 //! | [`pages`] | the HTML/JSON pages the router serves itself |
 //! | [`metrics`] | Prometheus metrics on their own listener |
+//! | [`autoscaler`] | the Agones FleetAutoscaler webhook on its own listener: allocated + waiting + buffer |
 //! | [`telemetry`] | Cloud Logging JSON logs, the access log, request metrics |
 //! | [`body`] | the body wrapper through which those watch bytes go by |
 //! | [`demo`] | stand-in WebUI pods and the one-command demo |
@@ -30,6 +31,7 @@
 pub mod admin;
 pub mod allocator;
 pub mod auth;
+pub mod autoscaler;
 pub mod body;
 pub mod config;
 pub mod demo;

@@ -32,6 +32,10 @@ const WAIT_BUCKETS: &[f64] = &[1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 
 pub const REQUEST_KINDS: [&str; 3] = ["proxied", "router", "health"];
 const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
+/// Every `outcome` of `autoscaler_reviews`: answered with a new size, answered
+/// with the current one, refused as malformed.
+pub const AUTOSCALER_OUTCOMES: [&str; 3] = ["scale", "hold", "invalid"];
+
 /// Every reason a backend is released for.
 pub const RELEASE_REASONS: [&str; 6] = ["user", "idle", "max_lifetime", "dead_pod", "admin", "duplicate"];
 
@@ -69,6 +73,10 @@ pub struct Metrics {
     /// Upstream connections kept open for reuse, read from the pool when
     /// scraped.
     pub upstream_idle_connections: Arc<Sampled>,
+    /// The Fleet size the FleetAutoscaler webhook last answered.
+    pub autoscaler_desired_replicas: IntGauge,
+    /// FleetAutoscaler reviews, by `outcome`: [`AUTOSCALER_OUTCOMES`].
+    pub autoscaler_reviews: IntCounterVec,
     /// The series every request increments, looked up once: a
     /// `with_label_values` hashes the labels and takes a lock each time.
     hot: HotSeries,
@@ -275,6 +283,17 @@ impl Metrics {
                 "session_router_upstream_idle_connections",
                 "Upstream connections kept open for reuse.",
             ),
+            autoscaler_desired_replicas: gauge(
+                &r,
+                "session_router_autoscaler_desired_replicas",
+                "The Fleet size this replica's FleetAutoscaler webhook last answered.",
+            ),
+            autoscaler_reviews: counter(
+                &r,
+                "session_router_autoscaler_reviews_total",
+                "FleetAutoscaler webhook reviews, by outcome.",
+                &["outcome"],
+            ),
             registry: r,
         };
         metrics.start_at_zero();
@@ -294,6 +313,9 @@ impl Metrics {
             self.releases.with_label_values(&[reason]);
             self.release_failures.with_label_values(&[reason]);
             self.backend_held_seconds.with_label_values(&[reason]);
+        }
+        for outcome in AUTOSCALER_OUTCOMES {
+            self.autoscaler_reviews.with_label_values(&[outcome]);
         }
         for reason in crate::auth::AuthError::CLASSES {
             self.token_checks.with_label_values(&["rejected", reason]);

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Container, PodSpec, Volume};
+use k8s_openapi::api::core::v1::{Container, PodSpec, ServicePort, Volume};
 use k8s_openapi::api::rbac::v1::Role;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -57,6 +57,10 @@ fn base() -> Deploy {
 
 fn allocator_overlay() -> Deploy {
     render("k8s/overlays/agones-allocator")
+}
+
+fn webhook_overlay() -> Deploy {
+    render("k8s/overlays/webhook-autoscaler")
 }
 
 fn render(dir: &'static str) -> Deploy {
@@ -124,6 +128,15 @@ fn container<'a>(pod: &'a PodSpec, name: &str) -> &'a Container {
         .iter()
         .find(|c| c.name == name)
         .unwrap_or_else(|| panic!("no container {name}"))
+}
+
+/// The container port a Service port forwards to.
+fn service_target(port: &ServicePort, c: &Container) -> i32 {
+    match &port.target_port {
+        Some(IntOrString::String(name)) => container_port(c, name),
+        Some(IntOrString::Int(n)) => *n,
+        None => port.port,
+    }
 }
 
 fn container_port(c: &Container, name: &str) -> i32 {
@@ -327,7 +340,8 @@ fn describe(perms: &BTreeSet<code::Permission>) -> String {
 
 #[test]
 fn every_manifest_is_typed_and_no_field_is_dropped() {
-    for deploy in [base(), allocator_overlay()] {
+    // The webhook overlay adds a NetworkPolicy for the router's pods.
+    for (deploy, network_policies) in [(base(), 1), (allocator_overlay(), 1), (webhook_overlay(), 2)] {
         let b = &deploy.bundle;
         let counts = [
             ("ServiceAccount", b.service_accounts.len()),
@@ -338,7 +352,7 @@ fn every_manifest_is_typed_and_no_field_is_dropped() {
             ("PodDisruptionBudget", b.pdbs.len()),
             ("Service", b.services.len()),
             ("Ingress", b.ingresses.len()),
-            ("NetworkPolicy", b.network_policies.len()),
+            ("NetworkPolicy", b.network_policies.len() + 1 - network_policies),
             ("BackendConfig", b.backend_configs.len()),
             ("ManagedCertificate", b.certificates.len()),
             ("Fleet", b.fleets.len()),
@@ -349,7 +363,12 @@ fn every_manifest_is_typed_and_no_field_is_dropped() {
             assert_eq!(n, 1, "{}: expected one {kind}, rendered {n}", deploy.dir);
         }
         // Two ConfigMaps: the router's config and the Grafana dashboard.
-        assert_eq!(deploy.rendered.objects.len(), counts.len() + 1, "{}", deploy.dir);
+        assert_eq!(
+            deploy.rendered.objects.len(),
+            counts.len() + 1 + (network_policies - 1),
+            "{}",
+            deploy.dir
+        );
     }
 }
 
@@ -405,6 +424,7 @@ fn every_file_under_k8s_is_used_by_a_kustomization() {
     let mut referenced = BTreeSet::new();
     used(&k8s, &mut referenced);
     used(&k8s.join("overlays/agones-allocator"), &mut referenced);
+    used(&k8s.join("overlays/webhook-autoscaler"), &mut referenced);
     let normalize = |set: BTreeSet<PathBuf>| -> BTreeSet<PathBuf> {
         set.into_iter()
             .map(|p| std::fs::canonicalize(&p).unwrap_or(p))
@@ -443,7 +463,26 @@ fn the_config_maps_pass_the_routers_own_validation() {
         strip(&overlay.rendered.generated),
         "k8s/overlays/agones-allocator/config.toml must equal k8s/router/config.toml except backend.kind and allocator_*"
     );
-    for deploy in [&base, &overlay] {
+    assert_eq!(
+        base.config.server.autoscaler_listen, None,
+        "the base keeps the Buffer policy"
+    );
+
+    let webhook = webhook_overlay();
+    assert!(webhook.config.server.autoscaler_listen.is_some());
+    let without_webhook = |generated: &BTreeMap<String, BTreeMap<String, PathBuf>>| -> toml::Table {
+        let file = &generated["session-router-config"]["config.toml"];
+        let mut t: toml::Table = std::fs::read_to_string(file).unwrap().parse().unwrap();
+        t.remove("autoscaler");
+        t["server"].as_table_mut().unwrap().remove("autoscaler_listen");
+        t
+    };
+    assert_eq!(
+        without_webhook(&base.rendered.generated),
+        without_webhook(&webhook.rendered.generated),
+        "k8s/overlays/webhook-autoscaler/config.toml must equal k8s/router/config.toml except server.autoscaler_listen and [autoscaler]"
+    );
+    for deploy in [&base, &overlay, &webhook] {
         let c = &deploy.config;
         assert!(
             c.server.keepalive_timeout > Duration::from_secs(600),
@@ -460,7 +499,7 @@ fn the_config_maps_pass_the_routers_own_validation() {
 
 #[test]
 fn the_deployment_serves_probes_and_metrics_where_the_config_listens() {
-    for deploy in [base(), allocator_overlay()] {
+    for deploy in [base(), allocator_overlay(), webhook_overlay()] {
         let router = deploy.router();
         let http = container_port(router, "http");
         assert_eq!(
@@ -830,7 +869,11 @@ fn the_allocator_overlay_drops_only_the_allocation_permission_and_mounts_its_cer
 
 #[test]
 fn the_fleet_matches_the_routers_backend_config() {
-    for deploy in [base(), allocator_overlay()] {
+    for (deploy, policy) in [
+        (base(), "Buffer"),
+        (allocator_overlay(), "Buffer"),
+        (webhook_overlay(), "Webhook"),
+    ] {
         let agones = &deploy.config.backend.agones;
         let fleet = deploy.fleet();
         let name = fleet.metadata.name.as_deref().unwrap();
@@ -881,7 +924,7 @@ fn the_fleet_matches_the_routers_backend_config() {
             autoscaler.spec.fleet_name, name,
             "the FleetAutoscaler scales this Fleet"
         );
-        assert_eq!(autoscaler.spec.policy.kind, "Buffer");
+        assert_eq!(autoscaler.spec.policy.kind, policy, "{}", deploy.dir);
         assert!(
             fleet.spec.replicas.is_none(),
             "the FleetAutoscaler owns replicas; a value here is reset on every apply"
@@ -925,6 +968,176 @@ fn webui_pods_accept_traffic_only_from_the_router_on_the_webui_port() {
         .unwrap();
     assert_eq!(port.port, Some(IntOrString::Int(fleet_port.container_port)));
     assert_eq!(port.protocol.as_deref().unwrap_or("TCP"), "TCP");
+}
+
+#[test]
+fn the_webhook_overlay_points_the_fleet_autoscaler_at_the_routers_autoscaler_listener() {
+    let deploy = webhook_overlay();
+    let listen = deploy
+        .config
+        .server
+        .autoscaler_listen
+        .expect("server.autoscaler_listen is set");
+    assert!(listen.ip().is_unspecified(), "listen on all interfaces in a pod");
+    let router = deploy.router();
+    assert_eq!(
+        container_port(router, "autoscaler") as u16,
+        listen.port(),
+        "the autoscaler containerPort is server.autoscaler_listen's port"
+    );
+
+    let autoscaler = one(&deploy.bundle.autoscalers, "FleetAutoscaler");
+    assert!(
+        autoscaler.spec.policy.buffer.is_none(),
+        "no Buffer settings left behind"
+    );
+    assert!(autoscaler.spec.sync.is_some(), "the base's sync period is kept");
+    let webhook = autoscaler.spec.policy.webhook.as_ref().expect("webhook settings");
+    assert!(webhook.url.is_none(), "through the Service, not a URL");
+    let target = webhook.service.as_ref().expect("webhook.service");
+    let service = deploy
+        .bundle
+        .services
+        .iter()
+        .find(|s| s.metadata.name.as_deref() == Some(target.name.as_str()))
+        .unwrap_or_else(|| panic!("webhook.service names Service {}, which is not rendered", target.name));
+    assert_eq!(
+        target.namespace,
+        deploy.namespace_of("Service", &target.name),
+        "webhook.service.namespace is the Service's (kustomize does not rewrite it)"
+    );
+    assert!(
+        target.path.as_deref().is_some_and(|p| p.starts_with('/')),
+        "a path starting with '/'"
+    );
+    let port = target.port.unwrap_or(8000);
+    let ports = service
+        .spec
+        .as_ref()
+        .and_then(|s| s.ports.as_deref())
+        .unwrap_or_default();
+    let service_port = ports
+        .iter()
+        .find(|p| p.port == port)
+        .unwrap_or_else(|| panic!("Service {} has no port {port}", target.name));
+    assert_eq!(
+        service_target(service_port, router) as u16,
+        listen.port(),
+        "Service port {port} forwards to server.autoscaler_listen"
+    );
+    let ingress_port = one(&deploy.bundle.ingresses, "Ingress")
+        .spec
+        .as_ref()
+        .and_then(|s| s.default_backend.as_ref())
+        .and_then(|d| d.service.as_ref())
+        .and_then(|s| s.port.as_ref())
+        .and_then(|p| p.number);
+    assert_ne!(ingress_port, Some(port), "the load balancer never reaches the webhook");
+
+    // The webhook keeps the bounds of the Buffer policy it replaces.
+    let base = base();
+    let buffer = one(&base.bundle.autoscalers, "FleetAutoscaler")
+        .spec
+        .policy
+        .buffer
+        .as_ref()
+        .expect("the base's Buffer policy");
+    let limits = &deploy.config.autoscaler;
+    assert_eq!(
+        buffer.buffer_size,
+        IntOrString::Int(limits.buffer as i32),
+        "autoscaler.buffer"
+    );
+    assert_eq!(
+        buffer.min_replicas.unwrap_or(0),
+        limits.min_replicas as i32,
+        "autoscaler.min_replicas"
+    );
+    assert_eq!(
+        buffer.max_replicas, limits.max_replicas as i32,
+        "autoscaler.max_replicas"
+    );
+}
+
+#[test]
+fn only_the_agones_controller_may_call_the_webhook_and_the_routers_other_ports_stay_open() {
+    let deploy = webhook_overlay();
+    let router_pods = deploy.pod_labels();
+    let router = deploy.router();
+    let on_router: Vec<_> = deploy
+        .bundle
+        .network_policies
+        .iter()
+        .filter(|p| {
+            selects(
+                &p.spec.as_ref().unwrap().pod_selector.clone().unwrap_or_default(),
+                &router_pods,
+            )
+        })
+        .collect();
+    let policy = one(&on_router, "NetworkPolicy on the router's pods");
+    let name = policy.metadata.name.as_deref().unwrap();
+    assert_eq!(
+        deploy.namespace_of("NetworkPolicy", name),
+        deploy.namespace_of("Deployment", deploy.deployment().metadata.name.as_deref().unwrap()),
+        "in the router's namespace"
+    );
+    let spec = policy.spec.as_ref().unwrap();
+    assert!(spec.policy_types.iter().flatten().any(|t| t == "Ingress"));
+    let rules = spec.ingress.as_deref().unwrap_or_default();
+    let webhook = container_port(router, "autoscaler");
+    let label = |k: &str, v: &str| BTreeMap::from([(k.to_string(), v.to_string())]);
+    for port in router.ports.iter().flatten() {
+        let port_name = port.name.as_deref().unwrap_or("?");
+        let admitting: Vec<_> = rules
+            .iter()
+            .filter(|r| {
+                r.ports.as_ref().is_none_or(|ports| {
+                    ports.iter().any(|p| {
+                        let number = match &p.port {
+                            Some(IntOrString::String(name)) => container_port(router, name),
+                            Some(IntOrString::Int(n)) => *n,
+                            None => port.container_port,
+                        };
+                        number == port.container_port && p.protocol.as_deref().unwrap_or("TCP") == "TCP"
+                    })
+                })
+            })
+            .collect();
+        assert!(!admitting.is_empty(), "{name} closes the router's {port_name} port");
+        if port.container_port != webhook {
+            assert!(
+                admitting.iter().any(|r| r.from.as_ref().is_none_or(|f| f.is_empty())),
+                "{port_name} stays open to all, as without {name}"
+            );
+            continue;
+        }
+        for rule in admitting {
+            let peer = one(rule.from.as_deref().unwrap_or_default(), "webhook peer");
+            assert!(peer.ip_block.is_none(), "no address ranges: only the Agones controller");
+            let namespaces = peer.namespace_selector.as_ref().expect("a namespace selector");
+            let namespace = |n: &str| label("kubernetes.io/metadata.name", n);
+            assert!(selects(namespaces, &namespace("agones-system")), "Agones' namespace");
+            assert!(!selects(namespaces, &namespace("default")));
+            let pods = peer.pod_selector.as_ref().expect("a pod selector: the controller only");
+            let mut controller = label("agones.dev/role", "controller");
+            controller.insert("app".into(), "agones".into());
+            assert!(selects(pods, &controller), "the agones-controller pods");
+            assert!(
+                !selects(pods, &label("agones.dev/role", "allocator")),
+                "not the allocator"
+            );
+        }
+    }
+    let base = base();
+    let base_router = base.pod_labels();
+    assert!(
+        base.bundle.network_policies.iter().all(|p| !selects(
+            &p.spec.as_ref().unwrap().pod_selector.clone().unwrap_or_default(),
+            &base_router
+        )),
+        "without the overlay no policy applies to the router (its ports are open as before)"
+    );
 }
 
 #[test]
@@ -1100,7 +1313,7 @@ fn dockerignore_keeps_build_output_vcs_and_secrets_out() {
 #[test]
 fn no_secret_is_committed_and_the_guide_creates_the_ones_referenced() {
     let guide = read("DEPLOY.md");
-    for deploy in [base(), allocator_overlay()] {
+    for deploy in [base(), allocator_overlay(), webhook_overlay()] {
         for o in &deploy.rendered.objects {
             assert_ne!(
                 o.kind(),
@@ -1166,7 +1379,11 @@ fn kubectl_kustomize_renders_what_the_tests_check() {
         return;
     };
     assert!(version.status.success());
-    for dir in ["k8s", "k8s/overlays/agones-allocator"] {
+    for dir in [
+        "k8s",
+        "k8s/overlays/agones-allocator",
+        "k8s/overlays/webhook-autoscaler",
+    ] {
         let out = std::process::Command::new("kubectl")
             .args(["kustomize", dir])
             .current_dir(root())
@@ -1218,7 +1435,7 @@ fn kubectl_kustomize_renders_what_the_tests_check() {
 
 #[test]
 fn metrics_are_scraped_from_the_pods_and_never_exposed_through_the_service() {
-    for deploy in [base(), allocator_overlay()] {
+    for deploy in [base(), allocator_overlay(), webhook_overlay()] {
         let monitoring = one(&deploy.bundle.pod_monitorings, "PodMonitoring");
         let deployment = one(&deploy.bundle.deployments, "Deployment");
         assert!(

@@ -25,6 +25,9 @@ const MIN_SECRET_BYTES: usize = 32;
 const MAX_THREADS: usize = 256;
 /// Connection time limits beyond this are a typo, not a policy.
 const MAX_CONNECTION_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Replica counts beyond this are a typo, not a fleet (and stay far inside
+/// the int32 Agones counts replicas in).
+const MAX_REPLICAS: u64 = 100_000;
 
 /// The validated configuration of one router process.
 #[derive(Debug, Clone, Serialize)]
@@ -35,6 +38,21 @@ pub struct Config {
     pub backend: BackendConfig,
     pub log: LogConfig,
     pub admin: AdminConfig,
+    pub autoscaler: AutoscalerConfig,
+}
+
+/// `[autoscaler]`: how the FleetAutoscaler webhook (served on
+/// `server.autoscaler_listen`) sizes the Fleet.
+#[derive(Debug, Clone, Serialize)]
+pub struct AutoscalerConfig {
+    /// Ready servers to keep on top of the demand (allocated + waiting):
+    /// a cold WebUI takes minutes to load its models.
+    pub buffer: u32,
+    /// The Fleet never shrinks below this.
+    pub min_replicas: u32,
+    /// The Fleet never grows above this (the GPUs the node pool may have);
+    /// 0 = no upper bound.
+    pub max_replicas: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -85,6 +103,9 @@ pub struct ServerConfig {
     pub max_uri_bytes: usize,
     /// Where `/metrics` is served (never on `listen`); unset = off.
     pub metrics_listen: Option<SocketAddr>,
+    /// Where the Agones FleetAutoscaler webhook is served (never on
+    /// `listen` or `metrics_listen`); unset = off.
+    pub autoscaler_listen: Option<SocketAddr>,
     /// Extra origins (scheme://host[:port]) allowed to open WebSockets and
     /// post to `/_router/*`, besides the request's own origin.
     pub allowed_origins: Vec<String>,
@@ -380,6 +401,9 @@ impl Config {
                 }
             }
         };
+        // Set but invalid is reported once, under its own key.
+        let autoscaler_listen_set = server.is_present("autoscaler_listen");
+        let autoscaler_listen = read_autoscaler_listen(&mut server, listen, metrics_listen, &mut problems);
         let allowed_origins = read_origins(&mut server, &mut problems);
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         let threads = server.integer("threads", cpus as u64, &mut problems);
@@ -394,6 +418,7 @@ impl Config {
         let server = ServerConfig {
             threads,
             metrics_listen,
+            autoscaler_listen,
             listen,
             drain_timeout,
             keepalive_timeout,
@@ -426,6 +451,7 @@ impl Config {
                 .collect(),
         };
         admin_section.finish(&mut problems);
+        let autoscaler = read_autoscaler(&mut root, autoscaler_listen_set, &mut problems);
         root.finish(&mut problems);
 
         if problems.is_empty() {
@@ -436,6 +462,7 @@ impl Config {
                 backend,
                 log,
                 admin,
+                autoscaler,
             })
         } else {
             Err(ConfigError::Invalid(problems))
@@ -479,6 +506,84 @@ fn read_log(root: &mut Section<'_>, problems: &mut Vec<Problem>) -> LogConfig {
         level,
         include_email,
         project_id: (!project_id.is_empty()).then_some(project_id),
+    }
+}
+
+/// `server.autoscaler_listen`: an address:port of its own. Sharing the main
+/// port would put the webhook behind the load balancer (and IAP would turn
+/// Agones away); sharing the metrics port would make one of the two binds
+/// fail at start.
+fn read_autoscaler_listen(
+    server: &mut Section<'_>,
+    listen: SocketAddr,
+    metrics_listen: Option<SocketAddr>,
+    problems: &mut Vec<Problem>,
+) -> Option<SocketAddr> {
+    let key = server.key("autoscaler_listen");
+    let text = server.string("autoscaler_listen", "", problems);
+    if text.is_empty() {
+        return None;
+    }
+    let Ok(addr) = text.parse::<SocketAddr>() else {
+        problems.push(Problem::new(
+            &key,
+            format!("{text:?} is not an address:port such as \"0.0.0.0:9091\""),
+        ));
+        return None;
+    };
+    for (other, name) in [
+        (Some(listen), "server.listen"),
+        (metrics_listen, "server.metrics_listen"),
+    ] {
+        if other.is_some_and(|other| same_port(addr, other)) {
+            problems.push(Problem::new(
+                &key,
+                format!("must differ from {name}: the webhook has a port of its own"),
+            ));
+            return None;
+        }
+    }
+    Some(addr)
+}
+
+/// Would binding `a` and `b` collide? Port 0 (any free port) never does; an
+/// unspecified address (`0.0.0.0`) takes the port on every interface.
+fn same_port(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() != 0 && a.port() == b.port() && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
+/// `[autoscaler]`. A section without `server.autoscaler_listen` to use it
+/// is reported: the operator meant the webhook to run.
+fn read_autoscaler(root: &mut Section<'_>, listen_set: bool, problems: &mut Vec<Problem>) -> AutoscalerConfig {
+    if root.is_present("autoscaler") && !listen_set {
+        problems.push(Problem::new(
+            "server.autoscaler_listen",
+            "required with an [autoscaler] section: the address the FleetAutoscaler webhook listens on, e.g. \"0.0.0.0:9091\"".into(),
+        ));
+    }
+    let mut section = root.section("autoscaler", problems);
+    let count = |name: &'static str, default: u64, section: &mut Section<'_>, problems: &mut Vec<Problem>| {
+        let value = section.integer(name, default, problems);
+        if value > MAX_REPLICAS {
+            problems.push(Problem::new(&section.key(name), format!("at most {MAX_REPLICAS}")));
+            return default as u32;
+        }
+        value as u32
+    };
+    let buffer = count("buffer", 1, &mut section, problems);
+    let min_replicas = count("min_replicas", 0, &mut section, problems);
+    let max_replicas = count("max_replicas", 0, &mut section, problems);
+    if max_replicas != 0 && max_replicas < min_replicas {
+        problems.push(Problem::new(
+            &section.key("max_replicas"),
+            format!("{max_replicas} is less than autoscaler.min_replicas ({min_replicas}); 0 means no upper bound"),
+        ));
+    }
+    section.finish(problems);
+    AutoscalerConfig {
+        buffer,
+        min_replicas,
+        max_replicas,
     }
 }
 
@@ -1046,6 +1151,104 @@ mod tests {
                 "{bad}: {found:?}"
             );
         }
+    }
+
+    #[test]
+    fn the_autoscaler_webhook_is_off_by_default_with_documented_defaults() {
+        let c = Config::from_toml(MINIMAL_IAP, Some(SECRET.to_vec())).unwrap();
+        assert_eq!(c.server.autoscaler_listen, None);
+        assert_eq!(
+            (
+                c.autoscaler.buffer,
+                c.autoscaler.min_replicas,
+                c.autoscaler.max_replicas
+            ),
+            (1, 0, 0)
+        );
+        let on = format!("[server]\nautoscaler_listen = \"0.0.0.0:9091\"\n{MINIMAL_IAP}");
+        let c = Config::from_toml(&on, Some(SECRET.to_vec())).unwrap();
+        assert_eq!(c.server.autoscaler_listen, Some("0.0.0.0:9091".parse().unwrap()));
+        let set = format!("{on}\n[autoscaler]\nbuffer = 0\nmin_replicas = 2\nmax_replicas = 2\n");
+        let c = Config::from_toml(&set, Some(SECRET.to_vec())).unwrap();
+        assert_eq!(
+            (
+                c.autoscaler.buffer,
+                c.autoscaler.min_replicas,
+                c.autoscaler.max_replicas
+            ),
+            (0, 2, 2)
+        );
+    }
+
+    #[test]
+    fn the_autoscaler_listener_must_be_an_address_of_its_own() {
+        let with = |server: &str| format!("[server]\n{server}\n{MINIMAL_IAP}");
+        for (server, reason) in [
+            ("autoscaler_listen = \"9091\"", "is not an address:port"),
+            ("autoscaler_listen = 9091", "expected a string"),
+            (
+                "listen = \"0.0.0.0:8080\"\nautoscaler_listen = \"127.0.0.1:8080\"",
+                "must differ from server.listen",
+            ),
+            (
+                "metrics_listen = \"0.0.0.0:9090\"\nautoscaler_listen = \"0.0.0.0:9090\"",
+                "must differ from server.metrics_listen",
+            ),
+        ] {
+            let found = problems(&with(server), Some(SECRET));
+            assert!(
+                found
+                    .iter()
+                    .any(|p| p.starts_with("server.autoscaler_listen: ") && p.contains(reason)),
+                "{server}: {found:#?}"
+            );
+        }
+        // Port 0 (tests) never collides; other ports on other addresses neither.
+        let apart = "listen = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\nautoscaler_listen = \"127.0.0.1:0\"";
+        assert_eq!(problems(&with(apart), Some(SECRET)), Vec::<String>::new());
+    }
+
+    #[test]
+    fn autoscaler_bounds_are_validated_and_named_by_key() {
+        let with = |section: &str| {
+            format!("[server]\nautoscaler_listen = \"0.0.0.0:9091\"\n{MINIMAL_IAP}\n[autoscaler]\n{section}\n")
+        };
+        for (section, expected) in [
+            ("buffer = -1", "autoscaler.buffer: must not be negative"),
+            ("buffer = \"one\"", "autoscaler.buffer: expected an integer"),
+            ("min_replicas = 100001", "autoscaler.min_replicas: at most 100000"),
+            ("max_replicas = 1.5", "autoscaler.max_replicas: expected an integer"),
+            (
+                "min_replicas = 3\nmax_replicas = 2",
+                "autoscaler.max_replicas: 2 is less than autoscaler.min_replicas (3)",
+            ),
+            ("bufer = 2", "autoscaler.bufer: unknown key"),
+        ] {
+            let found = problems(&with(section), Some(SECRET));
+            assert!(
+                found.iter().any(|p| p.starts_with(expected)),
+                "{section}: missing {expected:?} in {found:#?}"
+            );
+        }
+        // 0 is no upper bound, whatever the minimum.
+        assert!(problems(&with("min_replicas = 3\nmax_replicas = 0"), Some(SECRET)).is_empty());
+    }
+
+    #[test]
+    fn an_autoscaler_section_without_its_listener_is_reported() {
+        let text = format!("{MINIMAL_IAP}\n[autoscaler]\nbuffer = 2\n");
+        let found = problems(&text, Some(SECRET));
+        assert!(
+            found
+                .iter()
+                .any(|p| p.starts_with("server.autoscaler_listen: required with an [autoscaler] section")),
+            "{found:#?}"
+        );
+        // A listener that is set but wrong is reported once, for what is wrong.
+        let wrong = format!("[server]\nautoscaler_listen = \"nowhere\"\n{text}");
+        let found = problems(&wrong, Some(SECRET));
+        assert_eq!(found.len(), 1, "{found:#?}");
+        assert!(found[0].contains("is not an address:port"), "{found:#?}");
     }
 
     #[test]

@@ -46,6 +46,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Where `/metrics` ended up listening, once bound.
     metrics_addr: std::sync::OnceLock<SocketAddr>,
+    /// Where the FleetAutoscaler webhook ended up listening, once bound.
+    autoscaler_addr: std::sync::OnceLock<SocketAddr>,
 }
 
 impl AppState {
@@ -70,6 +72,7 @@ impl AppState {
             forwarder,
             metrics,
             metrics_addr: std::sync::OnceLock::new(),
+            autoscaler_addr: std::sync::OnceLock::new(),
             config: Arc::new(config),
         }
     }
@@ -77,6 +80,12 @@ impl AppState {
     /// The address `/metrics` is served on, once the server started.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics_addr.get().copied()
+    }
+
+    /// The address the FleetAutoscaler webhook is served on, once the
+    /// server started.
+    pub fn autoscaler_addr(&self) -> Option<SocketAddr> {
+        self.autoscaler_addr.get().copied()
     }
 
     pub async fn identify(&self, headers: &HeaderMap) -> Result<Arc<Identity>, AuthError> {
@@ -132,8 +141,8 @@ pub fn endpoints(state: Arc<AppState>) -> Router {
 /// was given, so its requests never wait for another thread to be woken,
 /// its tasks never move between cores, and it shares nothing per request
 /// with the other threads but the session table. The background tasks
-/// (reaper, key refresh, metrics) run here; the binary runs this on a
-/// single-threaded runtime too.
+/// (reaper, key refresh, metrics, the autoscaler webhook) run here; the
+/// binary runs this on a single-threaded runtime too.
 pub async fn serve(
     listener: TcpListener,
     state: Arc<AppState>,
@@ -149,6 +158,17 @@ pub async fn serve(
         tasks.spawn(crate::metrics::serve(
             metrics_listener,
             state.metrics.clone(),
+            background.clone(),
+        ));
+    }
+    if let Some(addr) = state.config.server.autoscaler_listen {
+        let autoscaler_listener = TcpListener::bind(addr).await?;
+        let bound = autoscaler_listener.local_addr()?;
+        let _ = state.autoscaler_addr.set(bound);
+        tracing::info!(listen = %bound, "autoscaler webhook listening");
+        tasks.spawn(crate::autoscaler::serve(
+            autoscaler_listener,
+            state.clone(),
             background.clone(),
         ));
     }

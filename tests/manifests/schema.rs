@@ -158,7 +158,7 @@ pub struct Health {
     pub failure_threshold: Option<i32>,
 }
 
-/// `autoscaling.agones.dev/v1` FleetAutoscaler with a Buffer policy.
+/// `autoscaling.agones.dev/v1` FleetAutoscaler with a Buffer or a Webhook policy.
 #[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct FleetAutoscaler {
@@ -182,7 +182,33 @@ pub struct FleetAutoscalerSpec {
 pub struct AutoscalerPolicy {
     #[serde(rename = "type")]
     pub kind: String,
-    pub buffer: BufferPolicy,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub buffer: Option<BufferPolicy>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<WebhookPolicy>,
+}
+
+/// Agones' WebhookPolicy (a Kubernetes WebhookClientConfig), without `caBundle`:
+/// the router's webhook is plain HTTP inside the cluster.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct WebhookPolicy {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service: Option<WebhookService>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct WebhookService {
+    pub name: String,
+    pub namespace: String,
+    /// Agones calls port 8000 when this is unset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Serialize)]

@@ -54,28 +54,7 @@ upstreams = [{upstreams}]
     /// `kind` is `agones` or `agones-allocator`; `session` and `agones` are
     /// extra lines for those sections.
     pub async fn agones(issuer: &IapIssuer, fake: &FakeAgones, kind: &str, session: &str, agones: &str) -> TestRouter {
-        let text = format!(
-            r#"{head}
-[session]
-retry_after = "2s"
-{session}
-[backend]
-kind = "{kind}"
-connect_timeout = "1s"
-[backend.agones]
-fleet = "{fleet}"
-kube_api_url = "{api}"
-allocator_url = "{api}"
-allocation_retry_window = "500ms"
-activity_sync_interval = "200ms"
-api_timeout = "3s"
-{agones}
-"#,
-            head = iap_head(issuer, "", ""),
-            fleet = fake_agones::FLEET,
-            api = fake.url(),
-        );
-        TestRouter::start(&text).await
+        TestRouter::start(&agones_config(issuer, fake, kind, "", session, agones)).await
     }
 
     pub async fn start(text: &str) -> TestRouter {
@@ -141,6 +120,40 @@ impl Drop for TestRouter {
             task.abort();
         }
     }
+}
+
+/// The config of an `iap`-mode router on an Agones backend served by `fake`
+/// (see [`TestRouter::agones`]); `server` adds lines to `[server]`. Further
+/// sections can be appended.
+pub fn agones_config(
+    issuer: &IapIssuer,
+    fake: &FakeAgones,
+    kind: &str,
+    server: &str,
+    session: &str,
+    agones: &str,
+) -> String {
+    format!(
+        r#"{head}
+[session]
+retry_after = "2s"
+{session}
+[backend]
+kind = "{kind}"
+connect_timeout = "1s"
+[backend.agones]
+fleet = "{fleet}"
+kube_api_url = "{api}"
+allocator_url = "{api}"
+allocation_retry_window = "500ms"
+activity_sync_interval = "200ms"
+api_timeout = "3s"
+{agones}
+"#,
+        head = iap_head(issuer, server, ""),
+        fleet = fake_agones::FLEET,
+        api = fake.url(),
+    )
 }
 
 /// The `[server]` and `[auth]` sections of an `iap`-mode test router on an
