@@ -184,7 +184,7 @@ fn answer(state: &AppState, body: &[u8]) -> Result<Answer, ReviewError> {
 /// undercounts when several replicas each have users waiting; a count across
 /// replicas belongs here.
 fn users_waiting(state: &AppState) -> usize {
-    state.registry.waiting()
+    state.registry.line().len()
 }
 
 /// The Fleet size that serves every allocated server, one more per waiting
