@@ -731,7 +731,7 @@ fn read_session(
     let queue_key = session.key("queue_timeout");
     let queue_timeout = session.duration(
         "queue_timeout",
-        (retry_after * 3).max(Duration::from_secs(10)),
+        retry_after.saturating_mul(3).max(Duration::from_secs(10)),
         problems,
     );
     if queue_timeout <= retry_after {
@@ -1099,6 +1099,8 @@ mod tests {
         let with = |lines: &str| format!("[session]\n{lines}\n{MINIMAL_IAP}");
         let c = Config::from_toml(&with("retry_after = \"2s\""), Some(SECRET.to_vec())).unwrap();
         assert_eq!(c.session.queue_timeout, Duration::from_secs(10), "at least 10s");
+        let huge = Config::from_toml(&with("retry_after = \"500000000000y\""), Some(SECRET.to_vec()));
+        assert!(huge.is_ok(), "a huge retry_after saturates instead of overflowing");
         let found = problems(&with("retry_after = \"5s\"\nqueue_timeout = \"5s\""), Some(SECRET));
         assert!(
             found
