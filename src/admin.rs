@@ -107,7 +107,7 @@ pub async fn view(State(state): Shared, headers: HeaderMap) -> Result<Response, 
     admin(&state, &headers).await?;
     let rows = rows(&state);
     let capacity = state.registry.allocator().capacity();
-    let waiting = state.registry.line().len();
+    let waiting = state.registry.line().waiting().await;
     if !pages::wants_html(&headers) {
         return Ok(Json(json!({
             "backend": state.config.backend.kind.label(),

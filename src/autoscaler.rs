@@ -131,7 +131,7 @@ struct ReviewResponse {
 }
 
 async fn review(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Json<Answer>, ReviewError> {
-    let answer = answer(&state, &body);
+    let answer = answer(&state, &body).await;
     let outcome = match &answer {
         Ok(a) if a.response.scale => "scale",
         Ok(_) => "hold",
@@ -144,12 +144,12 @@ async fn review(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Json<
     answer.map(Json)
 }
 
-fn answer(state: &AppState, body: &[u8]) -> Result<Answer, ReviewError> {
+async fn answer(state: &AppState, body: &[u8]) -> Result<Answer, ReviewError> {
     let review: Review = serde_json::from_slice(body)?;
     let request = review.request.ok_or(ReviewError::NoRequest)?;
     let uid = request.uid.filter(|u| !u.is_empty()).ok_or(ReviewError::NoUid)?;
     let status = &request.status;
-    let waiting = users_waiting(state);
+    let waiting = users_waiting(state).await;
     let desired = desired_replicas(status.allocated_replicas, waiting, &state.config.autoscaler);
     let scale = i64::from(desired) != i64::from(status.replicas);
     state.metrics.autoscaler_desired_replicas.set(desired.into());
@@ -179,12 +179,10 @@ fn answer(state: &AppState, body: &[u8]) -> Result<Answer, ReviewError> {
 
 /// The users waiting for a GameServer: the demand the Fleet has not met.
 ///
-/// The one place the webhook learns it. For now this is the waiting line of
-/// the replica Agones happened to call (the Service picks one), which
-/// undercounts when several replicas each have users waiting; a count across
-/// replicas belongs here.
-fn users_waiting(state: &AppState) -> usize {
-    state.registry.line().len()
+/// The one place the webhook learns it: the waiting line, which on Agones
+/// is shared by every replica, so whichever one Agones calls knows it all.
+async fn users_waiting(state: &AppState) -> usize {
+    state.registry.line().waiting().await
 }
 
 /// The Fleet size that serves every allocated server, one more per waiting

@@ -101,7 +101,7 @@ async fn pass(state: &AppState, probe: Option<&BusyProbe>) {
             }
         })
         .await;
-    state.registry.line().prune();
+    state.registry.line().prune().await;
     if let Some(keys) = state.auth.key_store() {
         keys.report_age();
     }

@@ -148,7 +148,7 @@ pub async fn status(State(state): Shared, headers: HeaderMap) -> Result<Response
     let identity = state.identify(&headers).await?;
     let session = state.registry.get(&identity.sub);
     let idle_timeout = state.config.session.idle_timeout.as_secs();
-    let place = state.registry.line().place(&identity.sub);
+    let place = state.registry.line().place(&identity).await;
     let retry_after = state.config.session.retry_after.as_secs().max(1);
     if !pages::wants_html(&headers) {
         let line = place.map(|p| json!({ "position": p.position, "waiting": p.waiting, "retry_after": retry_after }));

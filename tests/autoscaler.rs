@@ -84,7 +84,7 @@ async fn with_nobody_waiting_the_fleet_is_sized_to_its_allocated_servers_plus_th
     let issuer = IapIssuer::start().await;
     let fake = FakeAgones::start().await;
     let router = webhook_router(&issuer, &fake, "buffer = 2").await;
-    assert_eq!(router.state.registry.line().len(), 0);
+    assert_eq!(router.state.registry.line().waiting().await, 0);
     let response = decide(&router, review("u-1", 3, 2)).await;
     assert_eq!(response["replicas"], 4, "2 allocated + 2 spare: {response}");
     assert_eq!(response["scale"], true);
@@ -97,6 +97,19 @@ async fn with_nobody_waiting_the_fleet_is_sized_to_its_allocated_servers_plus_th
 }
 
 #[tokio::test]
+async fn users_waiting_on_another_replica_count_too() {
+    let issuer = IapIssuer::start().await;
+    let fake = FakeAgones::start().await;
+    let answering = webhook_router(&issuer, &fake, "buffer = 0").await;
+    let other = webhook_router(&issuer, &fake, "buffer = 0").await;
+    wait_for_a_server(&other, &issuer, "alice").await;
+    wait_for_a_server(&other, &issuer, "bob").await;
+    wait_for_a_server(&answering, &issuer, "carol").await;
+    let response = decide(&answering, review("u-1", 0, 0)).await;
+    assert_eq!(response["replicas"], 3, "every replica's waiters: {response}");
+}
+
+#[tokio::test]
 async fn each_user_on_the_waiting_page_adds_one_replica() {
     let issuer = IapIssuer::start().await;
     // A Fleet with no Ready GameServer: every allocation is UnAllocated.
@@ -104,7 +117,7 @@ async fn each_user_on_the_waiting_page_adds_one_replica() {
     let router = webhook_router(&issuer, &fake, "buffer = 1").await;
     wait_for_a_server(&router, &issuer, "alice").await;
     wait_for_a_server(&router, &issuer, "bob").await;
-    assert_eq!(router.state.registry.line().len(), 2);
+    assert_eq!(router.state.registry.line().waiting().await, 2);
 
     let response = decide(&router, review("u-1", 1, 0)).await;
     assert_eq!(response["replicas"], 3, "0 allocated + 2 waiting + 1 spare: {response}");

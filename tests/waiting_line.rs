@@ -150,3 +150,109 @@ async fn on_agones_the_first_in_line_take_the_free_servers_in_order() {
     assert_eq!(ask(&router, &carol).await.0, 200);
     assert_eq!(position(&router, &erin).await, (503, Some(1)));
 }
+
+#[tokio::test]
+async fn two_replicas_share_one_line_through_kubernetes_leases() {
+    let issuer = IapIssuer::start().await;
+    let pods = pods(2).await;
+    let fake = FakeAgones::start().await;
+    fake.add_ready("gs-1", pods[0].addr);
+    let a = TestRouter::agones(&issuer, &fake, "agones", "", "").await;
+    let b = TestRouter::agones(&issuer, &fake, "agones", "", "").await;
+    let [alice, bob, carol, dave] = ["alice", "bob", "carol", "dave"].map(|u| issuer.user(u));
+    assert_eq!(ask(&a, &alice).await.0, 200);
+    // Waiters arrive through either replica; each sees the one line.
+    assert_eq!(position(&a, &bob).await, (503, Some(1)));
+    assert_eq!(position(&b, &carol).await, (503, Some(2)));
+    let (_, body) = ask(&a, &dave).await;
+    assert_eq!(
+        (body["position"].as_u64(), body["waiting"].as_u64()),
+        (Some(3), Some(3))
+    );
+    assert_eq!(
+        position(&b, &bob).await,
+        (503, Some(1)),
+        "Bob's place holds on the other replica"
+    );
+    assert_eq!(fake.line().len(), 3, "one Lease per waiter: {:?}", fake.line());
+    assert_eq!(b.state.registry.line().waiting().await, 3);
+
+    // Alice's server goes back; the Fleet brings a fresh one.
+    release(&a, &alice).await;
+    fake.add_ready("gs-2", pods[1].addr);
+    let ready = eventually(Duration::from_secs(3), || async {
+        a.state.registry.allocator().capacity().ready == 1 && b.state.registry.allocator().capacity().ready == 1
+    })
+    .await;
+    assert!(ready, "the caches never saw the new server");
+    assert_eq!(
+        position(&b, &carol).await,
+        (503, Some(2)),
+        "Carol asks first, on B, but Bob is ahead"
+    );
+    assert_eq!(position(&a, &dave).await, (503, Some(3)));
+    assert_eq!(ask(&b, &bob).await.0, 200, "the head gets it, through either replica");
+    assert_eq!(fake.line().len(), 2, "Bob left the line: {:?}", fake.line());
+    assert_eq!(position(&a, &carol).await, (503, Some(1)));
+    assert_eq!(position(&b, &dave).await, (503, Some(2)));
+}
+
+#[tokio::test]
+async fn a_known_user_with_a_cookie_never_touches_the_shared_line() {
+    let issuer = IapIssuer::start().await;
+    let pods = pods(1).await;
+    let fake = FakeAgones::start().await;
+    fake.add_ready("gs-1", pods[0].addr);
+    let a = TestRouter::agones(&issuer, &fake, "agones", "", "").await;
+    let alice = issuer.user("alice");
+    let first = client()
+        .get(a.url("/whoami"))
+        .header(ASSERTION, &alice)
+        .send()
+        .await
+        .unwrap();
+    let cookie = support::set_cookie(&first, "session_router").unwrap();
+    assert_eq!(position(&a, &issuer.user("bob")).await, (503, Some(1)));
+    let b = TestRouter::agones(&issuer, &fake, "agones", "", "").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    fake.clear_calls();
+    let again = client()
+        .get(b.url("/whoami"))
+        .header(ASSERTION, &alice)
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 200);
+    let calls: Vec<String> = fake.calls().into_iter().filter(|c| !c.contains("watch=")).collect();
+    assert!(calls.is_empty(), "a pinned user's request called the API: {calls:?}");
+}
+
+#[tokio::test]
+async fn a_stale_place_in_the_shared_line_is_skipped_and_cleared_by_any_replica() {
+    let issuer = IapIssuer::start().await;
+    let pods = pods(1).await;
+    let fake = FakeAgones::start().await;
+    fake.add_ready("gs-1", pods[0].addr);
+    let session = "queue_timeout = \"3s\"";
+    let a = TestRouter::agones(&issuer, &fake, "agones", session, "").await;
+    let b = TestRouter::agones(&issuer, &fake, "agones", session, "").await;
+    let [alice, bob, carol] = ["alice", "bob", "carol"].map(|u| issuer.user(u));
+    assert_eq!(ask(&a, &alice).await.0, 200);
+    assert_eq!(position(&a, &bob).await, (503, Some(1)));
+    assert_eq!(position(&b, &carol).await, (503, Some(2)));
+    // Bob closed his tab; Carol keeps asking through B.
+    let moved_up = eventually(Duration::from_secs(6), || async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        position(&b, &carol).await == (503, Some(1))
+    })
+    .await;
+    assert!(moved_up, "a silent waiter held the shared line");
+    let cleared = eventually(Duration::from_secs(8), || async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let _ = position(&b, &carol).await;
+        fake.line().len() == 1
+    })
+    .await;
+    assert!(cleared, "the stale Lease was never deleted: {:?}", fake.line());
+}

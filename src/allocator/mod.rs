@@ -88,6 +88,12 @@ pub trait Allocator: Send + Sync + 'static {
         None
     }
 
+    /// Where the waiting line lives when it spans replicas; `None`: in
+    /// this process.
+    fn shared_line(&self) -> Option<Arc<dyn crate::session::line::SharedLine>> {
+        None
+    }
+
     /// The newest activity other replicas recorded for this lease.
     fn activity_elsewhere(&self, _lease: &Lease) -> Option<SystemTime> {
         None

@@ -8,18 +8,24 @@
 //! `session.queue_timeout` (closed the tab) leaves, and joins at the end if
 //! they come back.
 //!
-//! The line is this process's: on `static` that is the whole deployment;
-//! with several Agones replicas each replica keeps its own line.
+//! On `static` the line is this process's (the whole deployment). On Agones
+//! it is shared through Kubernetes, the only shared state ([`SharedLine`]:
+//! one `coordination.k8s.io` Lease per waiter, acquired when they joined,
+//! renewed when they last asked), so every replica sees the same order.
 //!
-//! Waiters are few (a line longer than the fleet is rare), so the line is a
-//! short vector under a lock held for a scan, never across an `.await`; a
-//! user who holds a backend never touches it.
+//! Waiters are few (a line longer than the fleet is rare): the local line is
+//! a short vector under a lock held for a scan, never across an `.await`,
+//! and the shared one is listed when a decision needs it. A user who holds
+//! a backend never touches either.
 
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
+use async_trait::async_trait;
 use tokio::time::Instant;
 
+use crate::allocator::AllocError;
 use crate::auth::Identity;
 use crate::locked;
 use crate::metrics::Metrics;
@@ -41,25 +47,220 @@ struct Waiter {
     last_asked: Instant,
 }
 
+/// One waiter of a line kept outside this process.
+#[derive(Debug, Clone)]
+pub struct SharedWaiter {
+    pub key: String,
+    pub joined: SystemTime,
+    pub last_asked: SystemTime,
+}
+
+/// A line kept where every replica sees it.
+#[async_trait]
+pub trait SharedLine: Send + Sync + 'static {
+    /// The user's key in the line.
+    fn key(&self, user: &Identity) -> String;
+    /// Everyone in line, stale ones included, in no particular order.
+    async fn waiters(&self) -> Result<Vec<SharedWaiter>, AllocError>;
+    /// Puts the user in line at `now`; `false` if they were in it already
+    /// (then only renewed).
+    async fn join(&self, user: &Identity, now: SystemTime) -> Result<bool, AllocError>;
+    /// Records that the user asked again at `now`.
+    async fn renew(&self, user: &Identity, now: SystemTime) -> Result<(), AllocError>;
+    /// Takes `key` out of the line; when it was in it, since when.
+    async fn leave(&self, key: &str) -> Result<Option<SystemTime>, AllocError>;
+}
+
 pub struct Line {
     waiters: Mutex<Vec<Waiter>>,
+    shared: Option<Shared>,
     queue_timeout: Duration,
     metrics: Arc<Metrics>,
 }
 
+/// The shared line, and what this replica knows of it.
+struct Shared {
+    line: Arc<dyn SharedLine>,
+    /// Users this replica has seen in the line: only they can need taking
+    /// out of it when they get a backend here, so nobody else's new session
+    /// costs an API call.
+    seen: Mutex<HashSet<String>>,
+    /// When stale waiters were last cleared out.
+    pruned: Mutex<Option<Instant>>,
+}
+
 impl Line {
-    pub fn new(queue_timeout: Duration, metrics: Arc<Metrics>) -> Line {
+    pub fn new(queue_timeout: Duration, metrics: Arc<Metrics>, shared: Option<Arc<dyn SharedLine>>) -> Line {
         Line {
             waiters: Mutex::new(Vec::new()),
+            shared: shared.map(|line| Shared {
+                line,
+                seen: Mutex::new(HashSet::new()),
+                pruned: Mutex::new(None),
+            }),
             queue_timeout,
             metrics,
         }
     }
 
+    /// Whether the user may try to allocate now, with `free` backends free
+    /// (see [`Line::may_try_here`]), in the shared line when there is one.
+    pub async fn may_try(&self, user: &Identity, free: usize) -> Result<bool, AllocError> {
+        let Some(shared) = &self.shared else {
+            return Ok(self.may_try_here(&user.sub, free));
+        };
+        let order = self.shared_order(shared).await?;
+        if order.is_empty() {
+            return Ok(true);
+        }
+        let key = shared.line.key(user);
+        let index = match order.iter().position(|w| w.key == key) {
+            Some(index) => {
+                locked(&shared.seen).insert(key);
+                shared.line.renew(user, SystemTime::now()).await?;
+                index
+            }
+            None => order.len(),
+        };
+        Ok(index < free)
+    }
+
+    /// Puts the user in line (or keeps their place) and says where they stand.
+    pub async fn join(&self, user: &Identity) -> Result<Place, AllocError> {
+        let Some(shared) = &self.shared else {
+            return Ok(self.join_here(user));
+        };
+        let key = shared.line.key(user);
+        let fresh = shared.line.join(user, SystemTime::now()).await?;
+        locked(&shared.seen).insert(key.clone());
+        let order = self.shared_order(shared).await?;
+        let index = order.iter().position(|w| w.key == key).unwrap_or(order.len());
+        let place = Place {
+            position: index + 1,
+            waiting: order.len().max(index + 1),
+        };
+        if fresh {
+            queued(user, place.position);
+        }
+        Ok(place)
+    }
+
+    /// Where the user stands, if they are in the line.
+    pub async fn place(&self, user: &Identity) -> Option<Place> {
+        let Some(shared) = &self.shared else {
+            return self.place_here(&user.sub);
+        };
+        let order = match self.shared_order(shared).await {
+            Ok(order) => order,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the waiting line");
+                return None;
+            }
+        };
+        let key = shared.line.key(user);
+        let index = order.iter().position(|w| w.key == key)?;
+        Some(Place {
+            position: index + 1,
+            waiting: order.len(),
+        })
+    }
+
+    /// The user got a backend: they leave the line.
+    pub async fn leave(&self, user: &Identity) {
+        let Some(shared) = &self.shared else {
+            return self.leave_here(&user.sub);
+        };
+        let key = shared.line.key(user);
+        if !locked(&shared.seen).remove(&key) {
+            return;
+        }
+        match shared.line.leave(&key).await {
+            Ok(Some(joined)) => {
+                let waited = SystemTime::now().duration_since(joined).unwrap_or_default();
+                self.served(&user.sub, &user.email, waited);
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot leave the waiting line; it lapses after queue_timeout"),
+        }
+    }
+
+    /// Lets go of waiters who stopped asking. In the shared line any
+    /// replica may clear out anyone's stale entry, at most once per
+    /// `queue_timeout`.
+    pub async fn prune(&self) {
+        let Some(shared) = &self.shared else {
+            let mut waiters = locked(&self.waiters);
+            return self.drop_stale(&mut waiters, Instant::now());
+        };
+        {
+            let mut pruned = locked(&shared.pruned);
+            if pruned.is_some_and(|at| at.elapsed() < self.queue_timeout) {
+                return;
+            }
+            *pruned = Some(Instant::now());
+        }
+        let stale = SystemTime::now() - self.queue_timeout;
+        let waiters = match shared.line.waiters().await {
+            Ok(waiters) => waiters,
+            Err(e) => return tracing::warn!(error = %e, "cannot read the waiting line"),
+        };
+        for waiter in waiters.into_iter().filter(|w| w.last_asked <= stale) {
+            if let Ok(Some(_)) = shared.line.leave(&waiter.key).await {
+                tracing::info!(
+                    line_key = %waiter.key,
+                    waited_seconds = waiter.last_asked.duration_since(waiter.joined).unwrap_or_default().as_secs(),
+                    reason = "gone",
+                    "session dequeued"
+                );
+            }
+        }
+    }
+
+    /// How many are waiting (the shared line's length when there is one).
+    pub async fn waiting(&self) -> usize {
+        let Some(shared) = &self.shared else {
+            return self.len_here();
+        };
+        match self.shared_order(shared).await {
+            Ok(order) => order.len(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the waiting line");
+                0
+            }
+        }
+    }
+
+    /// The live waiters of the shared line, first come first: by joining
+    /// time, then key, so every replica sees one order.
+    async fn shared_order(&self, shared: &Shared) -> Result<Vec<SharedWaiter>, AllocError> {
+        let stale = SystemTime::now() - self.queue_timeout;
+        let mut order: Vec<SharedWaiter> = shared
+            .line
+            .waiters()
+            .await?
+            .into_iter()
+            .filter(|w| w.last_asked > stale)
+            .collect();
+        order.sort_by(|a, b| (a.joined, &a.key).cmp(&(b.joined, &b.key)));
+        self.metrics.users_waiting.set(order.len() as i64);
+        Ok(order)
+    }
+
+    fn served(&self, sub: &str, email: &str, waited: Duration) {
+        self.metrics.wait_seconds.observe(waited.as_secs_f64());
+        tracing::info!(
+            user_id = %telemetry::user_id(sub),
+            email = %telemetry::email(email),
+            waited_seconds = waited.as_secs(),
+            reason = "served",
+            "session dequeued"
+        );
+    }
+
     /// Whether the user may try to allocate now, with `free` backends free:
     /// the line is empty, or they stand among the first `free`. A user in
     /// the line who asks keeps their place (and is not timed out).
-    pub fn may_try(&self, sub: &str, free: usize) -> bool {
+    fn may_try_here(&self, sub: &str, free: usize) -> bool {
         let now = Instant::now();
         let mut waiters = locked(&self.waiters);
         self.drop_stale(&mut waiters, now);
@@ -76,9 +277,7 @@ impl Line {
         index < free
     }
 
-    /// Puts the user at the end of the line, or keeps their place if they
-    /// are in it, and says where they stand.
-    pub fn join(&self, identity: &Identity) -> Place {
+    fn join_here(&self, identity: &Identity) -> Place {
         let now = Instant::now();
         let mut waiters = locked(&self.waiters);
         self.drop_stale(&mut waiters, now);
@@ -94,12 +293,7 @@ impl Line {
                     joined: now,
                     last_asked: now,
                 });
-                tracing::info!(
-                    user_id = %telemetry::user_id(&identity.sub),
-                    email = %telemetry::email(&identity.email),
-                    position = waiters.len(),
-                    "session queued: no backend free"
-                );
+                queued(identity, waiters.len());
                 waiters.len() - 1
             }
         };
@@ -110,8 +304,7 @@ impl Line {
         }
     }
 
-    /// Where the user stands, if they are in the line.
-    pub fn place(&self, sub: &str) -> Option<Place> {
+    fn place_here(&self, sub: &str) -> Option<Place> {
         let waiters = locked(&self.waiters);
         let stale = self.stale_before(Instant::now());
         let live: Vec<&Waiter> = waiters.iter().filter(|w| w.last_asked > stale).collect();
@@ -122,39 +315,20 @@ impl Line {
         })
     }
 
-    /// The user got a backend (or gave one back): they leave the line.
-    pub fn leave(&self, sub: &str) {
+    fn leave_here(&self, sub: &str) {
         let mut waiters = locked(&self.waiters);
         let Some(index) = waiters.iter().position(|w| &*w.sub == sub) else {
             return;
         };
         let waiter = waiters.remove(index);
-        let waited = waiter.joined.elapsed();
-        self.metrics.wait_seconds.observe(waited.as_secs_f64());
         self.metrics.users_waiting.set(waiters.len() as i64);
-        tracing::info!(
-            user_id = %telemetry::user_id(&waiter.sub),
-            email = %telemetry::email(&waiter.email),
-            waited_seconds = waited.as_secs(),
-            reason = "served",
-            "session dequeued"
-        );
+        drop(waiters);
+        self.served(&waiter.sub, &waiter.email, waiter.joined.elapsed());
     }
 
-    /// Lets go of waiters who stopped asking (run by the reaper, and before
-    /// every decision, so a stale waiter never holds the line up).
-    pub fn prune(&self) {
-        let mut waiters = locked(&self.waiters);
-        self.drop_stale(&mut waiters, Instant::now());
-    }
-
-    pub fn len(&self) -> usize {
+    fn len_here(&self) -> usize {
         let stale = self.stale_before(Instant::now());
         locked(&self.waiters).iter().filter(|w| w.last_asked > stale).count()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     fn stale_before(&self, now: Instant) -> Instant {
@@ -183,6 +357,15 @@ impl Line {
     }
 }
 
+fn queued(user: &Identity, position: usize) {
+    tracing::info!(
+        user_id = %telemetry::user_id(&user.sub),
+        email = %telemetry::email(&user.email),
+        position,
+        "session queued: no backend free"
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -192,7 +375,7 @@ mod tests {
     }
 
     fn line() -> Line {
-        Line::new(Duration::from_secs(10), Metrics::new())
+        Line::new(Duration::from_secs(10), Metrics::new(), None)
     }
 
     #[tokio::test(start_paused = true)]
@@ -200,37 +383,37 @@ mod tests {
         let line = line();
         let (a, b, c) = (user("a"), user("b"), user("c"));
         assert_eq!(
-            line.join(&a),
+            line.join_here(&a),
             Place {
                 position: 1,
                 waiting: 1
             }
         );
         assert_eq!(
-            line.join(&b),
+            line.join_here(&b),
             Place {
                 position: 2,
                 waiting: 2
             }
         );
         assert_eq!(
-            line.join(&c),
+            line.join_here(&c),
             Place {
                 position: 3,
                 waiting: 3
             }
         );
         assert_eq!(
-            line.join(&b),
+            line.join_here(&b),
             Place {
                 position: 2,
                 waiting: 3
             },
             "asking again"
         );
-        line.leave(&a.sub);
+        line.leave_here(&a.sub);
         assert_eq!(
-            line.place(&c.sub),
+            line.place_here(&c.sub),
             Some(Place {
                 position: 2,
                 waiting: 2
@@ -241,29 +424,29 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn only_the_first_as_many_as_are_free_may_try() {
         let line = line();
-        assert!(line.may_try("sub-new", 0), "an empty line holds nobody up");
+        assert!(line.may_try_here("sub-new", 0), "an empty line holds nobody up");
         let (a, b) = (user("a"), user("b"));
-        line.join(&a);
-        line.join(&b);
-        assert!(!line.may_try(&b.sub, 1), "the second waits while one is free");
-        assert!(line.may_try(&a.sub, 1), "the head takes it");
-        assert!(line.may_try(&b.sub, 2), "with two free, the first two");
-        assert!(!line.may_try("sub-newcomer", 2), "a newcomer queues behind them");
-        assert!(line.may_try("sub-newcomer", 3));
+        line.join_here(&a);
+        line.join_here(&b);
+        assert!(!line.may_try_here(&b.sub, 1), "the second waits while one is free");
+        assert!(line.may_try_here(&a.sub, 1), "the head takes it");
+        assert!(line.may_try_here(&b.sub, 2), "with two free, the first two");
+        assert!(!line.may_try_here("sub-newcomer", 2), "a newcomer queues behind them");
+        assert!(line.may_try_here("sub-newcomer", 3));
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_waiter_who_stops_asking_leaves_and_comes_back_at_the_end() {
         let line = line();
         let (a, b) = (user("a"), user("b"));
-        line.join(&a);
-        line.join(&b);
+        line.join_here(&a);
+        line.join_here(&b);
         for _ in 0..3 {
             tokio::time::advance(Duration::from_secs(6)).await;
-            assert!(!line.may_try(&b.sub, 0), "b keeps asking");
+            assert!(!line.may_try_here(&b.sub, 0), "b keeps asking");
         }
         assert_eq!(
-            line.place(&b.sub),
+            line.place_here(&b.sub),
             Some(Place {
                 position: 1,
                 waiting: 1
@@ -271,7 +454,7 @@ mod tests {
             "a timed out"
         );
         assert_eq!(
-            line.join(&a),
+            line.join_here(&a),
             Place {
                 position: 2,
                 waiting: 2

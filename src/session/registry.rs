@@ -70,8 +70,8 @@ impl Registry {
     pub fn new(allocator: Arc<dyn Allocator>, metrics: Arc<Metrics>, queue_timeout: Duration) -> Self {
         Registry {
             sessions: FastMap::default(),
+            line: Line::new(queue_timeout, metrics.clone(), allocator.shared_line()),
             allocator,
-            line: Line::new(queue_timeout, metrics.clone()),
             metrics,
         }
     }
@@ -138,8 +138,8 @@ impl Registry {
                     }
                     None => {
                         // Fair: nobody overtakes the line for a free backend.
-                        if !self.line.may_try(&identity.sub, self.allocator.capacity().ready) {
-                            return Err(SessionError::Waiting(self.line.join(identity)));
+                        if !self.line.may_try(identity, self.allocator.capacity().ready).await? {
+                            return Err(SessionError::Waiting(self.line.join(identity).await?));
                         }
                         let started = Instant::now();
                         let allocated = self.allocator.allocate(identity).await;
@@ -173,7 +173,7 @@ impl Registry {
                         *slot = Slot::Ready(session.clone());
                     }
                 }
-                self.line.leave(&identity.sub);
+                self.line.leave(identity).await;
                 self.metrics.sessions_active.set(self.sessions.len() as i64);
                 Ok(session.clone())
             }
@@ -183,7 +183,10 @@ impl Registry {
                 self.sessions
                     .remove_if(&identity.sub, |_, s| s.is_cell(&cell) && s.session().is_none());
                 if matches!(e, SessionError::Alloc(AllocError::NoCapacity)) {
-                    return Err(SessionError::Waiting(self.line.join(identity)));
+                    return Err(match self.line.join(identity).await {
+                        Ok(place) => SessionError::Waiting(place),
+                        Err(e) => SessionError::Alloc(e),
+                    });
                 }
                 Err(e)
             }

@@ -12,6 +12,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
+use k8s_openapi::api::coordination::v1::Lease;
 use kube::Resource;
 use session_router::allocator::agones::types::{GameServer, GameServerAllocation};
 
@@ -81,6 +82,7 @@ fn resource_of(type_name: &str, file: &str) -> (String, String) {
             GameServerAllocation::group(&()).into(),
             GameServerAllocation::plural(&()).into(),
         ),
+        "Lease" => (Lease::group(&()).into(), <Lease as Resource>::plural(&()).into()),
         other => panic!("{file}: Api<{other}> is new to tests/manifests/code.rs: add its resource there"),
     }
 }

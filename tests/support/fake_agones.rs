@@ -11,7 +11,10 @@
 //!   delete (with a `resourceVersion` precondition → 409 on mismatch);
 //! - `resourceVersion` bumped on every change, errors as JSON `Status`;
 //! - the allocator service's `POST /gameserverallocation` with its 200 /
-//!   429 / 409 / 400 bodies.
+//!   429 / 409 / 400 bodies;
+//! - `coordination.k8s.io/v1` Leases (the shared waiting line): list (label
+//!   selectors), create (409 `AlreadyExists` for a taken name), merge patch,
+//!   delete (the deleted object back).
 //!
 //! Every request is recorded, so tests can assert which calls were made.
 //! Faults can be switched on: an outage (`set_down`), a slow server
@@ -66,6 +69,7 @@ struct Inner {
     /// Right after answering the next list, this GameServer is adopted by
     /// this email, as another replica racing the lister would.
     adopt_after_list: Option<(String, String)>,
+    leases: BTreeMap<String, Value>,
 }
 
 struct World {
@@ -109,6 +113,14 @@ impl FakeAgones {
                 get(get_one).patch(patch_one).delete(delete_one),
             )
             .route("/gameserverallocation", post(service_allocation))
+            .route(
+                "/apis/coordination.k8s.io/v1/namespaces/{ns}/leases",
+                get(list_leases).post(create_lease),
+            )
+            .route(
+                "/apis/coordination.k8s.io/v1/namespaces/{ns}/leases/{name}",
+                axum::routing::patch(patch_lease).delete(delete_lease),
+            )
             .fallback(|| async { status_error(404, "NotFound", "the server could not find the requested resource") })
             .layer(axum::middleware::from_fn_with_state(world.clone(), record))
             .with_state(world.clone());
@@ -211,6 +223,17 @@ impl FakeAgones {
     /// (as [`FakeAgones::allocate_directly`]): another replica won a race.
     pub fn adopt_after_next_list(&self, name: &str, email: &str) {
         self.inner().adopt_after_list = Some((name.to_string(), email.to_string()));
+    }
+
+    /// Names of the Leases in the waiting line, in the order they joined.
+    pub fn line(&self) -> Vec<String> {
+        let inner = self.inner();
+        let mut leases: Vec<&Value> = inner.leases.values().collect();
+        leases.sort_by_key(|l| l["spec"]["acquireTime"].as_str().unwrap_or_default().to_string());
+        leases
+            .iter()
+            .map(|l| l["metadata"]["name"].as_str().unwrap().to_string())
+            .collect()
     }
 
     /// Sets an annotation as another replica (or operator) would.
@@ -738,4 +761,97 @@ async fn delete_one(
     }
     change(&world, &mut inner, "DELETED", &name, None);
     axum::Json(gs).into_response()
+}
+
+fn lease_not_found(name: &str) -> Response {
+    status_error(
+        404,
+        "NotFound",
+        &format!("leases.coordination.k8s.io {name:?} not found"),
+    )
+}
+
+async fn list_leases(
+    State(world): State<Arc<World>>,
+    Path(ns): Path<String>,
+    Query(query): Query<BTreeMap<String, String>>,
+) -> Response {
+    let selector = query.get("labelSelector").cloned().unwrap_or_default();
+    let inner = world.inner.lock().unwrap();
+    let items: Vec<Value> = inner
+        .leases
+        .values()
+        .filter(|l| ns == NAMESPACE && selector_matches(l, &selector))
+        .cloned()
+        .collect();
+    axum::Json(json!({
+        "apiVersion": "coordination.k8s.io/v1", "kind": "LeaseList",
+        "metadata": {"resourceVersion": inner.rv.to_string()},
+        "items": items,
+    }))
+    .into_response()
+}
+
+async fn create_lease(State(world): State<Arc<World>>, Path(ns): Path<String>, body: Bytes) -> Response {
+    let Ok(mut lease) = serde_json::from_slice::<Value>(&body) else {
+        return status_error(400, "BadRequest", "invalid JSON");
+    };
+    let Some(name) = lease["metadata"]["name"].as_str().map(str::to_string) else {
+        return status_error(
+            422,
+            "Invalid",
+            "Lease.coordination.k8s.io is invalid: metadata.name: Required value",
+        );
+    };
+    let mut inner = world.inner.lock().unwrap();
+    if inner.leases.contains_key(&name) {
+        return status_error(
+            409,
+            "AlreadyExists",
+            &format!("leases.coordination.k8s.io {name:?} already exists"),
+        );
+    }
+    inner.rv += 1;
+    lease["apiVersion"] = json!("coordination.k8s.io/v1");
+    lease["kind"] = json!("Lease");
+    lease["metadata"]["namespace"] = json!(ns);
+    lease["metadata"]["uid"] = json!(format!("uid-lease-{name}"));
+    lease["metadata"]["resourceVersion"] = json!(inner.rv.to_string());
+    inner.leases.insert(name, lease.clone());
+    (StatusCode::CREATED, axum::Json(lease)).into_response()
+}
+
+async fn patch_lease(
+    State(world): State<Arc<World>>,
+    Path((ns, name)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let merge_patch = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| t.starts_with("application/merge-patch+json"));
+    if !merge_patch {
+        return status_error(415, "UnsupportedMediaType", "only merge patches are served here");
+    }
+    let Ok(patch) = serde_json::from_slice::<Value>(&body) else {
+        return status_error(400, "BadRequest", "invalid JSON");
+    };
+    let mut inner = world.inner.lock().unwrap();
+    inner.rv += 1;
+    let rv = inner.rv;
+    let Some(lease) = inner.leases.get_mut(&name).filter(|_| ns == NAMESPACE) else {
+        return lease_not_found(&name);
+    };
+    merge(lease, &patch);
+    lease["metadata"]["resourceVersion"] = json!(rv.to_string());
+    axum::Json(lease.clone()).into_response()
+}
+
+async fn delete_lease(State(world): State<Arc<World>>, Path((ns, name)): Path<(String, String)>) -> Response {
+    let mut inner = world.inner.lock().unwrap();
+    match inner.leases.remove(&name).filter(|_| ns == NAMESPACE) {
+        Some(lease) => axum::Json(lease).into_response(),
+        None => lease_not_found(&name),
+    }
 }

@@ -17,6 +17,7 @@
 
 pub mod address;
 pub mod label;
+mod line;
 mod transport;
 pub mod types;
 
@@ -59,6 +60,8 @@ pub struct Agones {
     transport: Transport,
     cache: Store<GameServer>,
     cache_ready: Arc<AtomicBool>,
+    /// The waiting line every replica shares.
+    line: Arc<line::LeaseLine>,
     /// The watch feeding `cache`; stopped when the allocator is dropped.
     watch: tokio::task::JoinHandle<()>,
     metrics: Arc<Metrics>,
@@ -125,6 +128,12 @@ impl Agones {
         let client =
             kube::Client::try_from(kube_config).map_err(|e| backend_error(format!("Kubernetes client: {e}")))?;
         let gameservers: Api<GameServer> = Api::namespaced(client.clone(), &config.namespace);
+        let line = Arc::new(line::LeaseLine::new(
+            Api::namespaced(client.clone(), &config.namespace),
+            &config.fleet,
+            config.api_timeout,
+            metrics.clone(),
+        ));
         let transport = match kind {
             BackendKind::AgonesAllocator => Transport::allocator_service(config)?,
             _ => Transport::kubernetes(client, config),
@@ -156,6 +165,7 @@ impl Agones {
             config: config.clone(),
             gameservers,
             transport,
+            line,
             cache,
             cache_ready,
             watch,
@@ -191,25 +201,7 @@ impl Agones {
         what: &str,
         call: impl std::future::Future<Output = kube::Result<T>>,
     ) -> Result<T, CallError> {
-        let result = tokio::time::timeout(self.config.api_timeout, call).await;
-        let (outcome, error) = match result {
-            Ok(Ok(value)) => {
-                self.metrics.kube_call(verb, "ok");
-                return Ok(value);
-            }
-            Ok(Err(kube::Error::Api(status))) if status.code == 404 => ("not_found", CallError::NotFound),
-            Ok(Err(kube::Error::Api(status))) if status.code == 409 => ("conflict", CallError::Conflict),
-            Ok(Err(e)) => ("error", CallError::Failed(backend_error(format!("{what}: {e}")))),
-            Err(_) => (
-                "timeout",
-                CallError::Failed(backend_error(format!(
-                    "{what}: no answer within {:?}",
-                    self.config.api_timeout
-                ))),
-            ),
-        };
-        self.metrics.kube_call(verb, outcome);
-        Err(error)
+        call_api(self.config.api_timeout, &self.metrics, verb, what, call).await
     }
 
     async fn get(&self, name: &str) -> Result<Option<GameServer>, AllocError> {
@@ -413,6 +405,33 @@ impl Agones {
     }
 }
 
+/// One Kubernetes call, bounded by `timeout` and counted by verb; 404 and
+/// 409 are told apart for callers that take them as outcomes.
+async fn call_api<T>(
+    timeout: Duration,
+    metrics: &Metrics,
+    verb: &str,
+    what: &str,
+    call: impl std::future::Future<Output = kube::Result<T>>,
+) -> Result<T, CallError> {
+    let result = tokio::time::timeout(timeout, call).await;
+    let (outcome, error) = match result {
+        Ok(Ok(value)) => {
+            metrics.kube_call(verb, "ok");
+            return Ok(value);
+        }
+        Ok(Err(kube::Error::Api(status))) if status.code == 404 => ("not_found", CallError::NotFound),
+        Ok(Err(kube::Error::Api(status))) if status.code == 409 => ("conflict", CallError::Conflict),
+        Ok(Err(e)) => ("error", CallError::Failed(backend_error(format!("{what}: {e}")))),
+        Err(_) => (
+            "timeout",
+            CallError::Failed(backend_error(format!("{what}: no answer within {timeout:?}"))),
+        ),
+    };
+    metrics.kube_call(verb, outcome);
+    Err(error)
+}
+
 /// A user's Allocated servers, oldest first.
 #[derive(Default)]
 struct Holdings {
@@ -595,6 +614,10 @@ impl Allocator for Agones {
             Err(_) => self.metrics.release(reason, false),
         }
         deleted.map(|d| matches!(d, Deleted::Now))
+    }
+
+    fn shared_line(&self) -> Option<Arc<dyn crate::session::line::SharedLine>> {
+        Some(self.line.clone())
     }
 
     fn held_since(&self, lease: &Lease) -> Option<SystemTime> {
