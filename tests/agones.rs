@@ -436,9 +436,9 @@ fn allocation_calls(fake: &FakeAgones) -> usize {
 async fn a_legacy_gameserver_is_adopted_by_the_user_whose_label_it_carries() {
     let issuer = IapIssuer::start().await;
     let (_pods, fake) = fleet(2).await;
-    // Allocated long before the cut-over: the sweep would take it as idle,
-    // but the user's return stamps it as active.
-    fake.allocate_legacy("gs-2", "alice@example.com", a_while_ago(3600));
+    // Allocated before the cut-over (not yet idle: an idle one may be swept
+    // before she returns); adoption stamps it as active.
+    fake.allocate_legacy("gs-2", "alice@example.com", a_while_ago(20));
     let a = TestRouter::agones(&issuer, &fake, "agones", "idle_timeout = \"30s\"", "").await;
     let b = TestRouter::agones(&issuer, &fake, "agones", "idle_timeout = \"30s\"", "").await;
     assert_eq!(pod_of(&a, &issuer.user("alice")).await, "pod-2");

@@ -97,6 +97,40 @@ async fn with_nobody_waiting_the_fleet_is_sized_to_its_allocated_servers_plus_th
 }
 
 #[tokio::test]
+async fn a_waiting_user_makes_the_fleet_grow_and_then_gets_a_server() {
+    let issuer = IapIssuer::start().await;
+    let fake = FakeAgones::start().await;
+    let router = webhook_router(&issuer, &fake, "buffer = 0").await;
+    wait_for_a_server(&router, &issuer, "alice").await;
+    let response = decide(&router, review("u-1", 0, 0)).await;
+    assert_eq!(
+        (response["scale"].as_bool(), response["replicas"].as_u64()),
+        (Some(true), Some(1))
+    );
+    // Agones scales the Fleet to 1: its new GameServer becomes Ready.
+    let pod = support::DemoPod::start("pod-new").await.unwrap();
+    fake.add_ready("gs-new", pod.addr);
+    let served = support::eventually(std::time::Duration::from_secs(5), || async {
+        client()
+            .get(router.url("/whoami"))
+            .header(ASSERTION, issuer.user("alice"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            == 200
+    })
+    .await;
+    assert!(served, "the waiting user never got the new server");
+    assert_eq!(router.state.registry.line().waiting().await, 0);
+    let settled = decide(&router, review("u-2", 1, 1)).await;
+    assert_eq!(
+        (settled["scale"].as_bool(), settled["replicas"].as_u64()),
+        (Some(false), Some(1))
+    );
+}
+
+#[tokio::test]
 async fn users_waiting_on_another_replica_count_too() {
     let issuer = IapIssuer::start().await;
     let fake = FakeAgones::start().await;
