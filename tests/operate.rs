@@ -38,18 +38,23 @@ fn sample(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]
         .sum()
 }
 
+/// A static-pool router in front of `pod` with its metrics listener on.
+async fn metered_router(issuer: &IapIssuer, pod: &support::DemoPod, more: &str) -> TestRouter {
+    let text = support::static_config(
+        issuer,
+        r#"metrics_listen = "127.0.0.1:0""#,
+        "",
+        more,
+        &support::upstream_list(&[pod]),
+    );
+    TestRouter::start(&text).await
+}
+
 #[tokio::test]
 async fn metrics_move_with_the_traffic_and_live_only_on_their_own_port() {
     let issuer = IapIssuer::start().await;
     let pods = pods(1).await;
-    let text = support::static_config(
-        &issuer,
-        r#"metrics_listen = "127.0.0.1:0""#,
-        "",
-        "[session]\nidle_timeout = \"1s\"",
-        &support::upstream_list(&[&pods[0]]),
-    );
-    let router = TestRouter::start(&text).await;
+    let router = metered_router(&issuer, &pods[0], "[session]\nidle_timeout = \"1s\"").await;
     let alice = issuer.user("alice");
 
     // An allocation and a proxied request.
@@ -388,14 +393,7 @@ async fn a_release_logs_the_held_and_active_seconds_for_gpu_hours() {
 async fn held_time_is_counted_by_release_reason() {
     let issuer = IapIssuer::start().await;
     let pods = pods(1).await;
-    let text = support::static_config(
-        &issuer,
-        r#"metrics_listen = "127.0.0.1:0""#,
-        "",
-        "",
-        &support::upstream_list(&[&pods[0]]),
-    );
-    let router = TestRouter::start(&text).await;
+    let router = metered_router(&issuer, &pods[0], "").await;
     let token = issuer.user("alice");
     let seen = client()
         .get(router.url("/whoami"))

@@ -131,9 +131,20 @@ impl Line {
             return Ok(self.join_here(user));
         };
         let key = shared.line.key(user);
-        let fresh = shared.line.join(user, SystemTime::now()).await?;
-        locked(&shared.seen).insert(key.clone());
-        let order = self.shared_order(shared).await?;
+        // Seen in line here (its `may_try` just renewed the place): one list
+        // says where; only a place cleared meanwhile is taken anew.
+        let known = locked(&shared.seen).contains(&key);
+        let mut order = if known {
+            self.shared_order(shared).await?
+        } else {
+            Vec::new()
+        };
+        let mut fresh = false;
+        if !order.iter().any(|w| w.key == key) {
+            fresh = shared.line.join(user, SystemTime::now()).await?;
+            locked(&shared.seen).insert(key.clone());
+            order = self.shared_order(shared).await?;
+        }
         let index = order.iter().position(|w| w.key == key).unwrap_or(order.len());
         let place = Place {
             position: index + 1,
@@ -206,12 +217,8 @@ impl Line {
         };
         for waiter in waiters.into_iter().filter(|w| w.last_asked <= stale) {
             if let Ok(Some(_)) = shared.line.leave(&waiter.key).await {
-                tracing::info!(
-                    line_key = %waiter.key,
-                    waited_seconds = waiter.last_asked.duration_since(waiter.joined).unwrap_or_default().as_secs(),
-                    reason = "gone",
-                    "session dequeued"
-                );
+                let waited = waiter.last_asked.duration_since(waiter.joined).unwrap_or_default();
+                dequeued(None, &waiter.key, waited, "gone");
             }
         }
     }
@@ -248,13 +255,7 @@ impl Line {
 
     fn served(&self, sub: &str, email: &str, waited: Duration) {
         self.metrics.wait_seconds.observe(waited.as_secs_f64());
-        tracing::info!(
-            user_id = %telemetry::user_id(sub),
-            email = %telemetry::email(email),
-            waited_seconds = waited.as_secs(),
-            reason = "served",
-            "session dequeued"
-        );
+        dequeued(Some((sub, email)), "", waited, "served");
     }
 
     /// Whether the user may try to allocate now, with `free` backends free:
@@ -341,13 +342,7 @@ impl Line {
         waiters.retain(|w| {
             let live = w.last_asked > stale;
             if !live {
-                tracing::info!(
-                    user_id = %telemetry::user_id(&w.sub),
-                    email = %telemetry::email(&w.email),
-                    waited_seconds = w.joined.elapsed().as_secs(),
-                    reason = "gone",
-                    "session dequeued"
-                );
+                dequeued(Some((&w.sub, &w.email)), "", w.joined.elapsed(), "gone");
             }
             live
         });
@@ -355,6 +350,19 @@ impl Line {
             self.metrics.users_waiting.set(waiters.len() as i64);
         }
     }
+}
+
+/// One `session dequeued` line: the user as logs may show them, or (a
+/// stale place in the shared line) only its key.
+fn dequeued(user: Option<(&str, &str)>, line_key: &str, waited: Duration, reason: &'static str) {
+    tracing::info!(
+        user_id = user.map(|(sub, _)| telemetry::user_id(sub)),
+        email = user.map(|(_, email)| telemetry::email(email)),
+        line_key = (!line_key.is_empty()).then_some(line_key),
+        waited_seconds = waited.as_secs(),
+        reason,
+        "session dequeued"
+    );
 }
 
 fn queued(user: &Identity, position: usize) {
