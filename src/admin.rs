@@ -108,12 +108,20 @@ pub async fn view(State(state): Shared, headers: HeaderMap) -> Result<Response, 
     let rows = rows(&state);
     let capacity = state.registry.allocator().capacity();
     let waiting = state.registry.line().waiting().await;
+    let down: Vec<String> = state
+        .registry
+        .allocator()
+        .down()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
     if !pages::wants_html(&headers) {
         return Ok(Json(json!({
             "backend": state.config.backend.kind.label(),
             "sessions": rows,
             "capacity": capacity,
             "waiting_on_this_replica": waiting,
+            "down": down,
         }))
         .into_response());
     }
@@ -122,11 +130,13 @@ pub async fn view(State(state): Shared, headers: HeaderMap) -> Result<Response, 
         capacity,
         waiting,
         state.config.session.idle_timeout.as_secs(),
+        &down,
     ))
     .into_response())
 }
 
-fn page(rows: &[Row], capacity: Capacity, waiting: usize, idle_timeout: u64) -> String {
+/// `down`: backends that do not answer, as `name (host:port)`.
+fn page(rows: &[Row], capacity: Capacity, waiting: usize, idle_timeout: u64, down: &[String]) -> String {
     let dash = || "—".to_string();
     let body_rows: String = rows
         .iter()
@@ -154,9 +164,18 @@ fn page(rows: &[Row], capacity: Capacity, waiting: usize, idle_timeout: u64) -> 
 {body_rows}</table>"#
         )
     };
+    let down = if down.is_empty() {
+        String::new()
+    } else {
+        let names: Vec<String> = down.iter().map(|d| escape(d)).collect();
+        format!(
+            "<p><strong>Not answering</strong> (skipped for new users until a probe finds them up): {}</p>\n",
+            names.join(", ")
+        )
+    };
     let body = format!(
         r#"<p>Backends: {ready} ready, {allocated} allocated, {reserved} reserved, {total} in all. Users waiting on this replica: {waiting}. Idle timeout: {idle_timeout} s.</p>
-{table}
+{down}{table}
 <p class="muted">Release deletes the user's backend now (reason <code>admin</code>); the fleet replaces it.</p>"#,
         ready = capacity.ready,
         allocated = capacity.allocated,

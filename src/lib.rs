@@ -51,7 +51,7 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 
 use crate::allocator::agones::Agones;
-use crate::allocator::{AllocError, Allocator, StaticPool};
+use crate::allocator::{AllocError, Allocator, Probe, StaticPool};
 use crate::config::{BackendKind, Config};
 use crate::metrics::Metrics;
 use crate::server::AppState;
@@ -69,12 +69,15 @@ pub(crate) fn locked<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_
     mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Why the router could not run.
+/// Why the router could not run. Each variant says what failed and leaves
+/// the cause to its `source()`: the binary prints the whole chain
+/// (`cannot serve: cannot listen on …: Address already in use`), and a
+/// cause also written into the message would be printed twice.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    #[error("cannot connect the backend: {0}")]
+    #[error("cannot connect the backend")]
     Backend(#[from] AllocError),
-    #[error("cannot serve: {0}")]
+    #[error("cannot serve")]
     Io(#[from] std::io::Error),
 }
 
@@ -90,7 +93,13 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Ou
 pub async fn build(config: Config) -> Result<AppState, AllocError> {
     let metrics = Metrics::new();
     let allocator: Arc<dyn Allocator> = match config.backend.kind {
-        BackendKind::Static => Arc::new(StaticPool::new(&config.backend.static_pool.upstreams)),
+        BackendKind::Static => {
+            let pool = &config.backend.static_pool;
+            Arc::new(StaticPool::new(&pool.upstreams).probing(Probe {
+                interval: pool.probe_interval,
+                timeout: config.backend.connect_timeout.min(pool.probe_interval),
+            }))
+        }
         kind @ (BackendKind::Agones | BackendKind::AgonesAllocator) => {
             Arc::new(Agones::connect(&config.backend.agones, kind, metrics.clone()).await?)
         }

@@ -26,16 +26,22 @@ struct Cli {
 enum Command {
     /// Run the router (production).
     Serve {
+        /// The TOML config file (keys: README, "Configuration"); the cookie
+        /// secret comes from SESSION_ROUTER_COOKIE_SECRET.
         #[arg(long, default_value = "/etc/session-router/config.toml")]
         config: PathBuf,
     },
     /// Validate a config file and print the effective configuration.
     CheckConfig {
+        /// The TOML config file to check, with SESSION_ROUTER_COOKIE_SECRET
+        /// from the environment as `serve` would read it.
         #[arg(long)]
         config: PathBuf,
     },
     /// Run a local demo: dev sign-in and stand-in WebUI pods on loopback.
     Demo {
+        /// Address:port the demo router listens on; loopback only (its
+        /// sign-in page trusts any name).
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: SocketAddr,
         /// Number of stand-in pods.

@@ -28,8 +28,9 @@ const LATENCY_BUCKETS: &[f64] = &[
 /// Waiting for a GPU can take many minutes.
 const WAIT_BUCKETS: &[f64] = &[1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 3600.0];
 
-/// Every `kind` label of `requests`.
-pub const REQUEST_KINDS: [&str; 3] = ["proxied", "router", "health"];
+/// Every `kind` label of `requests`; `unparsed`: refused before the
+/// request could be read (malformed or over-long heads).
+pub const REQUEST_KINDS: [&str; 4] = ["proxied", "router", "health", "unparsed"];
 const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
 /// Every `outcome` of `autoscaler_reviews`: answered with a new size, answered
@@ -73,6 +74,9 @@ pub struct Metrics {
     /// Upstream connections kept open for reuse, read from the pool when
     /// scraped.
     pub upstream_idle_connections: Arc<Sampled>,
+    /// Backends known not to answer (static upstreams that refused a
+    /// connection or a probe), read from the allocator when scraped.
+    pub upstreams_down: Arc<Sampled>,
     /// The Fleet size the FleetAutoscaler webhook last answered.
     pub autoscaler_desired_replicas: IntGauge,
     /// FleetAutoscaler reviews, by `outcome`: [`AUTOSCALER_OUTCOMES`].
@@ -84,7 +88,7 @@ pub struct Metrics {
 
 struct HotSeries {
     /// `requests` by [`REQUEST_KINDS`] index, then status class.
-    requests: [[IntCounter; 5]; 3],
+    requests: [[IntCounter; 5]; 4],
     to_upstream: IntCounter,
     to_client: IntCounter,
     token_cached: IntCounter,
@@ -282,6 +286,11 @@ impl Metrics {
                 &r,
                 "session_router_upstream_idle_connections",
                 "Upstream connections kept open for reuse.",
+            ),
+            upstreams_down: sampled(
+                &r,
+                "session_router_upstreams_down",
+                "Backends known not to answer (skipped for new users).",
             ),
             autoscaler_desired_replicas: gauge(
                 &r,

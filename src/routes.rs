@@ -66,7 +66,9 @@ where
     };
     let first = state.forwarder.forward(request, exchange).await;
     let mut response = match first {
-        Err(unreachable @ ProxyError::Connect { .. }) if replaceable => {
+        // The allocator learns of every refusal (a static pool marks the box
+        // down) and says whether the user moves off it.
+        Err(unreachable @ ProxyError::Connect { .. }) if state.registry.allocator().refused(&session.lease) => {
             // Boxed: rare, and it would make every request's future larger.
             let (replaced, response) =
                 Box::pin(replace_dead_backend(state, &identity, exchange, unreachable, replay)).await?;
@@ -134,13 +136,23 @@ pub async fn healthz() -> &'static str {
     "ok\n"
 }
 
-/// Ready once tokens can be verified and the backend can be asked.
+/// Ready once tokens can be verified and the backend can be asked. The
+/// body names the backends that do not answer (by their ids only): one
+/// dead box among several is news for the operator, not a reason to take
+/// this replica out of the load balancer.
 pub async fn readyz(State(state): Shared) -> Response {
-    if state.auth.is_ready() && state.registry.allocator().is_ready() {
-        (StatusCode::OK, "ready\n").into_response()
+    let allocator = state.registry.allocator();
+    let (status, mut body) = if state.auth.is_ready() && allocator.is_ready() {
+        (StatusCode::OK, "ready\n".to_string())
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".to_string())
+    };
+    let down = allocator.down();
+    if !down.is_empty() {
+        let names: Vec<&str> = down.iter().map(|lease| &*lease.backend).collect();
+        body.push_str(&format!("down: {}\n", names.join(" ")));
     }
+    (status, body).into_response()
 }
 
 /// The signed-in user's session, as JSON or as a small page.

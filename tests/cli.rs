@@ -219,3 +219,135 @@ upstreams = ["http://127.0.0.1:9"]
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+fn check_config(text: &str, secret: Option<&str>) -> std::process::Output {
+    let file = config_file(text);
+    let mut command = Command::new(BIN);
+    command.args(["check-config", "--config"]).arg(&file.0);
+    match secret {
+        Some(secret) => command.env(SECRET_ENV, secret),
+        None => command.env_remove(SECRET_ENV),
+    };
+    command.output().unwrap()
+}
+
+#[test]
+fn a_toml_syntax_error_says_at_which_line_and_column() {
+    let output = check_config(
+        "[server]\nlisten = \"127.0.0.1:8080\"\ndrain_timeout = 30s\n",
+        Some(SECRET),
+    );
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("not valid TOML at line 3, column 19: expected newline"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_url_with_a_port_out_of_range_fails_naming_its_key() {
+    let output = check_config(
+        "[server]\nlisten = \"127.0.0.1:8080\"\n[auth]\nmode = \"dev\"\n[backend.static]\nupstreams = [\"http://127.0.0.1:7860\", \"http://gpu-box:99999\"]\n",
+        None,
+    );
+    assert!(!output.status.success(), "{}", String::from_utf8_lossy(&output.stdout));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.starts_with("backend.static.upstreams[1]: ") && l.contains("\"99999\" is not a port")),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn the_printed_effective_configuration_passes_check_config_when_fed_back() {
+    let mut configs: Vec<(String, String)> = std::fs::read_dir("config")
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|e| e == "toml"))
+        .map(|path| (path.display().to_string(), std::fs::read_to_string(&path).unwrap()))
+        .collect();
+    configs.push((
+        "dev mode, an IPv6 upstream".into(),
+        "[auth]\nmode = \"dev\"\n[server]\nlisten = \"127.0.0.1:8080\"\n[backend.static]\nupstreams = [\"http://[::1]:7860\"]\n"
+            .into(),
+    ));
+    assert!(configs.len() >= 4);
+    for (name, text) in configs {
+        let first = check_config(&text, Some(SECRET));
+        assert!(
+            first.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&first.stderr)
+        );
+        let printed = String::from_utf8(first.stdout).unwrap();
+        let again = check_config(&printed, Some(SECRET));
+        assert!(
+            again.status.success(),
+            "{name}: the printed configuration is refused:\n{}\n{printed}",
+            String::from_utf8_lossy(&again.stderr)
+        );
+        let reprinted = String::from_utf8(again.stdout).unwrap();
+        let body = |text: &str| text.lines().skip(1).collect::<Vec<_>>().join("\n");
+        assert_eq!(body(&reprinted), body(&printed), "{name}: not the same configuration");
+    }
+}
+
+#[test]
+fn check_config_says_where_the_cookie_secret_came_from() {
+    let dev = "[server]\nlisten = \"127.0.0.1:8080\"\n[auth]\nmode = \"dev\"\n[backend.static]\nupstreams = [\"http://127.0.0.1:7860\"]\n";
+    let unset = check_config(dev, None);
+    assert!(unset.status.success());
+    let stdout = String::from_utf8_lossy(&unset.stdout);
+    assert!(
+        stdout.contains(&format!("{SECRET_ENV} is not set")) && !stdout.contains(&format!("from {SECRET_ENV}")),
+        "{stdout}"
+    );
+    let set = check_config(dev, Some(SECRET));
+    let stdout = String::from_utf8_lossy(&set.stdout);
+    assert!(
+        stdout.contains(&format!("{} bytes from {SECRET_ENV} (redacted)", SECRET.len())),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn a_failure_to_start_prints_its_cause_once() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let file = config_file(&format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:{port}\"\n[auth]\nmode = \"dev\"\n[backend.static]\nupstreams = [\"http://127.0.0.1:9\"]\n"
+    ));
+    let output = Command::new(BIN)
+        .args(["--log-format", "text", "serve", "--config"])
+        .arg(&file.0)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let last = stderr.lines().last().unwrap_or_default();
+    assert_eq!(last.matches("Address already in use").count(), 1, "{stderr}");
+    assert!(
+        last.contains(&format!("cannot listen on 127.0.0.1:{port} (server.metrics_listen)")),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn every_option_has_help_text() {
+    for command in ["serve", "check-config", "demo"] {
+        let output = Command::new(BIN).args([command, "--help"]).output().unwrap();
+        let help = String::from_utf8_lossy(&output.stdout);
+        for line in help.lines().filter(|l| l.trim_start().starts_with("--")) {
+            let option = line.split_whitespace().next().unwrap();
+            if option == "--help" || option == "--version" {
+                continue;
+            }
+            let help_text = line.split_whitespace().skip(2).collect::<Vec<_>>().join(" ");
+            let described = !help_text.is_empty() && !help_text.starts_with("[default:");
+            assert!(described, "{command} {option} has no help text:\n{help}");
+        }
+    }
+}

@@ -411,6 +411,7 @@ fn toml_value() -> impl Strategy<Value = String> {
             Just("agones"),
             Just("agones-allocator"),
             Just("http://127.0.0.1:1"),
+            Just("http://127.0.0.1:99999"),
             Just("https://x"),
             Just("/projects/1/global/backendServices/2"),
             Just("0.0.0.0:8080"),
@@ -443,6 +444,7 @@ const SECTIONS: &[(&str, &[&str])] = &[
             "max_uri_bytes",
             "allowed_origins",
             "autoscaler_listen",
+            "behind_load_balancer",
             "typo",
         ],
     ),
@@ -474,7 +476,7 @@ const SECTIONS: &[(&str, &[&str])] = &[
     ),
     ("autoscaler", &["buffer", "min_replicas", "max_replicas"]),
     ("backend", &["kind", "connect_timeout"]),
-    ("backend.static", &["upstreams"]),
+    ("backend.static", &["upstreams", "probe_interval"]),
     (
         "backend.agones",
         &[
@@ -531,11 +533,16 @@ proptest! {
         text in config_document(),
         secret in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..48)),
     ) {
-        let (loaded, bytes) = allocated_by(|| Config::from_toml(&text, secret));
+        let (loaded, bytes) = allocated_by(|| Config::from_toml(&text, secret.clone()));
         prop_assert!(bytes < 1 << 20, "{bytes} bytes for {} bytes of config", text.len());
         match loaded {
             Ok(config) => {
-                let _ = config.render();
+                // What check-config prints is a config meaning the same.
+                let rendered = config.render();
+                match Config::from_toml(&rendered, secret) {
+                    Ok(again) => prop_assert_eq!(again.render(), rendered),
+                    Err(e) => prop_assert!(false, "{e}\nin the rendering of\n{text}\n---\n{rendered}"),
+                }
             }
             Err(e) => {
                 // Every problem names a key and a reason.

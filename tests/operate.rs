@@ -524,3 +524,144 @@ async fn an_admin_sees_every_replicas_sessions_and_can_release_one() {
         "{scraped}"
     );
 }
+
+/// Sends `raw` on a fresh connection and returns the status of the answer.
+async fn raw_status(addr: &str, raw: &[u8]) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(raw).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await;
+    let text = String::from_utf8_lossy(&answer);
+    text.get(9..12)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {text:?}"))
+}
+
+#[tokio::test]
+async fn access_lines_name_the_user_the_client_behind_the_load_balancer_and_every_refusal() {
+    let issuer = IapIssuer::start().await;
+    let pods = pods(1).await;
+    let secret = "log-test-secret-0123456789-abcdefghijklmnop";
+    let config_path =
+        std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("access-{}.toml", std::process::id()));
+    std::fs::write(
+        &config_path,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\ndrain_timeout = \"1s\"\nmax_uri_bytes = 2048\n[auth]\naudiences = [\"{aud}\"]\njwks_url = \"{jwks}\"\n[log]\nformat = \"json\"\n[backend.static]\nupstreams = [{up}]\n",
+            aud = support::AUDIENCE,
+            jwks = issuer.jwks_url(),
+            up = support::upstream_list(&[&pods[0]]),
+        ),
+    )
+    .unwrap();
+    let RouterProcess {
+        mut child,
+        rx,
+        mut lines,
+        addr,
+    } = RouterProcess::start(&config_path, secret);
+    // Logged once the router runs, after "session-router listening".
+    let metrics_addr = loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("metrics address logged");
+        let parsed: Value = serde_json::from_str(&line).unwrap();
+        lines.push(line);
+        if parsed["message"] == "metrics listening" {
+            break parsed["listen"].as_str().unwrap().to_string();
+        }
+    };
+    let alice = issuer.user("alice");
+    let get = |path: &str, token: Option<&str>, forwarded: &str| {
+        let mut request = client().get(format!("http://{addr}{path}"));
+        if let Some(token) = token {
+            request = request.header(ASSERTION, token);
+        }
+        if !forwarded.is_empty() {
+            request = request.header("x-forwarded-for", forwarded);
+        }
+        request.send()
+    };
+    // Through the load balancer, which appends `<client>, <itself>` to what
+    // the client wrote (here a forged address).
+    let served = get("/whoami?n=1", Some(&alice), "6.6.6.6, 203.0.113.7, 130.211.0.5")
+        .await
+        .unwrap();
+    assert_eq!(served.status(), 200);
+    served.bytes().await.unwrap();
+    // Straight from a client that names itself: not believed.
+    let direct = get("/whoami?n=2", Some(&alice), "6.6.6.6").await.unwrap();
+    direct.bytes().await.unwrap();
+    // A 401, a 503 (the one backend is Alice's) and a 303.
+    assert_eq!(get("/whoami?n=3", None, "").await.unwrap().status(), 401);
+    let waiting = get("/whoami?n=4", Some(&issuer.user("bob")), "").await.unwrap();
+    assert_eq!(waiting.status(), 503);
+    let released = client()
+        .post(format!("http://{addr}/_router/release"))
+        .header(ASSERTION, &alice)
+        .header("accept", "text/html")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(released.status(), 303);
+    // Refused below the HTTP layer: a bare LF (400), a URI over the limit (414).
+    assert_eq!(raw_status(&addr, b"GET / HTTP/1.1\nHost: x\r\n\r\n").await, 400);
+    let long = format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "a".repeat(4096));
+    assert_eq!(raw_status(&addr, long.as_bytes()).await, 414);
+    let metrics = support::text_of(client().get(format!("http://{metrics_addr}/metrics"))).await;
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let _ = child.wait();
+    while let Ok(line) = rx.recv_timeout(Duration::from_millis(500)) {
+        lines.push(line);
+    }
+    let _ = std::fs::remove_file(&config_path);
+
+    let access: Vec<Value> = lines
+        .iter()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|l| l["target"] == "access")
+        .collect();
+    let line = |url: &str| {
+        access
+            .iter()
+            .find(|l| l["httpRequest"]["requestUrl"] == url)
+            .unwrap_or_else(|| panic!("no access line for {url}: {access:?}"))
+    };
+    let alice_id = session_router::telemetry::user_id("accounts.google.com:alice");
+    let first = line("/whoami?n=1");
+    assert_eq!(first["user_id"], alice_id.as_str(), "{first}");
+    assert_eq!(first["httpRequest"]["remoteIp"], "203.0.113.7", "{first}");
+    assert_eq!(line("/whoami?n=2")["httpRequest"]["remoteIp"], "127.0.0.1");
+    let rejected = line("/whoami?n=3");
+    assert!(rejected.get("user_id").is_none(), "{rejected}");
+    let bob = line("/whoami?n=4");
+    assert_eq!(
+        bob["user_id"],
+        session_router::telemetry::user_id("accounts.google.com:bob").as_str(),
+        "who got the 503: {bob}"
+    );
+    let release = line("/_router/release");
+    assert_eq!(release["user_id"], alice_id.as_str());
+    for (l, status) in [(rejected, 401), (bob, 503), (release, 303)] {
+        assert_eq!(l["httpRequest"]["status"], status);
+        assert_eq!(l["completed"], true, "a complete {status} answer: {l}");
+    }
+    for status in [400, 414] {
+        let refusal = access
+            .iter()
+            .find(|l| l["httpRequest"]["status"] == status && l["kind"] == "unparsed")
+            .unwrap_or_else(|| panic!("no access line for the {status}: {access:?}"));
+        assert_eq!(refusal["httpRequest"]["remoteIp"], "127.0.0.1");
+    }
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == r#"session_router_requests_total{class="4xx",kind="unparsed"} 2"#),
+        "{metrics}"
+    );
+    let everything = lines.join("\n");
+    assert!(!everything.contains("alice@example.com") && !everything.contains("bob@example.com"));
+}

@@ -13,9 +13,10 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use http::uri::Authority;
+use tokio_util::sync::CancellationToken;
 
 pub use busy_probe::BusyProbe;
-pub use static_pool::StaticPool;
+pub use static_pool::{Probe, StaticPool};
 
 use crate::auth::Identity;
 use crate::session::cookie::PinnedBackend;
@@ -80,6 +81,23 @@ pub trait Allocator: Send + Sync + 'static {
     fn replaces_unreachable(&self) -> bool {
         false
     }
+
+    /// The lease's backend refused a connection. Records it (a pool skips
+    /// a backend that is down for new users) and says whether its user
+    /// should be moved off it — released, and given another — rather than
+    /// kept on it until it answers again.
+    fn refused(&self, _lease: &Lease) -> bool {
+        self.replaces_unreachable()
+    }
+
+    /// Backends known not to answer right now (skipped for new users), for
+    /// `/readyz`, the admin page and the metrics.
+    fn down(&self) -> Vec<Lease> {
+        Vec::new()
+    }
+
+    /// The backend's own background work (health probes), until `stop`.
+    async fn maintain(&self, _stop: CancellationToken) {}
 
     /// Since when the user has held this backend, if the backend system
     /// records it (so every replica counts held time and `max_lifetime`

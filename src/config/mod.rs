@@ -28,6 +28,10 @@ const MAX_CONNECTION_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Replica counts beyond this are a typo, not a fleet (and stay far inside
 /// the int32 Agones counts replicas in).
 const MAX_REPLICAS: u64 = 100_000;
+/// Static upstream probes: more often than this is load, rarer leaves a
+/// recovered box unused too long.
+const MIN_PROBE_INTERVAL: Duration = Duration::from_millis(100);
+const MAX_PROBE_INTERVAL: Duration = Duration::from_secs(3600);
 
 /// The validated configuration of one router process.
 #[derive(Debug, Clone, Serialize)]
@@ -112,6 +116,10 @@ pub struct ServerConfig {
     /// Threads that serve connections, each with a runtime of its own.
     /// Defaults to the CPUs the process may use.
     pub threads: usize,
+    /// The Google load balancer is in front: the client's address is the
+    /// entry it adds to `X-Forwarded-For`, not the peer's. Defaults to on in
+    /// `iap` mode (IAP only exists behind it), off in `dev` mode.
+    pub behind_load_balancer: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -162,8 +170,9 @@ pub struct SessionConfig {
     /// Path on the user's backend that says whether a job is running (the
     /// WebUI's `/sdapi/v1/progress`); a busy answer postpones idle release.
     pub busy_probe: Option<String>,
-    /// The cookie-signing key, from [`COOKIE_SECRET_ENV`]. Never printed.
-    #[serde(serialize_with = "redacted")]
+    /// The cookie-signing key, from [`COOKIE_SECRET_ENV`]. Never printed;
+    /// not a config key either, so it is left out of the rendered config.
+    #[serde(skip)]
     pub cookie_secret: Secret,
 }
 
@@ -243,15 +252,23 @@ pub struct AgonesConfig {
 pub struct StaticConfig {
     #[serde(serialize_with = "as_uris")]
     pub upstreams: Vec<Uri>,
+    /// Every upstream gets a TCP connect this often; a down one that
+    /// accepts is used again.
+    #[serde(serialize_with = "as_duration")]
+    pub probe_interval: Duration,
 }
 
 /// Key material that must never reach a log line or `check-config` output.
 #[derive(Clone)]
-pub struct Secret(Vec<u8>);
+pub struct Secret {
+    bytes: Vec<u8>,
+    /// Made up by [`Secret::random`], not given.
+    random: bool,
+}
 
 impl Secret {
     pub fn new(bytes: Vec<u8>) -> Self {
-        Secret(bytes)
+        Secret { bytes, random: false }
     }
 
     /// A fresh random secret, for `dev` mode when none is configured:
@@ -260,17 +277,26 @@ impl Secret {
         use rand::RngCore;
         let mut bytes = vec![0u8; 32];
         rand::thread_rng().fill_bytes(&mut bytes);
-        Secret(bytes)
+        Secret { bytes, random: true }
     }
 
     pub fn expose(&self) -> &[u8] {
-        &self.0
+        &self.bytes
+    }
+
+    /// Where the secret came from, as `check-config` tells the operator.
+    fn origin(&self) -> String {
+        if self.random {
+            format!("{COOKIE_SECRET_ENV} is not set: a random secret for this process only (cookies die with it)")
+        } else {
+            format!("{} bytes from {COOKIE_SECRET_ENV} (redacted)", self.bytes.len())
+        }
     }
 }
 
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Secret(<{} bytes redacted>)", self.0.len())
+        write!(f, "Secret(<{} bytes redacted>)", self.bytes.len())
     }
 }
 
@@ -326,9 +352,9 @@ impl Config {
     /// Validates a config text. `cookie_secret` is the raw value of
     /// [`COOKIE_SECRET_ENV`], passed in so tests never touch the environment.
     pub fn from_toml(text: &str, cookie_secret: Option<Vec<u8>>) -> Result<Config, ConfigError> {
-        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
-            ConfigError::Invalid(vec![Problem::new("(file)", format!("not valid TOML: {}", e.message()))])
-        })?;
+        let table: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| ConfigError::Invalid(vec![syntax_problem(text, &e)]))?;
         let mut problems = Vec::new();
         let mut root = Section::root(&table);
 
@@ -414,8 +440,12 @@ impl Config {
             ));
         }
         let threads = threads.clamp(1, MAX_THREADS as u64) as usize;
+        // Its default depends on auth.mode, read below.
+        let behind_load_balancer = server
+            .is_present("behind_load_balancer")
+            .then(|| server.boolean("behind_load_balancer", false, &mut problems));
         server.finish(&mut problems);
-        let server = ServerConfig {
+        let mut server = ServerConfig {
             threads,
             metrics_listen,
             autoscaler_listen,
@@ -427,9 +457,11 @@ impl Config {
             max_header_bytes,
             max_uri_bytes,
             allowed_origins,
+            behind_load_balancer: false,
         };
 
         let auth = read_auth(&mut root, &mut problems);
+        server.behind_load_balancer = behind_load_balancer.unwrap_or(auth.mode == AuthMode::Iap);
         if auth.mode == AuthMode::Dev && !server.listen.ip().is_loopback() {
             problems.push(Problem::new(
                 "server.listen",
@@ -469,11 +501,44 @@ impl Config {
         }
     }
 
-    /// The effective configuration as TOML, secrets redacted, for
-    /// `check-config`.
+    /// The effective configuration as TOML, for `check-config`: every key
+    /// with the value in force, itself a valid config meaning the same. The
+    /// cookie secret is not a key: a comment says where it came from.
     pub fn render(&self) -> String {
-        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}"))
+        let mut table = match toml::Value::try_from(self) {
+            Ok(toml::Value::Table(table)) => table,
+            Ok(other) => return format!("# cannot render: not a table but {}", other.type_str()),
+            Err(e) => return format!("# cannot render: {e}"),
+        };
+        // Without its listener an [autoscaler] section is an error: the
+        // webhook is off, and its settings are moot.
+        if self.server.autoscaler_listen.is_none() {
+            table.remove("autoscaler");
+        }
+        let text = toml::to_string_pretty(&table).unwrap_or_else(|e| format!("# cannot render: {e}"));
+        format!(
+            "# session cookie secret: {}\n{text}",
+            self.session.cookie_secret.origin()
+        )
     }
+}
+
+/// A TOML syntax error, with the line and column it was found at (1-based,
+/// the column counted in characters) so the operator can go there.
+fn syntax_problem(text: &str, error: &toml::de::Error) -> Problem {
+    let at = error.span().and_then(|span| text.get(..span.start)).map(|before| {
+        let line = before.matches('\n').count() + 1;
+        let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+        format!(" at line {line}, column {column}")
+    });
+    Problem::new(
+        "(file)",
+        format!(
+            "not valid TOML{}: {}",
+            at.unwrap_or_default(),
+            error.message().trim_end()
+        ),
+    )
 }
 
 fn read_log(root: &mut Section<'_>, problems: &mut Vec<Problem>) -> LogConfig {
@@ -591,10 +656,13 @@ fn read_origins(server: &mut Section<'_>, problems: &mut Vec<Problem>) -> Vec<St
     let key = server.key("allowed_origins");
     let origins = server.strings("allowed_origins", problems);
     for (i, origin) in origins.iter().enumerate() {
-        let valid = origin
-            .parse::<Uri>()
-            .ok()
-            .filter(|u| u.scheme().is_some() && u.authority().is_some() && u.path() == "/" && !origin.ends_with('/'));
+        let valid = origin.parse::<Uri>().ok().filter(|u| {
+            u.scheme().is_some()
+                && u.authority().is_some()
+                && invalid_port(u).is_none()
+                && u.path() == "/"
+                && !origin.ends_with('/')
+        });
         if valid.is_none() {
             problems.push(Problem::new(
                 &format!("{key}[{i}]"),
@@ -642,9 +710,8 @@ fn read_auth(root: &mut Section<'_>, problems: &mut Vec<Problem>) -> AuthConfig 
         "https://www.gstatic.com/iap/verify/public_key-jwk",
         problems,
     );
-    match jwks_url.parse::<Uri>() {
-        Ok(u) if matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some() => {}
-        _ => problems.push(Problem::new(&jwks_key, format!("{jwks_url:?} is not an http(s) URL"))),
+    if let Err(reason) = http_url(&jwks_url) {
+        problems.push(Problem::new(&jwks_key, reason));
     }
     let leeway = auth.duration("leeway", Duration::from_secs(30), problems);
     let leeway_key = auth.key("leeway");
@@ -828,13 +895,24 @@ fn read_backend(root: &mut Section<'_>, idle_timeout: Duration, problems: &mut V
         };
         problems.push(Problem::new(&upstreams_key, reason.into()));
     }
+    let probe_key = pool.key("probe_interval");
+    let probe_interval = pool.duration("probe_interval", Duration::from_secs(10), problems);
+    if !(MIN_PROBE_INTERVAL..=MAX_PROBE_INTERVAL).contains(&probe_interval) {
+        problems.push(Problem::new(
+            &probe_key,
+            "must be between 100ms and 1h: a down upstream is used again only once a probe finds it up".into(),
+        ));
+    }
     pool.finish(problems);
     let agones = read_agones(&mut backend, kind, idle_timeout, problems);
     backend.finish(problems);
     BackendConfig {
         kind,
         connect_timeout,
-        static_pool: StaticConfig { upstreams },
+        static_pool: StaticConfig {
+            upstreams,
+            probe_interval,
+        },
         agones,
     }
 }
@@ -984,14 +1062,45 @@ fn optional_url(
     if text.is_empty() {
         return None;
     }
-    match text.parse::<Uri>() {
-        Ok(u) if matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some() => {
-            Some(text.trim_end_matches('/').to_string())
-        }
-        _ => {
-            problems.push(Problem::new(key, format!("{text:?} is not an http(s) URL")));
+    match http_url(&text) {
+        Ok(_) => Some(text.trim_end_matches('/').to_string()),
+        Err(reason) => {
+            problems.push(Problem::new(key, reason));
             None
         }
+    }
+}
+
+/// The port a URL names after its host, when it is not one a connection can
+/// go to (`:99999`, `:0`, `:`): `Uri` accepts those, and connecting would
+/// fail at run time, on every request.
+fn invalid_port(uri: &Uri) -> Option<&str> {
+    let authority = uri.authority()?.as_str();
+    let host_port = authority.rsplit('@').next().unwrap_or(authority);
+    // After an IPv6 literal's closing bracket, or after the host name.
+    let after_host = host_port.rsplit_once(']').map_or(host_port, |(_, rest)| rest);
+    let (_, port) = after_host.rsplit_once(':')?;
+    match port.parse::<u16>() {
+        Ok(p) if p != 0 => None,
+        _ => Some(port),
+    }
+}
+
+/// The reason a URL's port is not one (see [`invalid_port`]).
+fn port_problem(text: &str, uri: &Uri) -> Option<String> {
+    invalid_port(uri).map(|port| format!("{text:?}: {port:?} is not a port (1 to 65535)"))
+}
+
+/// An `http://` or `https://` URL with a host and, if it names one, a port.
+fn http_url(text: &str) -> Result<Uri, String> {
+    let not_url = || format!("{text:?} is not an http(s) URL");
+    let uri: Uri = text.parse().map_err(|_| not_url())?;
+    if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
+        return Err(not_url());
+    }
+    match port_problem(text, &uri) {
+        Some(reason) => Err(reason),
+        None => Ok(uri),
     }
 }
 
@@ -1001,6 +1110,9 @@ fn parse_upstream(text: &str) -> Result<Uri, String> {
     let uri: Uri = text
         .parse()
         .map_err(|_| format!("{text:?} is not a URL such as \"http://10.0.0.5:7860\""))?;
+    if let Some(problem) = port_problem(text, &uri) {
+        return Err(problem);
+    }
     if uri.scheme_str() != Some("http") {
         return Err(format!("{text:?}: only http:// upstreams are supported"));
     }
@@ -1019,13 +1131,6 @@ fn as_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Err
 
 fn as_uris<S: serde::Serializer>(uris: &[Uri], s: S) -> Result<S::Ok, S::Error> {
     s.collect_seq(uris.iter().map(|u| u.to_string().trim_end_matches('/').to_string()))
-}
-
-fn redacted<S: serde::Serializer>(secret: &Secret, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&format!(
-        "<redacted: {} bytes from {COOKIE_SECRET_ENV}>",
-        secret.expose().len()
-    ))
 }
 
 #[cfg(test)]
@@ -1364,6 +1469,84 @@ mod tests {
             .any(|p| p.starts_with("server.listen: ") && p.contains("loopback")));
         let loopback = text.replace("0.0.0.0", "127.0.0.1");
         assert_eq!(problems(&loopback, None), Vec::<String>::new());
+    }
+
+    #[test]
+    fn the_load_balancer_is_trusted_by_default_only_in_iap_mode() {
+        let iap = Config::from_toml(MINIMAL_IAP, Some(SECRET.to_vec())).unwrap();
+        assert!(iap.server.behind_load_balancer);
+        let dev = "[auth]\nmode = \"dev\"\n[server]\nlisten = \"127.0.0.1:8080\"\n[backend.static]\nupstreams = [\"http://127.0.0.1:7860\"]\n";
+        assert!(!Config::from_toml(dev, None).unwrap().server.behind_load_balancer);
+        let off = format!("{MINIMAL_IAP}\n[server]\nbehind_load_balancer = false\n");
+        assert!(
+            !Config::from_toml(&off, Some(SECRET.to_vec()))
+                .unwrap()
+                .server
+                .behind_load_balancer
+        );
+        assert_eq!(
+            problems(
+                &format!("{MINIMAL_IAP}\n[server]\nbehind_load_balancer = \"yes\"\n"),
+                Some(SECRET)
+            ),
+            ["server.behind_load_balancer: expected true or false, found string"]
+        );
+    }
+
+    #[test]
+    fn static_upstreams_are_probed_every_ten_seconds_unless_set() {
+        let c = Config::from_toml(MINIMAL_IAP, Some(SECRET.to_vec())).unwrap();
+        assert_eq!(c.backend.static_pool.probe_interval, Duration::from_secs(10));
+        let set = |value: &str| {
+            problems(
+                &MINIMAL_IAP.replace(
+                    "upstreams =",
+                    &format!("probe_interval = \"{value}\"\n        upstreams ="),
+                ),
+                Some(SECRET),
+            )
+        };
+        assert!(set("500ms").is_empty());
+        for bad in ["0s", "10ms", "2h"] {
+            assert_eq!(
+                set(bad),
+                ["backend.static.probe_interval: must be between 100ms and 1h: a down upstream is used again only once a probe finds it up"]
+            );
+        }
+    }
+
+    #[test]
+    fn urls_naming_an_impossible_port_are_refused_by_key() {
+        let text = r#"
+            [auth]
+            audiences = ["/projects/1/global/backendServices/2"]
+            jwks_url = "https://keys.example:70000/jwk"
+            [server]
+            allowed_origins = ["https://sd.example.com:0"]
+            [backend.static]
+            upstreams = ["http://10.0.0.5:99999", "http://10.0.0.6:", "http://[::1]:7860"]
+            [backend.agones]
+            kube_api_url = "http://127.0.0.1:65536"
+        "#;
+        let found = problems(text, Some(SECRET));
+        for key in [
+            "auth.jwks_url: \"https://keys.example:70000/jwk\": \"70000\" is not a port",
+            "server.allowed_origins[0]: ",
+            "backend.static.upstreams[0]: \"http://10.0.0.5:99999\": \"99999\" is not a port",
+            "backend.static.upstreams[1]: ",
+            "backend.agones.kube_api_url: \"http://127.0.0.1:65536\": \"65536\" is not a port",
+        ] {
+            assert!(found.iter().any(|p| p.starts_with(key)), "{key} not in {found:#?}");
+        }
+        assert_eq!(found.len(), 5, "{found:#?}");
+    }
+
+    #[test]
+    fn a_toml_syntax_error_keeps_its_line_and_column() {
+        assert_eq!(
+            problems("[server]\n  listen = \"x\n", None),
+            ["(file): not valid TOML at line 2, column 14: invalid basic string"]
+        );
     }
 
     #[test]

@@ -21,11 +21,13 @@ pub struct DemoOptions {
     pub idle_timeout: Duration,
 }
 
+/// Why the demo could not run; the cause is the `source()` (see
+/// [`crate::RunError`]).
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
-    #[error("cannot start: {0}")]
+    #[error("cannot start")]
     Io(#[from] std::io::Error),
-    #[error("invalid demo settings:\n{0}")]
+    #[error("invalid demo settings")]
     Config(#[from] ConfigError),
 }
 

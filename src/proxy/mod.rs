@@ -170,7 +170,14 @@ impl Forwarder {
             head_request: parts.method == Method::HEAD,
         };
         let result = self.upstreams.send(upstream, outgoing, body).await;
-        drop(in_flight);
+        if let Some(in_flight) = in_flight {
+            match &result {
+                // The backend never saw it: not activity, or the 502 page's
+                // reloads would keep a dead backend held forever.
+                Err(source) if source.is_connect() => in_flight.unanswered(),
+                _ => drop(in_flight),
+            }
+        }
         let mut response = result.map_err(|source| {
             let upstream = upstream.to_string();
             match source {

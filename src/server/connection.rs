@@ -33,6 +33,7 @@ use tokio::time::{Instant, Sleep};
 
 use super::limits::{Refusal, REQUEST_LINE_SLACK};
 use crate::body::Watch;
+use crate::telemetry::access::{self, Peer};
 
 /// Where a connection is in its request cycle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,6 +117,12 @@ impl ConnState {
         }
     }
 
+    /// How long the connection has been in its current phase (for a head:
+    /// since its first byte).
+    pub fn in_phase_for(&self) -> Duration {
+        Duration::from_millis(self.now_ms().saturating_sub(self.since_ms.load(Ordering::Acquire)))
+    }
+
     fn on_bytes_read(&self) {
         match self.phase() {
             Phase::Idle => self.advance(Phase::Idle, Phase::Head),
@@ -146,6 +153,8 @@ pub struct GuardedIo<T> {
     head: HeadScan,
     /// Set once a request is refused here: from then on it answers reads.
     refusal: Option<Refusal>,
+    /// Where a refusal is logged and counted.
+    peer: Arc<Peer>,
 }
 
 impl<T> GuardedIo<T> {
@@ -155,7 +164,7 @@ impl<T> GuardedIo<T> {
         self.inner
     }
 
-    pub fn new(inner: T, state: Arc<ConnState>, limits: Limits) -> Self {
+    pub fn new(inner: T, state: Arc<ConnState>, limits: Limits, peer: Arc<Peer>) -> Self {
         GuardedIo {
             inner,
             state,
@@ -163,6 +172,7 @@ impl<T> GuardedIo<T> {
             timer: Box::pin(tokio::time::sleep(limits.timeouts.keepalive)),
             head: HeadScan::new(limits.max_uri_bytes + REQUEST_LINE_SLACK),
             refusal: None,
+            peer,
         }
     }
 }
@@ -207,7 +217,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for GuardedIo<T> {
                     // Answered here only while hyper writes nothing itself
                     // (a pipelined head behind a response gets its 431).
                     if line_too_long && matches!(phase, Phase::Idle | Phase::Head) {
-                        tracing::debug!("refusing a request line over max_uri_bytes: 414");
+                        access::refused(&this.peer, http::StatusCode::URI_TOO_LONG, this.state.in_phase_for());
                         buf.set_filled(before);
                         let refusal = this.refusal.insert(Refusal::uri_too_long());
                         return refusal.poll(&mut this.inner, cx);

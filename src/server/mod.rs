@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use axum::routing::{get, post};
 use axum::Router;
-use http::HeaderMap;
+use http::{HeaderMap, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
@@ -33,6 +33,7 @@ use crate::reaper;
 use crate::routes;
 use crate::session::cookie::{CookieCodec, Signer};
 use crate::session::Registry;
+use crate::telemetry::access::{self, Peer};
 use connection::{ConnState, GuardedIo, Limits, Timeouts};
 use service::Handler;
 
@@ -65,6 +66,10 @@ impl AppState {
             .backend_info
             .with_label_values(&[config.backend.kind.label()])
             .set(1);
+        let backends = Arc::downgrade(&allocator);
+        metrics
+            .upstreams_down
+            .read_from(move || backends.upgrade().map_or(0, |a| a.down().len() as i64));
         AppState {
             auth: Authenticator::new(&config.auth, &session.cookie_secret, dev_cookie, metrics.clone()),
             registry: Registry::new(allocator, metrics.clone(), config.session.queue_timeout),
@@ -88,8 +93,11 @@ impl AppState {
         self.autoscaler_addr.get().copied()
     }
 
+    /// The verified user of a request, also noted for its access-log line.
     pub async fn identify(&self, headers: &HeaderMap) -> Result<Arc<Identity>, AuthError> {
-        self.auth.identify(headers).await
+        let identity = self.auth.identify(headers).await?;
+        access::identified(&identity.sub);
+        Ok(identity)
     }
 
     /// Requests to `activity_ignore_paths` (exact, or a prefix when the entry
@@ -151,7 +159,7 @@ pub async fn serve(
     let background = CancellationToken::new();
     let tasks = TaskTracker::new();
     if let Some(addr) = state.config.server.metrics_listen {
-        let metrics_listener = TcpListener::bind(addr).await?;
+        let metrics_listener = bind(addr, "server.metrics_listen").await?;
         let bound = metrics_listener.local_addr()?;
         let _ = state.metrics_addr.set(bound);
         tracing::info!(listen = %bound, "metrics listening");
@@ -162,7 +170,7 @@ pub async fn serve(
         ));
     }
     if let Some(addr) = state.config.server.autoscaler_listen {
-        let autoscaler_listener = TcpListener::bind(addr).await?;
+        let autoscaler_listener = bind(addr, "server.autoscaler_listen").await?;
         let bound = autoscaler_listener.local_addr()?;
         let _ = state.autoscaler_addr.set(bound);
         tracing::info!(listen = %bound, "autoscaler webhook listening");
@@ -176,6 +184,9 @@ pub async fn serve(
         tasks.spawn(keys.clone().keep_fresh(background.clone()));
     }
     tasks.spawn(reaper::run(state.clone(), background.clone()));
+    let allocator = state.registry.allocator().clone();
+    let stop = background.clone();
+    tasks.spawn(async move { allocator.maintain(stop).await });
 
     let server_config = &state.config.server;
     let acceptor = Acceptor {
@@ -276,6 +287,29 @@ pub async fn serve(
     Ok(())
 }
 
+/// Binds the listener the config `key` asks for; a failure names both.
+async fn bind(addr: SocketAddr, key: &str) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr} ({key}): {e}")))
+}
+
+/// The answer hyper wrote by itself when it ended a connection with `error`
+/// (see hyper's `role::Server::on_error`): 431 for a head over
+/// `max_header_bytes`, 400 for any other unparsable head (bare LFs and
+/// double framing included: `connection` makes the parser refuse them).
+/// `None` when it wrote nothing (an HTTP/2 preface) or the error was no
+/// parse error.
+fn parser_refusal(error: &hyper::Error) -> Option<StatusCode> {
+    if !error.is_parse() || error.is_parse_version_h2() {
+        None
+    } else if error.is_parse_too_large() {
+        Some(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)
+    } else {
+        Some(StatusCode::BAD_REQUEST)
+    }
+}
+
 /// A connection accepted on one thread, for another to serve.
 type Handoff = (std::net::TcpStream, SocketAddr);
 
@@ -329,8 +363,13 @@ impl Acceptor {
     fn serve_connection(&self, stream: tokio::net::TcpStream, peer: SocketAddr) {
         let _ = stream.set_nodelay(true);
         let conn = ConnState::new();
-        let io = TokioIo::new(GuardedIo::new(stream, conn.clone(), self.limits));
-        let service = Handler::new(self.state.clone(), self.endpoints.clone(), peer.ip(), conn);
+        let client = Peer::new(
+            peer.ip(),
+            self.state.config.server.behind_load_balancer,
+            self.state.metrics.clone(),
+        );
+        let io = TokioIo::new(GuardedIo::new(stream, conn.clone(), self.limits, client.clone()));
+        let service = Handler::new(self.state.clone(), self.endpoints.clone(), client.clone(), conn.clone());
         let drain = self.drain.clone();
         let force_close = self.force_close.clone();
         let max_header_bytes = self.max_header_bytes;
@@ -356,6 +395,9 @@ impl Acceptor {
                 }
             };
             if let Err(e) = result {
+                if let Some(status) = parser_refusal(&e) {
+                    access::refused(&client, status, conn.in_phase_for());
+                }
                 tracing::debug!(error = %e, %peer, "connection ended with an error");
             }
         });

@@ -16,7 +16,6 @@
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -57,8 +56,7 @@ struct Connection {
 }
 
 impl Handler {
-    pub fn new(state: Arc<AppState>, endpoints: Router, client_ip: IpAddr, conn: Arc<ConnState>) -> Self {
-        let peer = Peer::new(client_ip, state.metrics.clone());
+    pub fn new(state: Arc<AppState>, endpoints: Router, peer: Arc<Peer>, conn: Arc<ConnState>) -> Self {
         Handler(Arc::new(Connection {
             state,
             endpoints,
@@ -82,8 +80,8 @@ impl hyper::service::Service<Request<Incoming>> for Handler {
         let request = request.map(|body| Watched::new(body, RequestPhase(connection.conn.clone())));
         let (observed, request) = access::observe(request, &connection.peer);
         Box::pin(async move {
-            let response = connection.dispatch(observed.kind(), request).await;
-            let response = observed.finish(response);
+            let (response, user) = access::noting_user(connection.dispatch(observed.kind(), request)).await;
+            let response = observed.finish(response, user);
             if response.status() == StatusCode::SWITCHING_PROTOCOLS {
                 connection.conn.enter(Phase::Upgraded);
             }

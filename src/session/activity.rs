@@ -134,6 +134,15 @@ impl Activity {
 /// Keeps a session busy while a request waits for its upstream's response.
 pub struct InFlight<'a>(&'a Session);
 
+impl InFlight<'_> {
+    /// Ends the wait without recording activity: the request never reached
+    /// the backend.
+    pub fn unanswered(self) {
+        self.0.activity.in_flight.fetch_sub(1, Ordering::AcqRel);
+        std::mem::forget(self);
+    }
+}
+
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.0.activity.touch();

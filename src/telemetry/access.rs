@@ -5,13 +5,24 @@
 //! Everything the line needs is kept as received (cheap clones of the
 //! method, URI and header values) and only rendered when the line is
 //! written, with secret query values redacted then.
+//!
+//! Who made the request is the `user_id` (a hash of the IAP `sub`, the one
+//! the session events carry), never the email: whatever identifies the user
+//! while the request is served ([`identified`]) is noted for its line.
+//! `httpRequest.remoteIp` is the client: the peer address, or behind the
+//! Google load balancer (`server.behind_load_balancer`) the entry it added
+//! to `X-Forwarded-For` (see [`forwarded_client`]).
 
+use std::cell::RefCell;
 use std::fmt::{self, Write};
+use std::future::Future;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::{CONTENT_LENGTH, USER_AGENT};
+use http::HeaderMap;
 use http::{HeaderName, HeaderValue, Method, Request, Response, Uri};
 use tokio::time::Instant;
 use tracing::Level;
@@ -30,6 +41,9 @@ pub enum Kind {
     Router,
     /// `/healthz` and `/readyz`: logged at debug level only.
     Health,
+    /// Refused before it could be read: a malformed or over-long head,
+    /// answered below the HTTP layer (see [`refused`]).
+    Unparsed,
 }
 
 impl Kind {
@@ -46,6 +60,7 @@ impl Kind {
             Kind::Proxied => "proxied",
             Kind::Router => "router",
             Kind::Health => "health",
+            Kind::Unparsed => "unparsed",
         }
     }
 }
@@ -151,16 +166,76 @@ static TRACE_CONTEXT: HeaderName = HeaderName::from_static("x-cloud-trace-contex
 pub struct Peer {
     /// The address as text (for the log and `X-Forwarded-For`).
     pub ip: Box<str>,
+    /// The peer is the Google load balancer, which names the client in
+    /// `X-Forwarded-For`.
+    behind_load_balancer: bool,
     metrics: Arc<Metrics>,
 }
 
 impl Peer {
-    pub fn new(ip: std::net::IpAddr, metrics: Arc<Metrics>) -> Arc<Peer> {
+    pub fn new(ip: IpAddr, behind_load_balancer: bool, metrics: Arc<Metrics>) -> Arc<Peer> {
         Arc::new(Peer {
             ip: ip.to_string().into(),
+            behind_load_balancer,
             metrics,
         })
     }
+}
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+
+/// The client's address as the Google load balancer reports it: it appends
+/// `<client>, <load balancer>` to whatever `X-Forwarded-For` the client
+/// sent, so the client is the second entry from the end, and every entry
+/// before it is the client's own writing. Nothing when there are fewer
+/// than two entries, or that one is not an address (then the request did
+/// not come through the load balancer, and the peer address stands).
+fn forwarded_client(headers: &HeaderMap) -> Option<IpAddr> {
+    let mut entries = headers
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .rev()
+        .flat_map(|value| value.as_bytes().rsplit(|&b| b == b','));
+    let _load_balancer = entries.next()?;
+    let client = entries.next()?;
+    std::str::from_utf8(client).ok()?.trim().parse().ok()
+}
+
+/// The address `httpRequest.remoteIp` shows.
+enum RemoteIp<'a> {
+    Forwarded(IpAddr),
+    Peer(&'a str),
+}
+
+impl fmt::Display for RemoteIp<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RemoteIp::Forwarded(ip) => ip.fmt(f),
+            RemoteIp::Peer(ip) => f.write_str(ip),
+        }
+    }
+}
+
+tokio::task_local! {
+    /// The `sub` of whoever the request being served was identified as.
+    static USER: RefCell<Option<Arc<str>>>;
+}
+
+/// Notes that the request being served comes from the user with IAP
+/// subject `sub`, for its access-log line. Outside [`noting_user`], nothing.
+pub fn identified(sub: &Arc<str>) {
+    let _ = USER.try_with(|user| *user.borrow_mut() = Some(sub.clone()));
+}
+
+/// Serves a request with `serve`, and returns its answer with the user it
+/// was [`identified`] as, if any. A task-local rather than an argument: the
+/// identity is found deep in the handlers, and a failed request (a 502, a
+/// 503) needs its user on the line as much as a served one.
+pub async fn noting_user<F: Future>(serve: F) -> (F::Output, Option<Arc<str>>) {
+    let mut scoped = std::pin::pin!(USER.scope(RefCell::new(None), serve));
+    let output = scoped.as_mut().await;
+    let user = scoped.as_mut().take_value().and_then(RefCell::into_inner);
+    (output, user)
 }
 
 /// Where a body's bytes are counted in `proxied_bytes`.
@@ -177,6 +252,10 @@ struct Exchange {
     uri: Uri,
     user_agent: Option<HeaderValue>,
     peer: Arc<Peer>,
+    /// The client as the load balancer named it, when the peer is one.
+    forwarded_for: Option<IpAddr>,
+    /// The IAP `sub` of the user, once identified.
+    user: Option<Arc<str>>,
     trace: Option<HeaderValue>,
     started: Instant,
     /// The request body's count; `None` when it had no body.
@@ -200,9 +279,10 @@ macro_rules! access_event {
             httpRequest.requestSize = %e.request_size(),
             httpRequest.responseSize = %$response_bytes,
             httpRequest.userAgent = e.user_agent.as_ref().and_then(|v| v.to_str().ok()),
-            httpRequest.remoteIp = &*e.peer.ip,
+            httpRequest.remoteIp = %e.remote_ip(),
             httpRequest.protocol = "HTTP/1.1",
             kind = e.kind.label(),
+            user_id = e.user.as_deref().map(crate::telemetry::user_id),
             completed = $completed,
             "logging.googleapis.com/trace" = trace.map(display),
             "{} {url} {}",
@@ -213,6 +293,13 @@ macro_rules! access_event {
 }
 
 impl Exchange {
+    fn remote_ip(&self) -> RemoteIp<'_> {
+        match self.forwarded_for {
+            Some(ip) => RemoteIp::Forwarded(ip),
+            None => RemoteIp::Peer(&self.peer.ip),
+        }
+    }
+
     fn request_size(&self) -> u64 {
         self.request_bytes
             .as_ref()
@@ -262,6 +349,11 @@ impl Exchange {
         } else {
             r#"","completed":false"#
         });
+        if let Some(sub) = &self.user {
+            out.push_str(r#","user_id":""#);
+            out.push_str(&super::user_id(sub));
+            out.push('"');
+        }
         if let Some(trace) = self.trace.as_ref().and_then(|t| TraceResource::parse(t.to_str().ok()?)) {
             out.push_str(r#","logging.googleapis.com/trace":""#);
             trace.write_to(&mut Escaped(&mut *out))?;
@@ -284,12 +376,34 @@ impl Exchange {
             out.push_str(r#","userAgent":"#);
             write_json_str(out, agent)?;
         }
-        out.push_str(r#","remoteIp":"#);
-        write_json_str(out, &self.peer.ip)?;
+        out.push_str(r#","remoteIp":""#);
+        write!(out, "{}", self.remote_ip())?;
+        out.push('"');
         out.push_str(r#","protocol":"HTTP/1.1"}}"#);
         out.push('\n');
         Ok(())
     }
+}
+
+/// Counts and logs a request refused below the HTTP layer, which no handler
+/// saw: a malformed head (400) or one too large (431), answered by the HTTP
+/// parser, or a URI too long (414), answered by the socket wrapper. Its
+/// line has no method, URL or user (none was read); `latency` runs from the
+/// head's first byte. Rare, so it goes through `tracing`'s formatter.
+pub fn refused(peer: &Peer, status: http::StatusCode, latency: Duration) {
+    peer.metrics.count_request(Kind::Unparsed.label(), status);
+    tracing::event!(
+        target: "access",
+        Level::INFO,
+        httpRequest.status = u64::from(status.as_u16()),
+        httpRequest.latency = %Latency(latency),
+        httpRequest.remoteIp = &*peer.ip,
+        httpRequest.protocol = "HTTP/1.1",
+        kind = Kind::Unparsed.label(),
+        completed = true,
+        "unreadable request {}",
+        status.as_u16()
+    );
 }
 
 /// A request being observed: its metrics wait for the final response, its
@@ -310,6 +424,8 @@ pub fn observe<B: http_body::Body>(request: Request<B>, peer: &Arc<Peer>) -> (Ob
         uri: request.uri().clone(),
         user_agent: headers.get(USER_AGENT).cloned(),
         peer: peer.clone(),
+        forwarded_for: peer.behind_load_balancer.then(|| forwarded_client(headers)).flatten(),
+        user: None,
         trace: headers.get(&TRACE_CONTEXT).cloned(),
         started: Instant::now(),
         request_bytes: request_bytes.clone(),
@@ -327,8 +443,10 @@ impl Observed {
 
     /// Counts the final response now; its body writes the access-log line
     /// when it ends (a 101 is logged at once: what follows is not HTTP).
-    pub fn finish<B: http_body::Body>(self, response: Response<B>) -> Response<Logged<B>> {
+    /// `user`: the IAP `sub` the request was identified as.
+    pub fn finish<B: http_body::Body>(self, response: Response<B>, user: Option<Arc<str>>) -> Response<Logged<B>> {
         let Observed { mut exchange } = self;
+        exchange.user = user;
         let kind = exchange.kind;
         let metrics = &exchange.peer.metrics;
         exchange.status = response.status().as_u16();
@@ -338,10 +456,14 @@ impl Observed {
         if streaming {
             metrics.open_streams.inc();
         }
+        // A body of known size is complete once that much went out: the
+        // server stops polling a body that says it has ended, so its end
+        // is never seen (an empty 401, a 303, a page made here).
         let declared = response
             .headers()
             .get(CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+            .or_else(|| response.body().size_hint().exact());
         let to_client = (kind == Kind::Proxied).then(|| (exchange.peer.clone(), Direction::ToClient));
         if upgraded {
             exchange.log(0, true);
@@ -451,7 +573,9 @@ mod tests {
             method: Method::POST,
             uri: "/run/predict?session_hash=abc&fn_index=3".parse().unwrap(),
             user_agent: Some(HeaderValue::from_static("agent \"quoted\" \\ 1.0")),
-            peer: Peer::new([10, 0, 0, 1].into(), Metrics::new()),
+            peer: Peer::new([10, 0, 0, 1].into(), true, Metrics::new()),
+            forwarded_for: Some([203, 0, 113, 7].into()),
+            user: Some("accounts.google.com:1".into()),
             trace: Some(HeaderValue::from_static("105445aa7843bc8bf206b12000100000/1;o=1")),
             started: Instant::now(),
             request_bytes: Some(Arc::new(AtomicU64::new(42))),
@@ -478,6 +602,44 @@ mod tests {
         );
         assert_eq!(direct["httpRequest"]["userAgent"], "agent \"quoted\" \\ 1.0");
         assert_eq!(direct["httpRequest"]["requestSize"], "42");
+        assert_eq!(direct["httpRequest"]["remoteIp"], "203.0.113.7");
+        assert_eq!(direct["user_id"], super::super::user_id("accounts.google.com:1"));
+    }
+
+    fn forwarded(values: &[&str]) -> Option<IpAddr> {
+        let mut headers = HeaderMap::new();
+        for value in values {
+            headers.append(&X_FORWARDED_FOR, HeaderValue::from_str(value).unwrap());
+        }
+        forwarded_client(&headers)
+    }
+
+    #[test]
+    fn the_client_is_the_entry_the_load_balancer_added_before_its_own() {
+        let client = Some("203.0.113.7".parse().unwrap());
+        assert_eq!(forwarded(&["203.0.113.7, 130.211.0.5"]), client);
+        assert_eq!(
+            forwarded(&["6.6.6.6, 7.7.7.7,203.0.113.7, 130.211.0.5"]),
+            client,
+            "what the client wrote before it is not the client"
+        );
+        assert_eq!(forwarded(&["6.6.6.6", "203.0.113.7, 130.211.0.5"]), client);
+        assert_eq!(
+            forwarded(&["6.6.6.6, 203.0.113.7", "130.211.0.5"]),
+            client,
+            "across header lines"
+        );
+        assert_eq!(
+            forwarded(&["2001:db8::1, 130.211.0.5"]),
+            Some("2001:db8::1".parse().unwrap())
+        );
+        assert_eq!(
+            forwarded(&["6.6.6.6"]),
+            None,
+            "one entry: not through the load balancer"
+        );
+        assert_eq!(forwarded(&[]), None);
+        assert_eq!(forwarded(&["not-an-address, 130.211.0.5"]), None);
     }
 
     #[test]
