@@ -351,3 +351,16 @@ fn every_option_has_help_text() {
         }
     }
 }
+
+/// The README's binary size holds only while the release profile (which
+/// the Dockerfile's build uses too) leaves the debug info out; with it the
+/// binary was 119 MB.
+#[test]
+fn the_release_binary_is_built_without_debug_info() {
+    let manifest: toml::Table = std::fs::read_to_string("Cargo.toml").unwrap().parse().unwrap();
+    let release = &manifest["profile"]["release"];
+    assert_eq!(release["debug"].as_integer(), Some(0), "{release}");
+    assert_eq!(release["strip"].as_str(), Some("debuginfo"), "{release}");
+    let dockerfile = std::fs::read_to_string("Dockerfile").unwrap();
+    assert!(dockerfile.contains("cargo build --release --locked"));
+}
