@@ -605,10 +605,13 @@ async fn access_lines_name_the_user_the_client_behind_the_load_balancer_and_ever
         .await
         .unwrap();
     assert_eq!(released.status(), 303);
-    // Refused below the HTTP layer: a bare LF (400), a URI over the limit (414).
+    // Refused below the HTTP layer: a bare LF (400), a URI over the limit
+    // (414), a head over the limit (431).
     assert_eq!(raw_status(&addr, b"GET / HTTP/1.1\nHost: x\r\n\r\n").await, 400);
     let long = format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "a".repeat(4096));
     assert_eq!(raw_status(&addr, long.as_bytes()).await, 414);
+    let large = format!("GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "b".repeat(70_000));
+    assert_eq!(raw_status(&addr, large.as_bytes()).await, 431);
     let metrics = support::text_of(client().get(format!("http://{metrics_addr}/metrics"))).await;
 
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -649,7 +652,7 @@ async fn access_lines_name_the_user_the_client_behind_the_load_balancer_and_ever
         assert_eq!(l["httpRequest"]["status"], status);
         assert_eq!(l["completed"], true, "a complete {status} answer: {l}");
     }
-    for status in [400, 414] {
+    for status in [400, 414, 431] {
         let refusal = access
             .iter()
             .find(|l| l["httpRequest"]["status"] == status && l["kind"] == "unparsed")
@@ -659,7 +662,7 @@ async fn access_lines_name_the_user_the_client_behind_the_load_balancer_and_ever
     assert!(
         metrics
             .lines()
-            .any(|l| l == r#"session_router_requests_total{class="4xx",kind="unparsed"} 2"#),
+            .any(|l| l == r#"session_router_requests_total{class="4xx",kind="unparsed"} 3"#),
         "{metrics}"
     );
     let everything = lines.join("\n");
