@@ -21,6 +21,7 @@ use crate::auth::{origin, Identity};
 use crate::error::RouterError;
 use crate::pages::{self, escape};
 use crate::server::AppState;
+use crate::session::ReleaseReason;
 
 type Shared = State<Arc<AppState>>;
 
@@ -207,7 +208,7 @@ pub async fn release(
         .find(|s| *s.lease.backend == *target || s.identity.email.eq_ignore_ascii_case(target));
     let released = match local {
         Some(session) => {
-            state.registry.release(&session, "admin").await?;
+            state.registry.release(&session, ReleaseReason::Admin).await?;
             Some(session.lease.backend.to_string())
         }
         None => {
@@ -223,7 +224,7 @@ pub async fn release(
             let done = state
                 .registry
                 .allocator()
-                .release_backend(&backend, "admin")
+                .release_backend(&backend, ReleaseReason::Admin.as_str())
                 .await
                 .map_err(crate::session::SessionError::from)?;
             done.then_some(backend)
@@ -235,7 +236,7 @@ pub async fn release(
     tracing::info!(
         operator = %crate::telemetry::user_id(&operator.sub),
         %backend,
-        reason = "admin",
+        reason = ReleaseReason::Admin.as_str(),
         "admin released a backend"
     );
     if pages::wants_html(&headers) {

@@ -51,6 +51,7 @@ impl RouterError {
             RouterError::Auth(AuthError::KeysUnavailable) => StatusCode::SERVICE_UNAVAILABLE,
             RouterError::Auth(AuthError::SignInRequired) => StatusCode::SEE_OTHER,
             RouterError::Auth(_) => StatusCode::UNAUTHORIZED,
+            RouterError::Session(SessionError::Ended(_) | SessionError::NoSession) => StatusCode::CONFLICT,
             RouterError::Session(_) => StatusCode::SERVICE_UNAVAILABLE,
             RouterError::Proxy(ProxyError::ClientBody { .. }) => StatusCode::BAD_REQUEST,
             RouterError::Proxy(_) => StatusCode::BAD_GATEWAY,
@@ -120,6 +121,14 @@ pub fn render(error: &RouterError, wants_html: bool, uri: &Uri, settings: &Error
             pages::backend_unavailable(wants_html, retry)
         }
         RouterError::Session(SessionError::Waiting(place)) => pages::waiting(wants_html, retry, Some(*place)),
+        RouterError::Session(SessionError::Ended(notice)) => {
+            let mut page = pages::session_ended(wants_html, Some(&notice.ended), uri);
+            if let Some(cookie) = &notice.cookie {
+                page.headers_mut().append(http::header::SET_COOKIE, cookie.clone());
+            }
+            page
+        }
+        RouterError::Session(SessionError::NoSession) => pages::session_ended(wants_html, None, uri),
         RouterError::Session(_) => pages::waiting(wants_html, retry, None),
         RouterError::UriTooLong(_) | RouterError::Proxy(ProxyError::ClientBody { .. }) => {
             pages::client_error(error.status())

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::allocator::BusyProbe;
 use crate::server::AppState;
-use crate::session::Session;
+use crate::session::{ReleaseReason, Session};
 use crate::telemetry;
 
 /// At most this many backend calls (activity records, releases) at once.
@@ -37,14 +37,14 @@ fn due(
     idle_timeout: Duration,
     max_lifetime: Duration,
     now: SystemTime,
-) -> Option<&'static str> {
+) -> Option<ReleaseReason> {
     let age = now.duration_since(session.allocated_at).unwrap_or_default();
     if !max_lifetime.is_zero() && age >= max_lifetime {
-        return Some("max_lifetime");
+        return Some(ReleaseReason::MaxLifetime);
     }
     let idle_here = session.activity.idle_for() >= idle_timeout;
     let idle_elsewhere = elsewhere.is_none_or(|seen| now.duration_since(seen).unwrap_or_default() >= idle_timeout);
-    (idle_here && idle_elsewhere).then_some("idle")
+    (idle_here && idle_elsewhere).then_some(ReleaseReason::Idle)
 }
 
 /// How often sessions are checked: a tenth of the idle timeout, within
@@ -83,7 +83,7 @@ async fn pass(state: &AppState, probe: Option<&BusyProbe>) {
                 session_config.max_lifetime,
                 now,
             );
-            if let (Some("idle"), Some(probe)) = (reason, probe) {
+            if let (Some(ReleaseReason::Idle), Some(probe)) = (reason, probe) {
                 if probe.is_busy(&session.lease.upstream).await {
                     tracing::info!(user_id = %telemetry::user_id(&session.identity.sub), backend = %session.lease.backend, "idle release postponed: the backend reports a job in progress");
                     session.activity.note_busy();
@@ -143,7 +143,7 @@ mod tests {
         tokio::time::advance(Duration::from_secs(61)).await;
         assert_eq!(
             due(&s, None, Duration::from_secs(60), Duration::ZERO, SystemTime::now()),
-            Some("idle")
+            Some(ReleaseReason::Idle)
         );
     }
 
@@ -163,7 +163,7 @@ mod tests {
                 Duration::from_secs(3600),
                 SystemTime::now()
             ),
-            Some("max_lifetime")
+            Some(ReleaseReason::MaxLifetime)
         );
     }
 
@@ -179,7 +179,7 @@ mod tests {
         );
         assert_eq!(
             due(&s, Some(now - Duration::from_secs(120)), minute, Duration::ZERO, now),
-            Some("idle")
+            Some(ReleaseReason::Idle)
         );
     }
 

@@ -2,10 +2,16 @@
 //!
 //! Every handler that needs a user starts from [`AppState::identify`]; none
 //! reads an identity header directly.
+//!
+//! Only an intent allocates: a user without a backend gets one from a
+//! navigation, an API client or "Start again" (`POST /_router/start`);
+//! anything else an open page sends gets a 409 that says the session ended
+//! or never started ([`claim`]).
 
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use axum::extract::rejection::FormRejection;
 use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Response};
 use axum::{Form, Json};
@@ -16,13 +22,15 @@ use http_body_util::Empty;
 use serde::Deserialize;
 use serde_json::json;
 
+use crate::allocator::Lease;
 use crate::auth::{origin, Identity};
 use crate::error::RouterError;
 use crate::pages::{self, escape};
 use crate::proxy::{headers::is_upgrade, BoxError, Exchange, ProxyError, UpstreamBody};
 use crate::server::AppState;
-use crate::session::cookie::set_cookie;
-use crate::session::{Place, Session};
+use crate::session::cookie::{set_cookie, unix, Pin};
+use crate::session::ended::{self, Notice};
+use crate::session::{Claim, Ended, Intent, Place, ReleaseReason, Session, SessionError};
 use crate::telemetry;
 
 type Shared = State<Arc<AppState>>;
@@ -43,17 +51,21 @@ where
         check_origin(state, request.headers())?;
     }
     let now = SystemTime::now();
-    let headers = request.headers();
+    let counts_as_activity = state.counts_as_activity(request.uri().path());
     let mut session = state
         .registry
-        .get_or_allocate(&identity, || state.cookies.read(headers, &identity.sub, now))
+        .get_or_allocate(&identity, || claim(state, &identity, &request, counts_as_activity, now))
         .await?;
+    let headers = request.headers();
+    // An active user's cookie is stamped again now and then, so that any
+    // replica can later tell "idle" from the cookie alone.
+    let stamp = ended::stamp_interval(state.config.session.idle_timeout);
+    let stamped_since = counts_as_activity.then(|| unix(now).saturating_sub(stamp.as_secs()));
     let mut pin_is_fresh = session.with_issued_pin(|last| {
         state
             .cookies
-            .is_fresh(headers, &identity.sub, &session.lease.backend, last, now)
+            .is_fresh(headers, &identity.sub, &session.lease.backend, last, now, stamped_since)
     });
-    let counts_as_activity = state.counts_as_activity(request.uri().path());
     // Backends that can be replaced (pods) are replaced when they refuse
     // connections; a request that can be sent again is, once.
     let replaceable = state.registry.allocator().replaces_unreachable();
@@ -78,17 +90,88 @@ where
         result => result?,
     };
     if !pin_is_fresh {
-        let (cookie, issued) = state.cookies.issue(
-            &identity.sub,
-            &session.lease.backend,
-            session.lease.upstream.as_str(),
-            session.allocated_at,
-            now,
-        );
+        let last_active = if counts_as_activity {
+            now
+        } else {
+            now - session.activity.idle_for()
+        };
+        let pin = Pin::new(&session.lease, session.allocated_at, last_active);
+        let (cookie, issued) = state.cookies.issue(&identity.sub, pin, now);
         session.remember_pin(issued);
         response.headers_mut().append(SET_COOKIE, cookie);
     }
     Ok(response)
+}
+
+/// What a request of a user who has no session on this replica may do.
+/// Called only then: a user with a session costs no MAC check here.
+///
+/// - No (valid) pinning cookie: allocate if the request shows intent (a
+///   navigation or an API client) and is not to an activity-ignored path;
+///   else nothing.
+/// - A cookie naming a backend that was released (the cookie says so, this
+///   replica or the backend system remembers, or its stamps show the user
+///   idle or the lifetime run out): nothing; the answer says why, and its
+///   cookie records that for every replica.
+/// - A cookie of a user active a moment ago: re-attach the backend it
+///   names. Should this replica not see it as theirs (its view lagging, or
+///   the pod gone), requests that count as activity go on as a first
+///   request would, which finds the user's own backend.
+fn claim<B>(
+    state: &AppState,
+    identity: &Identity,
+    request: &Request<B>,
+    counts_as_activity: bool,
+    now: SystemTime,
+) -> Result<Claim, SessionError> {
+    let headers = request.headers();
+    let Some(pin) = state.cookies.read(headers, &identity.sub, now) else {
+        let intent = Intent::of(request.method(), headers);
+        return if counts_as_activity && intent.starts_a_session() {
+            Ok(Claim::Allocate)
+        } else {
+            Err(SessionError::NoSession)
+        };
+    };
+    if let Some(ended) = pin.ended {
+        return Err(SessionError::Ended(Box::new(Notice { ended, cookie: None })));
+    }
+    let config = &state.config.session;
+    let found = state.registry.ended(identity, &pin.backend.backend).or_else(|| {
+        let elsewhere = pinned_lease(&pin).and_then(|lease| state.registry.allocator().activity_elsewhere(&lease));
+        ended::presumed(
+            pin.backend.allocated_at,
+            pin.last_active,
+            elsewhere,
+            config.idle_timeout,
+            config.max_lifetime,
+            now,
+        )
+    });
+    if let Some(ended) = found {
+        let (cookie, _) = state.cookies.issue(
+            &identity.sub,
+            Pin {
+                ended: Some(ended),
+                ..pin
+            },
+            now,
+        );
+        let cookie = Some(cookie);
+        return Err(SessionError::Ended(Box::new(Notice { ended, cookie })));
+    }
+    Ok(Claim::Adopt {
+        pin: pin.backend,
+        or_allocate: counts_as_activity,
+    })
+}
+
+/// The lease a pin names, to look its backend up by.
+fn pinned_lease(pin: &Pin) -> Option<Lease> {
+    Some(Lease {
+        backend: pin.backend.backend.as_str().into(),
+        upstream: pin.backend.upstream.parse().ok()?,
+    })
 }
 
 /// The user's backend refused the connection: gives it back, and sends the
@@ -103,11 +186,11 @@ async fn replace_dead_backend(
 ) -> Result<(Arc<Session>, Response<UpstreamBody>), RouterError> {
     let dead = first.session;
     tracing::warn!(user_id = %telemetry::user_id(&identity.sub), backend = %dead.lease, error = %unreachable, "backend unreachable; replacing it");
-    state.registry.release(dead, "dead_pod").await?;
+    state.registry.release(dead, ReleaseReason::DeadPod).await?;
     let Some(request) = replay else {
         return Err(unreachable.into());
     };
-    let session = state.registry.get_or_allocate(identity, || None).await?;
+    let session = state.registry.get_or_allocate(identity, || Ok(Claim::Allocate)).await?;
     let exchange = Exchange {
         session: &session,
         ..first
@@ -217,12 +300,14 @@ fn status_page(
     ))
 }
 
-/// Gives the user's backend back now and forgets the pinning cookie.
+/// Gives the user's backend back now. The cookie then says "released by
+/// you", to whichever replica the user's next request reaches.
 pub async fn release(State(state): Shared, headers: HeaderMap) -> Result<Response, RouterError> {
     check_origin(&state, &headers)?;
     let identity = state.identify(&headers).await?;
-    let released = match state.registry.get(&identity.sub) {
-        Some(session) => state.registry.release(&session, "user").await?,
+    let session = state.registry.get(&identity.sub);
+    let released = match &session {
+        Some(session) => state.registry.release(session, ReleaseReason::User).await?,
         None => false,
     };
     let mut response = if pages::wants_html(&headers) {
@@ -230,7 +315,55 @@ pub async fn release(State(state): Shared, headers: HeaderMap) -> Result<Respons
     } else {
         Json(json!({ "released": released })).into_response()
     };
-    response.headers_mut().append(SET_COOKIE, state.cookies.clear());
+    let cookie = match session.filter(|_| released) {
+        Some(session) => {
+            let now = SystemTime::now();
+            let mut pin = Pin::new(&session.lease, session.allocated_at, now);
+            pin.ended = Some(Ended::new(ReleaseReason::User, now));
+            state.cookies.issue(&identity.sub, pin, now).0
+        }
+        None => state.cookies.clear(),
+    };
+    response.headers_mut().append(SET_COOKIE, cookie);
+    Ok(response)
+}
+
+#[derive(Deserialize)]
+pub struct StartForm {
+    next: Option<String>,
+}
+
+/// "Start again": gets the user a backend (their own if they still hold
+/// one) and sends the browser on to `next`, the WebUI. Waiting in line,
+/// the browser goes there too: its waiting page keeps the place.
+pub async fn start(
+    State(state): Shared,
+    headers: HeaderMap,
+    form: Result<Form<StartForm>, FormRejection>,
+) -> Result<Response, RouterError> {
+    check_origin(&state, &headers)?;
+    let identity = state.identify(&headers).await?;
+    let next = safe_next(form.ok().and_then(|Form(form)| form.next).as_deref());
+    let wants_html = pages::wants_html(&headers);
+    let session = match state.registry.get_or_allocate(&identity, || Ok(Claim::Allocate)).await {
+        Ok(session) => session,
+        Err(SessionError::Waiting(_)) if wants_html => {
+            let mut response = pages::redirect(&next);
+            response.headers_mut().append(SET_COOKIE, state.cookies.clear());
+            return Ok(response);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let now = SystemTime::now();
+    let pin = Pin::new(&session.lease, session.allocated_at, now);
+    let (cookie, issued) = state.cookies.issue(&identity.sub, pin, now);
+    session.remember_pin(issued);
+    let mut response = if wants_html {
+        pages::redirect(&next)
+    } else {
+        Json(json!({ "backend": &*session.lease.backend })).into_response()
+    };
+    response.headers_mut().append(SET_COOKIE, cookie);
     Ok(response)
 }
 

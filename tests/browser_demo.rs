@@ -224,4 +224,30 @@ async fn demo_routes_each_signed_in_person_to_their_own_pod_in_a_real_browser() 
         carol_pod == alice_pod || carol_pod == bob_pod,
         "carol got {carol_pod}, not one of the demo's pods"
     );
+
+    // Carol leaves her tab alone with its socket open: after 3 s idle her
+    // GPU is released. Opening the WebUI again says so, and takes no GPU
+    // until she presses "Start again".
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    carol.goto(&demo.url).await;
+    carol
+        .wait_for("document.querySelector('#reason')", Duration::from_secs(10))
+        .await;
+    assert_eq!(carol.eval("document.title").await, Value::from("Your GPU was released"));
+    assert_eq!(status(&carol).await, 409, "the released page's status");
+    assert_eq!(
+        carol.eval("document.querySelector('#reason').dataset.reason").await,
+        Value::from("idle")
+    );
+    carol
+        .eval("document.querySelector('form[action=\"/_router/start\"] button[type=submit]').click(); true")
+        .await;
+    carol
+        .wait_for(
+            "location.pathname === '/' && document.querySelector('#user') \
+             && document.querySelector('#user').textContent === 'carol@dev.localhost'",
+            Duration::from_secs(10),
+        )
+        .await;
+    assert_on_own_pod(&carol, "carol").await;
 }

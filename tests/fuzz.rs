@@ -188,12 +188,17 @@ proptest! {
         let codec = codec();
         let now = SystemTime::now();
         let upstream = format!("10.0.0.1:{port}");
-        let (issued, _) = codec.issue(&subject, &backend, &upstream, now, now);
+        let lease = session_router::allocator::Lease {
+            backend: backend.as_str().into(),
+            upstream: upstream.parse().unwrap(),
+        };
+        let pinned = session_router::session::cookie::Pin::new(&lease, now, now);
+        let (issued, _) = codec.issue(&subject, pinned, now);
         let cookie = issued.to_str().unwrap().split(';').next().unwrap().to_string();
         let headers = cookie_headers(&[cookie.clone().into_bytes()]);
         let pin = codec.read(&headers, &subject, now).expect("opens for its user");
-        prop_assert_eq!(&pin.backend, &backend);
-        prop_assert_eq!(&pin.upstream, &upstream);
+        prop_assert_eq!(&pin.backend.backend, &backend);
+        prop_assert_eq!(&pin.backend.upstream, &upstream);
         if other != subject {
             prop_assert!(codec.read(&headers, &other, now).is_none(), "opened for another user");
         }

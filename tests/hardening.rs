@@ -853,7 +853,12 @@ fn codec(secret: &[u8], ttl: Duration) -> CookieCodec {
 
 /// `session_router=…` pinning `sub` to `backend` at `upstream`, issued at `now`.
 fn pin_cookie(codec: &CookieCodec, sub: &str, backend: &str, upstream: SocketAddr, now: SystemTime) -> String {
-    let (header, _) = codec.issue(sub, backend, &upstream.to_string(), now, now);
+    let lease = session_router::allocator::Lease {
+        backend: backend.into(),
+        upstream: upstream.to_string().parse().unwrap(),
+    };
+    let pin = session_router::session::cookie::Pin::new(&lease, now, now);
+    let (header, _) = codec.issue(sub, pin, now);
     header.to_str().unwrap().split(';').next().unwrap().to_string()
 }
 

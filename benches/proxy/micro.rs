@@ -17,7 +17,7 @@ use session_router::auth::Identity;
 use session_router::config::Config;
 use session_router::metrics::Metrics;
 use session_router::session::cookie::PinnedBackend;
-use session_router::session::Registry;
+use session_router::session::{Claim, Registry};
 
 use crate::contenders::AUDIENCE;
 
@@ -83,7 +83,7 @@ pub fn session_lookup(users: usize, lookups: usize, repeats: usize) -> SessionLo
         .collect();
     for identity in &identities {
         registry
-            .get_or_allocate(identity, || None)
+            .get_or_allocate(identity, || Ok(Claim::Allocate))
             .now_or_never()
             .expect("allocation completes without waiting")
             .expect("allocation succeeds");
@@ -98,7 +98,7 @@ pub fn session_lookup(users: usize, lookups: usize, repeats: usize) -> SessionLo
         let identity = &identities[order[i]];
         black_box(
             registry
-                .get_or_allocate(black_box(identity), || None)
+                .get_or_allocate(black_box(identity), || Ok(Claim::Allocate))
                 .now_or_never()
                 .expect("a known user never waits")
                 .expect("known user"),

@@ -20,6 +20,7 @@ pub use static_pool::{Probe, StaticPool};
 
 use crate::auth::Identity;
 use crate::session::cookie::PinnedBackend;
+use crate::session::Ended;
 
 /// One user's hold on one backend.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,6 +64,15 @@ pub trait Allocator: Send + Sync + 'static {
     /// `dead_pod`, …; an `idle` release must abort if the backend changed
     /// since the idle decision (another replica saw activity).
     async fn release(&self, user: &Identity, lease: &Lease, reason: &'static str) -> Result<(), AllocError>;
+
+    /// Why and when `backend`, which the user's cookie names, was released,
+    /// if the backend system recorded that where every replica sees it,
+    /// without a network call: it lets a replica that did not make the
+    /// release (or has restarted since) tell the user "by an
+    /// administrator". `None`: the reason is worked out from the cookie.
+    fn released(&self, _user: &Identity, _backend: &str) -> Option<Ended> {
+        None
+    }
 
     /// Whether new allocations can currently be attempted.
     fn is_ready(&self) -> bool {

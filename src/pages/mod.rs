@@ -11,7 +11,10 @@ use http::header::{HeaderValue, ACCEPT, CACHE_CONTROL, LOCATION, RETRY_AFTER};
 use http::{HeaderMap, StatusCode, Uri};
 use serde_json::json;
 
-use crate::session::Place;
+use crate::session::{Ended, Place};
+
+/// Where "Start again" posts to.
+pub const START: &str = "/_router/start";
 
 /// True when the client prefers an HTML page to JSON.
 pub fn wants_html(headers: &HeaderMap) -> bool {
@@ -116,6 +119,51 @@ pub fn waiting(wants_html: bool, retry: Duration, place: Option<Place>) -> Respo
         response
     };
     with_retry_after(response, retry)
+}
+
+/// 409 for a user who holds no backend and whose request does not start
+/// one: `ended` says why their last one went, `None` that there was none
+/// (a background request, a ping). A browser gets a page with a "Start
+/// again" button that leads back to `uri`; nothing reloads by itself,
+/// since an open tab must not take a GPU back on its own.
+pub fn session_ended(wants_html: bool, ended: Option<&Ended>, uri: &Uri) -> Response {
+    let at = ended.map(|e| humantime::format_rfc3339_seconds(e.at()).to_string());
+    if !wants_html {
+        let mut body = json!({
+            "error": if ended.is_some() { "session_ended" } else { "no_session" },
+            "reason": ended.map(|e| e.reason.as_str()),
+            "start": START,
+            "message": "you hold no GPU; open the WebUI or POST to `start` to get one",
+        });
+        if let Some(at) = at {
+            body["released_at"] = json!(at);
+        }
+        let mut response = (StatusCode::CONFLICT, Json(body)).into_response();
+        response
+            .headers_mut()
+            .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        return response;
+    }
+    let next = uri.path_and_query().map_or("/", |p| p.as_str());
+    let (title, said) = match (ended, at) {
+        (Some(ended), Some(at)) => (
+            "Your GPU was released",
+            format!(
+                r#"<p>Your GPU was released <strong id="reason" data-reason="{reason}">{why}</strong>, at <time>{at}</time>.</p>"#,
+                reason = ended.reason.as_str(),
+                why = ended.reason.sentence(),
+            ),
+        ),
+        _ => ("You hold no GPU", "<p>You hold no GPU right now.</p>".to_string()),
+    };
+    let body = format!(
+        r#"{said}
+<p>Your open WebUI page belonged to it. Start again to get a GPU and a fresh WebUI page.</p>
+<form method="post" action="{START}"><input type="hidden" name="next" value="{next}"><button type="submit">Start again</button></form>
+<p class="muted"><a href="/_router/status">Session status</a></p>"#,
+        next = escape(next),
+    );
+    html(StatusCode::CONFLICT, title, &body, None)
 }
 
 /// "You are number 3 in line (2 people behind you)." — said the same way
@@ -287,6 +335,17 @@ mod tests {
             );
             assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
             assert_eq!(r.headers()[RETRY_AFTER], "7");
+        }
+    }
+
+    #[test]
+    fn an_ended_session_is_a_409_that_says_why_and_offers_to_start_again() {
+        let ended = Ended::new(crate::session::ReleaseReason::Idle, std::time::UNIX_EPOCH);
+        let uri = Uri::from_static("/");
+        for wants_html in [true, false] {
+            for ended in [Some(&ended), None] {
+                assert_eq!(session_ended(wants_html, ended, &uri).status(), StatusCode::CONFLICT);
+            }
         }
     }
 

@@ -126,6 +126,7 @@ pub fn endpoints(state: Arc<AppState>) -> Router {
         .route("/readyz", get(routes::readyz))
         .route("/_router/status", get(routes::status))
         .route("/_router/release", post(routes::release))
+        .route("/_router/start", post(routes::start))
         .route("/_router/admin", get(crate::admin::view))
         .route("/_router/admin/release", post(crate::admin::release))
         .route(

@@ -1,7 +1,7 @@
 //! The pinning cookie: which backend a browser was given, signed with HMAC and
 //! bound to the verified user, so that a cookie is worthless to anyone else.
 //!
-//! Wire form: `v1.<base64url(json lease)>.<base64url(hmac)>`. The MAC covers
+//! Wire form: `v1.<base64url(json pin)>.<base64url(hmac)>`. The MAC covers
 //! a context label, the user's `sub` and the payload, each length-prefixed so
 //! no two inputs can produce the same MAC input. The `sub` itself is not in
 //! the cookie. Anything that does not verify is simply ignored: the request is
@@ -16,6 +16,8 @@ use http::{HeaderMap, HeaderValue};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
+use super::ended::Ended;
+use crate::allocator::Lease;
 use crate::config::Secret;
 
 /// Browsers cap a cookie near 4 KiB; a longer value is not ours.
@@ -81,6 +83,40 @@ pub struct PinnedBackend {
     pub expires: u64,
 }
 
+/// The pinning cookie's payload: the backend, the user's last activity as
+/// far as the issuing replica knew, and, once the backend was released,
+/// why. Cookies issued before the stamp existed read as "last active: at
+/// allocation", "not ended".
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pin {
+    #[serde(flatten)]
+    pub backend: PinnedBackend,
+    /// Unix seconds of the user's last activity when the cookie was issued.
+    #[serde(rename = "l", default)]
+    pub last_active: u64,
+    /// Set once the backend was released: the cookie then pins nothing and
+    /// says why to whichever replica reads it.
+    #[serde(rename = "x", default, skip_serializing_if = "Option::is_none")]
+    pub ended: Option<Ended>,
+}
+
+impl Pin {
+    /// A pin of `lease`, held since `allocated_at`, its user last active at
+    /// `last_active`. [`CookieCodec::issue`] sets its expiry.
+    pub fn new(lease: &Lease, allocated_at: SystemTime, last_active: SystemTime) -> Pin {
+        Pin {
+            backend: PinnedBackend {
+                backend: lease.backend.to_string(),
+                upstream: lease.upstream.to_string(),
+                allocated_at: unix(allocated_at),
+                expires: 0,
+            },
+            last_active: unix(last_active),
+            ended: None,
+        }
+    }
+}
+
 /// Issues and reads the pinning cookie.
 #[derive(Clone)]
 pub struct CookieCodec {
@@ -100,36 +136,27 @@ impl CookieCodec {
         &self.name
     }
 
-    /// A `Set-Cookie` value pinning `subject` to `backend`, issued at `now`,
+    /// A `Set-Cookie` value carrying `pin` for `subject`, issued at `now`,
     /// and the cookie as the session remembers it.
-    pub fn issue(
-        &self,
-        subject: &str,
-        backend: &str,
-        upstream: &str,
-        allocated_at: SystemTime,
-        now: SystemTime,
-    ) -> (HeaderValue, Issued) {
-        let pin = PinnedBackend {
-            backend: backend.to_string(),
-            upstream: upstream.to_string(),
-            allocated_at: unix(allocated_at),
-            expires: unix(now) + self.ttl.as_secs(),
-        };
+    pub fn issue(&self, subject: &str, mut pin: Pin, now: SystemTime) -> (HeaderValue, Issued) {
+        pin.backend.expires = unix(now) + self.ttl.as_secs();
         let payload = serde_json::to_vec(&pin).expect("plain struct serialises");
         let value = format!("{VERSION}.{}", self.signer.seal(CONTEXT, subject, &payload));
         let header = set_cookie(&self.name, &value, Some(self.ttl));
         let issued = Issued {
             value: value.into(),
-            expires: pin.expires,
+            expires: pin.backend.expires,
+            last_active: pin.last_active,
         };
         (header, issued)
     }
 
     /// Whether the request carries a pin for `subject` naming `backend`
-    /// that stays valid past half its lifetime (else a new one is due).
-    /// `last` is the cookie issued for this very session: the browser
-    /// sending it back is recognised by comparison, without a MAC.
+    /// that stays valid past half its lifetime and, when `stamped_since`
+    /// is given (the request is activity), was stamped active since then;
+    /// else a new one is due. `last` is the cookie issued for this very
+    /// session: the browser sending it back is recognised by comparison,
+    /// without a MAC.
     pub fn is_fresh(
         &self,
         headers: &HeaderMap,
@@ -137,16 +164,22 @@ impl CookieCodec {
         backend: &str,
         last: Option<&Issued>,
         now: SystemTime,
+        stamped_since: Option<u64>,
     ) -> bool {
         let Lookup::One(value) = find_cookie(headers, &self.name) else {
             return false;
         };
         let renew_after = unix(now) + self.ttl.as_secs() / 2;
+        let stamped = |last_active: u64| stamped_since.is_none_or(|since| last_active >= since);
         if let Some(last) = last.filter(|last| constant_time_eq(value.as_bytes(), last.value.as_bytes())) {
-            return last.expires > renew_after;
+            return last.expires > renew_after && stamped(last.last_active);
         }
-        self.open(value, subject, now)
-            .is_some_and(|pin| pin.backend == backend && pin.expires > renew_after)
+        self.open(value, subject, now).is_some_and(|pin| {
+            pin.ended.is_none()
+                && pin.backend.backend == backend
+                && pin.backend.expires > renew_after
+                && stamped(pin.last_active)
+        })
     }
 
     /// A `Set-Cookie` value that deletes the cookie.
@@ -156,7 +189,7 @@ impl CookieCodec {
 
     /// The pin in the request's cookie, if there is exactly one such cookie
     /// and it verifies for `subject` and has not expired at `now`.
-    pub fn read(&self, headers: &HeaderMap, subject: &str, now: SystemTime) -> Option<PinnedBackend> {
+    pub fn read(&self, headers: &HeaderMap, subject: &str, now: SystemTime) -> Option<Pin> {
         let value = match find_cookie(headers, &self.name) {
             Lookup::One(value) => value,
             Lookup::None | Lookup::Ambiguous => return None,
@@ -164,11 +197,11 @@ impl CookieCodec {
         self.open(value, subject, now)
     }
 
-    fn open(&self, value: &str, subject: &str, now: SystemTime) -> Option<PinnedBackend> {
+    fn open(&self, value: &str, subject: &str, now: SystemTime) -> Option<Pin> {
         let sealed = value.strip_prefix(VERSION)?.strip_prefix('.')?;
         let payload = self.signer.open(CONTEXT, subject, sealed)?;
-        let pin: PinnedBackend = serde_json::from_slice(&payload).ok()?;
-        (pin.expires > unix(now)).then_some(pin)
+        let pin: Pin = serde_json::from_slice(&payload).ok()?;
+        (pin.backend.expires > unix(now)).then_some(pin)
     }
 }
 
@@ -178,6 +211,7 @@ impl CookieCodec {
 pub struct Issued {
     value: Box<str>,
     expires: u64,
+    last_active: u64,
 }
 
 /// Compares without stopping at the first difference, so the time taken
@@ -286,8 +320,16 @@ mod tests {
         headers
     }
 
+    fn pin(now: SystemTime) -> Pin {
+        let lease = Lease {
+            backend: "static-0".into(),
+            upstream: http::uri::Authority::from_static("127.0.0.1:7860"),
+        };
+        Pin::new(&lease, now, now)
+    }
+
     fn issued_value(codec: &CookieCodec, subject: &str, now: SystemTime) -> String {
-        let (header, _) = codec.issue(subject, "static-0", "127.0.0.1:7860", now, now);
+        let (header, _) = codec.issue(subject, pin(now), now);
         let text = header.to_str().unwrap();
         text.split(';').next().unwrap().to_string()
     }
@@ -296,35 +338,42 @@ mod tests {
     fn a_returned_cookie_is_fresh_until_half_its_lifetime_whether_or_not_it_was_issued_here() {
         let codec = codec();
         let now = SystemTime::now();
-        let (header, issued) = codec.issue("alice", "static-0", "127.0.0.1:7860", now, now);
+        let (header, issued) = codec.issue("alice", pin(now), now);
         let headers = request_with(header.to_str().unwrap().split(';').next().unwrap());
         for last in [Some(&issued), None] {
-            assert!(codec.is_fresh(&headers, "alice", "static-0", last, now));
-            assert!(!codec.is_fresh(&headers, "alice", "static-0", last, now + Duration::from_secs(1801)));
+            assert!(codec.is_fresh(&headers, "alice", "static-0", last, now, None));
+            assert!(!codec.is_fresh(
+                &headers,
+                "alice",
+                "static-0",
+                last,
+                now + Duration::from_secs(1801),
+                None
+            ));
         }
         assert!(
-            !codec.is_fresh(&headers, "alice", "static-1", None, now),
+            !codec.is_fresh(&headers, "alice", "static-1", None, now, None),
             "names another backend"
         );
         assert!(
-            !codec.is_fresh(&headers, "bob", "static-0", None, now),
+            !codec.is_fresh(&headers, "bob", "static-0", None, now, None),
             "issued to another user"
         );
-        assert!(!codec.is_fresh(&request_with("a=1"), "alice", "static-0", Some(&issued), now));
+        assert!(!codec.is_fresh(&request_with("a=1"), "alice", "static-0", Some(&issued), now, None));
     }
 
     #[test]
     fn a_cookie_that_differs_from_the_issued_one_is_verified_not_trusted() {
         let codec = codec();
         let now = SystemTime::now();
-        let (header, issued) = codec.issue("alice", "static-0", "127.0.0.1:7860", now, now);
+        let (header, issued) = codec.issue("alice", pin(now), now);
         let value = header.to_str().unwrap().split(';').next().unwrap().to_string();
         // Same length, last character changed: not the issued cookie, and
         // its MAC fails.
         let mut forged = value.clone();
         let last = forged.pop().unwrap();
         forged.push(if last == 'A' { 'B' } else { 'A' });
-        assert!(!codec.is_fresh(&request_with(&forged), "alice", "static-0", Some(&issued), now));
+        assert!(!codec.is_fresh(&request_with(&forged), "alice", "static-0", Some(&issued), now, None));
         assert!(constant_time_eq(b"same", b"same"));
         assert!(!constant_time_eq(b"same", b"sane"));
         assert!(!constant_time_eq(b"same", b"same!"));
@@ -343,8 +392,8 @@ mod tests {
         let now = SystemTime::now();
         let cookie = issued_value(&codec, "alice", now);
         let pin = codec.read(&request_with(&cookie), "alice", now).unwrap();
-        assert_eq!(pin.backend, "static-0");
-        assert_eq!(pin.upstream, "127.0.0.1:7860");
+        assert_eq!(pin.backend.backend, "static-0");
+        assert_eq!(pin.backend.upstream, "127.0.0.1:7860");
     }
 
     #[test]
@@ -397,6 +446,39 @@ mod tests {
         );
         let huge = format!("session_router=v1.{}.AAAA", "A".repeat(10_000));
         assert_eq!(codec.read(&request_with(&huge), "alice", now), None);
+    }
+
+    #[test]
+    fn an_active_users_cookie_is_due_again_once_its_stamp_is_older_than_asked() {
+        let codec = codec();
+        let now = SystemTime::now();
+        let (header, issued) = codec.issue("alice", pin(now), now);
+        let headers = request_with(header.to_str().unwrap().split(';').next().unwrap());
+        let stamp = unix(now);
+        for last in [Some(&issued), None] {
+            assert!(codec.is_fresh(&headers, "alice", "static-0", last, now, Some(stamp)));
+            assert!(!codec.is_fresh(&headers, "alice", "static-0", last, now, Some(stamp + 1)));
+        }
+    }
+
+    #[test]
+    fn a_cookie_that_says_its_backend_ended_pins_nothing_but_says_why() {
+        let codec = codec();
+        let now = SystemTime::now();
+        let mut ended = pin(now);
+        ended.ended = Some(Ended::new(super::super::ended::ReleaseReason::Idle, now));
+        let (header, _) = codec.issue("alice", ended.clone(), now);
+        let headers = request_with(header.to_str().unwrap().split(';').next().unwrap());
+        assert!(!codec.is_fresh(&headers, "alice", "static-0", None, now, None));
+        let read = codec.read(&headers, "alice", now).unwrap();
+        assert_eq!(read.ended, ended.ended);
+        // A cookie from before the stamps still reads.
+        let old = br#"{"b":"static-0","u":"127.0.0.1:7860","a":5,"e":99999999999}"#;
+        let value = format!("{VERSION}.{}", codec.signer.seal(CONTEXT, "alice", old));
+        let read = codec
+            .read(&request_with(&format!("session_router={value}")), "alice", now)
+            .unwrap();
+        assert_eq!((read.last_active, read.ended), (0, None));
     }
 
     fn without(headers: &HeaderMap, names: &[&str]) -> Option<Vec<String>> {

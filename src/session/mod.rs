@@ -5,9 +5,13 @@
 //! - [`cookie`]: the signed pinning cookie.
 //! - [`activity`]: last-activity tracking shared by the proxy and the reaper.
 //! - [`line`]: the waiting line of users who got no backend.
+//! - [`intent`]: which requests may allocate (only those showing intent).
+//! - [`ended`]: why a backend was released, as every replica can tell.
 
 pub mod activity;
 pub mod cookie;
+pub mod ended;
+pub mod intent;
 pub mod line;
 pub mod registry;
 
@@ -18,8 +22,10 @@ use std::time::SystemTime;
 use tokio_util::sync::CancellationToken;
 
 pub use activity::{Activity, InFlight};
+pub use ended::{Ended, ReleaseReason};
+pub use intent::Intent;
 pub use line::Place;
-pub use registry::{Registry, SessionError};
+pub use registry::{Claim, Registry, SessionError};
 
 use crate::allocator::Lease;
 use crate::auth::Identity;

@@ -4,6 +4,11 @@
 //! user inserts a per-user `OnceCell` and runs the allocation inside it,
 //! outside any map guard, so ten concurrent first requests cause one
 //! allocation and nobody holds a lock across the network call.
+//!
+//! What a request without a session may do is its [`Claim`]: re-attach
+//! the backend its cookie names, or allocate, which only requests showing
+//! the user's intent may ([`Intent`](super::Intent)). Releases made here
+//! are remembered per user, so the user can be told why their GPU went.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -14,6 +19,7 @@ use tokio::sync::OnceCell;
 use tokio::time::Instant;
 
 use super::cookie::PinnedBackend;
+use super::ended::{Ended, Notice, ReleaseReason};
 use super::line::{Line, Place};
 use super::Session;
 use crate::allocator::{AllocError, Allocator};
@@ -57,6 +63,24 @@ pub enum SessionError {
     /// No backend for the user now: they stand in the waiting line.
     #[error("no backend free; number {} of {} in line", .0.position, .0.waiting)]
     Waiting(Place),
+    /// The backend the user's cookie names was released; nothing was
+    /// allocated.
+    #[error("session ended ({})", .0.ended.reason.as_str())]
+    Ended(Box<Notice>),
+    /// The user holds no backend and the request does not start one.
+    #[error("no session, and the request does not start one")]
+    NoSession,
+}
+
+/// What a request of a user without a session here may do.
+#[derive(Debug)]
+pub enum Claim {
+    /// Re-attach the backend the user's cookie names, without a network
+    /// call; if it is not theirs any more, allocate when `or_allocate`,
+    /// else fail with [`SessionError::NoSession`].
+    Adopt { pin: PinnedBackend, or_allocate: bool },
+    /// Get the user a backend (the request shows they want one).
+    Allocate,
 }
 
 pub struct Registry {
@@ -64,6 +88,9 @@ pub struct Registry {
     allocator: Arc<dyn Allocator>,
     metrics: Arc<Metrics>,
     line: Line,
+    /// `sub` → the last backend released here for that user and why,
+    /// until they get a new one. At most one small entry per user.
+    ended: FastMap<Arc<str>, (Arc<str>, Ended)>,
 }
 
 impl Registry {
@@ -73,6 +100,7 @@ impl Registry {
             line: Line::new(queue_timeout, metrics.clone(), allocator.shared_line()),
             allocator,
             metrics,
+            ended: FastMap::default(),
         }
     }
 
@@ -89,14 +117,14 @@ impl Registry {
         self.sessions.get(sub)?.value().session().cloned()
     }
 
-    /// The user's session, re-attaching the backend their cookie names or
-    /// allocating one if they have none.
-    /// `pin` reads the user's pinning cookie; it is only called when the
+    /// The user's session; when they have none here, what `claim` says
+    /// (re-attach the backend their cookie names, or allocate one).
+    /// `claim` reads the user's pinning cookie; it is only called when the
     /// user has no session here yet (the common case costs no MAC check).
     pub async fn get_or_allocate(
         &self,
         identity: &Identity,
-        pin: impl FnOnce() -> Option<PinnedBackend>,
+        claim: impl FnOnce() -> Result<Claim, SessionError>,
     ) -> Result<Arc<Session>, SessionError> {
         if let Some(session) = self.get(&identity.sub) {
             if session.is_releasing() {
@@ -124,12 +152,18 @@ impl Registry {
             .get_or_try_init(|| async {
                 let user_id = telemetry::user_id(&identity.sub);
                 let email = telemetry::email(&identity.email);
-                let pin = pin();
-                let pinned_since = pin
-                    .as_ref()
-                    .filter(|pin| pin.allocated_at > 0)
-                    .map(|pin| std::time::UNIX_EPOCH + Duration::from_secs(pin.allocated_at));
-                let adopted = pin.and_then(|pin| self.allocator.adopt(identity, &pin));
+                let (adopted, pinned_since) = match claim()? {
+                    Claim::Adopt { pin, or_allocate } => {
+                        let since = (pin.allocated_at > 0)
+                            .then(|| std::time::UNIX_EPOCH + Duration::from_secs(pin.allocated_at));
+                        match self.allocator.adopt(identity, &pin) {
+                            Some(lease) => (Some(lease), since),
+                            None if or_allocate => (None, None),
+                            None => return Err(SessionError::NoSession),
+                        }
+                    }
+                    Claim::Allocate => (None, None),
+                };
                 let pinned = adopted.is_some();
                 let lease = match adopted {
                     Some(lease) => {
@@ -173,6 +207,7 @@ impl Registry {
                         *slot = Slot::Ready(session.clone());
                     }
                 }
+                self.ended.remove(&identity.sub);
                 self.line.leave(identity).await;
                 self.metrics.sessions_active.set(self.sessions.len() as i64);
                 Ok(session.clone())
@@ -201,18 +236,23 @@ impl Registry {
     /// Releases the session's backend, and only once that is confirmed
     /// drops the record and closes the session's open streams. Returns
     /// `false` if another release of this session is already running.
-    pub async fn release(&self, session: &Arc<Session>, reason: &'static str) -> Result<bool, SessionError> {
+    pub async fn release(&self, session: &Arc<Session>, why: ReleaseReason) -> Result<bool, SessionError> {
         if session.releasing.swap(true, Ordering::AcqRel) {
             return Ok(false);
         }
         let user_id = telemetry::user_id(&session.identity.sub);
         let backend = &session.lease.backend;
+        let reason = why.as_str();
         if let Err(e) = self.allocator.release(&session.identity, &session.lease, reason).await {
             session.releasing.store(false, Ordering::Release);
             self.metrics.release(reason, false);
             tracing::warn!(%user_id, %backend, reason, error = %e, "release failed; will retry");
             return Err(e.into());
         }
+        self.ended.insert(
+            session.identity.sub.clone(),
+            (backend.clone(), Ended::new(why, SystemTime::now())),
+        );
         self.forget(session);
         telemetry::released(
             &self.metrics,
@@ -226,6 +266,17 @@ impl Registry {
             },
         );
         Ok(true)
+    }
+
+    /// Why `backend`, which the user's cookie names, was released, if this
+    /// replica released it or the backend system recorded the release.
+    pub fn ended(&self, identity: &Identity, backend: &str) -> Option<Ended> {
+        let here = self
+            .ended
+            .get(&identity.sub)
+            .filter(|entry| &*entry.value().0 == backend)
+            .map(|entry| entry.value().1);
+        here.or_else(|| self.allocator.released(identity, backend))
     }
 
     /// Drops the session without releasing anything (its backend is gone)
@@ -285,6 +336,12 @@ mod tests {
         fn capacity(&self) -> crate::allocator::Capacity {
             self.pool.capacity()
         }
+        fn released(&self, _user: &Identity, backend: &str) -> Option<Ended> {
+            (backend == "static-9").then_some(Ended {
+                reason: ReleaseReason::Admin,
+                at: 7,
+            })
+        }
         async fn release(&self, user: &Identity, lease: &Lease, reason: &'static str) -> Result<(), AllocError> {
             if self.fail_releases.load(Ordering::SeqCst) {
                 return Err(AllocError::Backend {
@@ -322,7 +379,12 @@ mod tests {
         let tasks: Vec<_> = (0..10)
             .map(|_| {
                 let registry = registry.clone();
-                tokio::spawn(async move { registry.get_or_allocate(&user("alice"), || None).await.unwrap() })
+                tokio::spawn(async move {
+                    registry
+                        .get_or_allocate(&user("alice"), || Ok(Claim::Allocate))
+                        .await
+                        .unwrap()
+                })
             })
             .collect();
         let mut backends = Vec::new();
@@ -337,9 +399,12 @@ mod tests {
     #[tokio::test]
     async fn a_failed_allocation_leaves_no_record_and_can_be_retried() {
         let (registry, _) = registry(1);
-        registry.get_or_allocate(&user("a"), || None).await.unwrap();
+        registry
+            .get_or_allocate(&user("a"), || Ok(Claim::Allocate))
+            .await
+            .unwrap();
         assert!(matches!(
-            registry.get_or_allocate(&user("b"), || None).await,
+            registry.get_or_allocate(&user("b"), || Ok(Claim::Allocate)).await,
             Err(SessionError::Waiting(Place {
                 position: 1,
                 waiting: 1
@@ -347,21 +412,77 @@ mod tests {
         ));
         assert_eq!(registry.len(), 1);
         let a = registry.get("a").unwrap();
-        assert!(registry.release(&a, "test").await.unwrap());
-        registry.get_or_allocate(&user("b"), || None).await.unwrap();
+        assert!(registry.release(&a, ReleaseReason::Idle).await.unwrap());
+        registry
+            .get_or_allocate(&user("b"), || Ok(Claim::Allocate))
+            .await
+            .unwrap();
     }
 
     #[tokio::test]
     async fn a_record_is_kept_until_its_release_is_confirmed() {
         let (registry, pool) = registry(1);
-        let a = registry.get_or_allocate(&user("a"), || None).await.unwrap();
+        let a = registry
+            .get_or_allocate(&user("a"), || Ok(Claim::Allocate))
+            .await
+            .unwrap();
         pool.fail_releases.store(true, Ordering::SeqCst);
-        assert!(registry.release(&a, "test").await.is_err());
+        assert!(registry.release(&a, ReleaseReason::Idle).await.is_err());
         assert!(registry.get("a").is_some(), "record survives a failed release");
         assert!(!a.is_releasing());
         pool.fail_releases.store(false, Ordering::SeqCst);
-        assert!(registry.release(&a, "test").await.unwrap());
+        assert!(registry.release(&a, ReleaseReason::Idle).await.unwrap());
         assert!(registry.get("a").is_none());
         assert!(a.closed.is_cancelled());
+    }
+
+    #[tokio::test]
+    async fn a_release_is_remembered_with_its_reason_until_the_user_gets_a_backend_again() {
+        let (registry, _) = registry(1);
+        let alice = user("a");
+        let a = registry.get_or_allocate(&alice, || Ok(Claim::Allocate)).await.unwrap();
+        assert_eq!(registry.ended(&alice, "static-0"), None);
+        assert!(registry.release(&a, ReleaseReason::Idle).await.unwrap());
+        let ended = registry.ended(&alice, "static-0").unwrap();
+        assert_eq!(ended.reason, ReleaseReason::Idle);
+        assert_eq!(registry.ended(&alice, "static-1"), None, "another backend");
+        assert_eq!(registry.ended(&user("b"), "static-0"), None, "another user");
+        assert_eq!(
+            registry.ended(&alice, "static-9").map(|e| e.reason),
+            Some(ReleaseReason::Admin),
+            "else the backend system's record"
+        );
+        registry.get_or_allocate(&alice, || Ok(Claim::Allocate)).await.unwrap();
+        assert_eq!(registry.ended(&alice, "static-0"), None);
+    }
+
+    #[tokio::test]
+    async fn a_claim_that_may_not_allocate_gets_nothing_when_its_pin_is_not_the_users() {
+        let (registry, pool) = registry(2);
+        let a = registry
+            .get_or_allocate(&user("a"), || Ok(Claim::Allocate))
+            .await
+            .unwrap();
+        let pin = PinnedBackend {
+            backend: a.lease.backend.to_string(),
+            upstream: a.lease.upstream.to_string(),
+            allocated_at: 0,
+            expires: u64::MAX,
+        };
+        let claim = || {
+            Ok(Claim::Adopt {
+                pin: pin.clone(),
+                or_allocate: false,
+            })
+        };
+        assert!(matches!(
+            registry.get_or_allocate(&user("b"), claim).await,
+            Err(SessionError::NoSession)
+        ));
+        assert_eq!(registry.len(), 1, "no record left behind");
+        assert_eq!(pool.allocations.load(Ordering::SeqCst), 1, "nothing allocated");
+        let or_allocate = || Ok(Claim::Adopt { pin, or_allocate: true });
+        let b = registry.get_or_allocate(&user("b"), or_allocate).await.unwrap();
+        assert_ne!(b.lease, a.lease);
     }
 }
