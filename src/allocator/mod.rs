@@ -75,6 +75,14 @@ pub trait Allocator: Send + Sync + 'static {
         true
     }
 
+    /// [`Allocator::still_held`], confirmed through the backend system when
+    /// its view may be behind (a broken watch): never forward a user to an
+    /// address nobody has confirmed is still theirs (a released pod's
+    /// address goes to the next pod).
+    async fn confirm_held(&self, user: &Identity, lease: &Lease) -> bool {
+        self.still_held(user, lease)
+    }
+
     /// Whether a backend that refuses connections should be released and
     /// replaced (a dead pod) rather than kept (a fixed host that may return).
     fn replaces_unreachable(&self) -> bool {
@@ -131,6 +139,8 @@ pub trait Allocator: Send + Sync + 'static {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct BackendSession {
     pub backend: String,
+    /// Deleted, and lingering until its pod is gone: no longer anyone's.
+    pub releasing: bool,
     /// The user's email when recorded, else their label.
     pub user: String,
     pub node: Option<String>,

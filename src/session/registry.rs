@@ -102,7 +102,7 @@ impl Registry {
             if session.is_releasing() {
                 return Err(SessionError::Releasing);
             }
-            if self.allocator.still_held(identity, &session.lease) {
+            if self.allocator.confirm_held(identity, &session.lease).await {
                 return Ok(session);
             }
             tracing::info!(user_id = %telemetry::user_id(&identity.sub), backend = %session.lease.backend, "backend gone or reassigned; allocating again");

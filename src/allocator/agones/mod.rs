@@ -9,7 +9,13 @@
 //!
 //! A watched cache of the fleet's GameServers keeps Kubernetes off the hot
 //! path: a signed cookie is checked against it, dead or re-assigned servers
-//! are noticed from it, and the reaper sweeps from it.
+//! are noticed from it, and the reaper sweeps from it. While the watch is
+//! out of step, what the cache says of a user's server is confirmed with a
+//! GET before anyone is forwarded there ([`watch`]).
+//!
+//! A deleted GameServer lingers until its finalizer is removed (its pod
+//! gone), `deletionTimestamp` set and its state unchanged: it is gone for
+//! every purpose here ([`types::TERMINATING`]).
 //!
 //! Release deletes the GameServer (the Fleet replaces it with a fresh one),
 //! with a `resourceVersion` precondition so a concurrent change — another
@@ -20,17 +26,15 @@ pub mod label;
 mod line;
 mod transport;
 pub mod types;
+mod watch;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
-use futures_util::StreamExt;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, Preconditions};
-use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{watcher, WatchStreamExt};
+use kube::runtime::reflector::{ObjectRef, Store};
 use rand::Rng;
 
 use super::{AllocError, Allocator, BackendSession, BusyProbe, Capacity, Lease};
@@ -40,6 +44,7 @@ use crate::metrics::Metrics;
 use crate::session::cookie::PinnedBackend;
 use transport::{Outcome, Transport};
 use types::GameServer;
+use watch::{Trust, ViewHealth};
 
 pub const FLEET_LABEL: &str = "agones.dev/fleet";
 pub const LAST_ALLOCATED: &str = "agones.dev/last-allocated";
@@ -59,7 +64,8 @@ pub struct Agones {
     gameservers: Api<GameServer>,
     transport: Transport,
     cache: Store<GameServer>,
-    cache_ready: Arc<AtomicBool>,
+    /// Whether `cache` is loaded and how far it can be trusted.
+    view: Arc<ViewHealth>,
     /// The waiting line every replica shares.
     line: Arc<line::LeaseLine>,
     /// The watch feeding `cache`; stopped when the allocator is dropped.
@@ -112,7 +118,7 @@ impl Agones {
         kind: BackendKind,
         metrics: Arc<Metrics>,
     ) -> Result<Agones, AllocError> {
-        let kube_config = match &config.kube_api_url {
+        let mut kube_config = match &config.kube_api_url {
             Some(url) => {
                 let uri = url
                     .parse()
@@ -125,6 +131,8 @@ impl Agones {
                 .await
                 .map_err(|e| backend_error(format!("no Kubernetes configuration (in-cluster or kubeconfig): {e}")))?,
         };
+        // Named in the API server's audit log.
+        kube_config.headers.push((http::header::USER_AGENT, user_agent()));
         let client =
             kube::Client::try_from(kube_config).map_err(|e| backend_error(format!("Kubernetes client: {e}")))?;
         let gameservers: Api<GameServer> = Api::namespaced(client.clone(), &config.namespace);
@@ -139,35 +147,19 @@ impl Agones {
             _ => Transport::kubernetes(client, config),
         };
 
-        let (cache, writer) = reflector::store();
-        let cache_ready = Arc::new(AtomicBool::new(false));
-        let watch_config = watcher::Config::default().labels(&format!("{FLEET_LABEL}={}", config.fleet));
-        let stream = reflector::reflector(writer, watcher(gameservers.clone(), watch_config)).default_backoff();
-        let ready = cache_ready.clone();
-        let ready_store = cache.clone();
-        let watch_metrics = metrics.clone();
-        let watch = tokio::spawn(async move {
-            let mark_ready = async move {
-                if ready_store.wait_until_ready().await.is_ok() {
-                    ready.store(true, Ordering::Release);
-                }
-            };
-            let drive = stream.for_each(|event| {
-                if let Err(e) = &event {
-                    watch_metrics.kube_call("watch", "error");
-                    tracing::warn!(error = %e, "GameServer watch error; retrying");
-                }
-                std::future::ready(())
-            });
-            tokio::join!(mark_ready, drive);
-        });
+        let (cache, view, watch) = watch::start(
+            gameservers.clone(),
+            format!("{FLEET_LABEL}={}", config.fleet),
+            config.api_timeout,
+            metrics.clone(),
+        );
         Ok(Agones {
             config: config.clone(),
             gameservers,
             transport,
             line,
             cache,
-            cache_ready,
+            view,
             watch,
             metrics,
         })
@@ -397,6 +389,23 @@ impl Agones {
         }
     }
 
+    /// Whether the view shows `gs` as `lease`, held by `user`: not
+    /// terminating, at the lease's address, and the user's by both labels —
+    /// or, just allocated, not yet showing the allocation (still Ready,
+    /// unlabelled: a GameServer never returns to Ready once allocated).
+    fn shows_held(&self, gs: &GameServer, user: &Identity, lease: &Lease) -> bool {
+        let labelled = gs.label(&self.config.user_label).is_some();
+        let owned = match gs.state() {
+            "Allocated" | "Reserved" => labelled && self.is_users(gs, &user.email),
+            "Ready" | "RequestReady" => !labelled || self.is_users(gs, &user.email),
+            _ => false,
+        };
+        owned
+            && self
+                .lease_for(Some(gs), None)
+                .is_ok_and(|current| current.upstream == lease.upstream)
+    }
+
     /// Whether `gs` carries this user's labels (value and hash).
     fn is_users(&self, gs: &GameServer, email: &str) -> bool {
         user_labels(&self.config, email)
@@ -422,7 +431,10 @@ async fn call_api<T>(
         }
         Ok(Err(kube::Error::Api(status))) if status.code == 404 => ("not_found", CallError::NotFound),
         Ok(Err(kube::Error::Api(status))) if status.code == 409 => ("conflict", CallError::Conflict),
-        Ok(Err(e)) => ("error", CallError::Failed(backend_error(format!("{what}: {e}")))),
+        Ok(Err(e)) => (
+            "error",
+            CallError::Failed(backend_error(format!("{what}: {}", error_summary(&e)))),
+        ),
         Err(_) => (
             "timeout",
             CallError::Failed(backend_error(format!("{what}: no answer within {timeout:?}"))),
@@ -430,6 +442,48 @@ async fn call_api<T>(
     };
     metrics.kube_call(verb, outcome);
     Err(error)
+}
+
+/// `session-router/<version>`: how the router names itself to the API
+/// server and the allocator service.
+pub(crate) fn user_agent() -> http::HeaderValue {
+    http::HeaderValue::from_static(concat!("session-router/", env!("CARGO_PKG_VERSION")))
+}
+
+/// At most this much of an error's text goes into a log line: a failed
+/// list once logged its whole 21 KB body.
+const ERROR_TEXT: usize = 300;
+
+/// An error as a log line may carry it: the API's status code, reason and
+/// message, or the error's own text — cut short, never a response body.
+fn error_summary(error: &kube::Error) -> String {
+    let text = match error {
+        kube::Error::Api(status) => format!("{} {}: {}", status.code, status.reason, status.message),
+        other => other.to_string(),
+    };
+    clip(text, ERROR_TEXT)
+}
+
+fn clip(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push('…');
+    }
+    text
+}
+
+/// Whether `error` means the API server cannot be reached (no connection,
+/// no answer, or it says it is unavailable), rather than an answer.
+fn unreachable(error: &kube::Error) -> bool {
+    match error {
+        kube::Error::Api(status) => matches!(status.code, 502..=504),
+        kube::Error::SerdeError(_) => false,
+        _ => true,
+    }
 }
 
 /// A user's Allocated servers, oldest first.
@@ -497,7 +551,9 @@ impl Allocator for Agones {
     }
 
     fn adopt(&self, user: &Identity, pin: &PinnedBackend) -> Option<Lease> {
-        if !self.cache_ready.load(Ordering::Acquire) {
+        // Out of step, the view cannot vouch for the cookie: the caller
+        // looks the user's server up through the API instead.
+        if !self.view.is_synced() || self.view.trust() == Trust::Resyncing {
             return None;
         }
         let gs = self.cached(&pin.backend)?;
@@ -518,7 +574,8 @@ impl Allocator for Agones {
             None => self.get(&lease.backend).await?,
         };
         let Some(gs) = known else { return Ok(()) };
-        if !self.is_users(&gs, email) {
+        // Someone else's now, or already being deleted: nothing to give back.
+        if !self.is_users(&gs, email) || gs.is_terminating() {
             return Ok(());
         }
         match self.delete(&lease.backend, gs.metadata.resource_version.clone()).await {
@@ -529,7 +586,7 @@ impl Allocator for Agones {
                 let Some(fresh) = self.get(&lease.backend).await? else {
                     return Ok(());
                 };
-                if !self.is_users(&fresh, email) {
+                if !self.is_users(&fresh, email) || fresh.is_terminating() {
                     return Ok(());
                 }
                 self.delete(&lease.backend, fresh.metadata.resource_version.clone())
@@ -540,20 +597,28 @@ impl Allocator for Agones {
         }
     }
 
+    /// This replica can serve: the fleet is listed and the API answers.
     fn is_ready(&self) -> bool {
-        self.cache_ready.load(Ordering::Acquire)
+        self.view.is_synced() && self.view.trust() != Trust::Unreachable
     }
 
     fn still_held(&self, user: &Identity, lease: &Lease) -> bool {
-        if !self.cache_ready.load(Ordering::Acquire) {
+        if !self.view.is_synced() {
             return true;
         }
-        let Some(gs) = self.cached(&lease.backend) else {
-            return false;
-        };
-        let alive = matches!(gs.state(), "Allocated" | "Ready" | "Reserved" | "RequestReady");
-        let label = label::user_label_value(&user.email);
-        alive && gs.label(&self.config.user_label).is_none_or(|l| l == label)
+        self.cached(&lease.backend)
+            .is_some_and(|gs| self.shows_held(&gs, user, lease))
+    }
+
+    async fn confirm_held(&self, user: &Identity, lease: &Lease) -> bool {
+        if self.view.trust() != Trust::Resyncing {
+            return self.still_held(user, lease);
+        }
+        match self.get(&lease.backend).await {
+            Ok(found) => found.is_some_and(|gs| self.shows_held(&gs, user, lease)),
+            // The API failing now: the last view stands.
+            Err(_) => self.still_held(user, lease),
+        }
     }
 
     fn replaces_unreachable(&self) -> bool {
@@ -565,10 +630,11 @@ impl Allocator for Agones {
             .cache
             .state()
             .iter()
-            .filter(|gs| gs.state() == "Allocated")
+            .filter(|gs| gs.agones_state() == "Allocated")
             .filter_map(|gs| {
                 let label = gs.label(&self.config.user_label)?;
                 Some(BackendSession {
+                    releasing: gs.is_terminating(),
                     backend: gs.name().to_string(),
                     user: gs.annotation(EMAIL_ANNOTATION).unwrap_or(label).to_string(),
                     node: gs
@@ -587,14 +653,16 @@ impl Allocator for Agones {
 
     fn capacity(&self) -> Capacity {
         let mut capacity = Capacity::default();
+        // Terminating servers and ones not understood are no capacity.
         for gs in self.cache.state() {
-            capacity.total += 1;
             match gs.state() {
                 "Ready" => capacity.ready += 1,
                 "Allocated" => capacity.allocated += 1,
                 "Reserved" => capacity.reserved += 1,
+                types::TERMINATING | "" => continue,
                 _ => {}
             }
+            capacity.total += 1;
         }
         capacity
     }
@@ -629,6 +697,11 @@ impl Allocator for Agones {
     }
 
     async fn record_activity(&self, lease: &Lease, at: SystemTime) -> Result<(), AllocError> {
+        // A server being deleted needs no activity: the write would only
+        // bump its version under a concurrent release.
+        if self.cached(&lease.backend).is_some_and(|gs| gs.is_terminating()) {
+            return Ok(());
+        }
         let patch = serde_json::json!({ "metadata": { "annotations": { LAST_ACTIVITY: activity_stamp(at) } } });
         self.call(
             "patch",
@@ -642,7 +715,7 @@ impl Allocator for Agones {
     }
 
     async fn sweep(&self, idle_timeout: Duration, held_here: &HashSet<Arc<str>>, probe: Option<&BusyProbe>) {
-        if !self.cache_ready.load(Ordering::Acquire) {
+        if !self.view.is_synced() {
             return;
         }
         let now = SystemTime::now();
