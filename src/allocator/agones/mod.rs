@@ -66,6 +66,11 @@ pub struct Agones {
     cache: Store<GameServer>,
     /// Whether `cache` is loaded and how far it can be trusted.
     view: Arc<ViewHealth>,
+    /// GameServers this replica deleted that `cache` may not show as
+    /// terminating yet: gone here meanwhile, so a user is never given back
+    /// the server just released (a dead pod's). Forgotten once the view
+    /// has caught up.
+    deleted_here: std::sync::Mutex<HashSet<String>>,
     /// The waiting line every replica shares.
     line: Arc<line::LeaseLine>,
     /// The watch feeding `cache`; stopped when the allocator is dropped.
@@ -160,6 +165,7 @@ impl Agones {
             line,
             cache,
             view,
+            deleted_here: Default::default(),
             watch,
             metrics,
         })
@@ -212,16 +218,31 @@ impl Agones {
             ..DeleteParams::default()
         };
         let what = format!("delete GameServer {name}");
-        match self.call("delete", &what, self.gameservers.delete(name, &params)).await {
-            Ok(_) => Ok(Deleted::Now),
-            Err(CallError::NotFound) => Ok(Deleted::AlreadyGone),
-            Err(e) => Err(e.into()),
-        }
+        let deleted = match self.call("delete", &what, self.gameservers.delete(name, &params)).await {
+            Ok(_) => Deleted::Now,
+            Err(CallError::NotFound) => Deleted::AlreadyGone,
+            Err(e) => return Err(e.into()),
+        };
+        crate::locked(&self.deleted_here).insert(name.to_string());
+        Ok(deleted)
+    }
+
+    /// Whether `gs` is alive as far as this replica knows: not terminating,
+    /// and not deleted here.
+    fn is_live(&self, gs: &GameServer) -> bool {
+        !gs.is_terminating() && !crate::locked(&self.deleted_here).contains(gs.name())
+    }
+
+    /// Forgets deletions the view now shows.
+    fn forget_deleted(&self) {
+        let mut deleted = crate::locked(&self.deleted_here);
+        deleted.retain(|name| self.cached(name).is_some_and(|gs| !gs.is_terminating()));
     }
 
     /// Asks for the user's server until one is allocated, retrying
-    /// contention and transient "nothing free" answers with jittered
-    /// exponential backoff within the retry window.
+    /// contention with jittered exponential backoff within the retry
+    /// window. "Nothing free" is an answer, not retried: the line decides
+    /// who tries, and a retry would only hold the user up.
     async fn allocate_with_retries(&self, user: &Identity) -> Result<types::AllocationStatus, AllocError> {
         let deadline = tokio::time::Instant::now() + self.config.allocation_retry_window;
         let mut backoff = Duration::from_millis(100);
@@ -235,17 +256,14 @@ impl Agones {
                 Err(_) => "error",
             };
             self.metrics.kube_call(verb, counted);
-            let answer = match outcome? {
+            match outcome? {
                 Outcome::Allocated(status) => return Ok(status),
-                Outcome::UnAllocated => "UnAllocated",
-                Outcome::Contention => {
-                    self.metrics.allocations.with_label_values(&["contention"]).inc();
-                    "Contention"
-                }
-            };
+                Outcome::UnAllocated => return Err(AllocError::NoCapacity),
+                Outcome::Contention => self.metrics.allocations.with_label_values(&["contention"]).inc(),
+            }
             let jittered = backoff.mul_f64(rand::thread_rng().gen_range(0.5..1.5));
             if tokio::time::Instant::now() + jittered > deadline {
-                tracing::info!(user = %user.email, answer, "no GameServer allocated within the retry window");
+                tracing::info!(user_id = %crate::telemetry::user_id(&user.sub), "allocation still contended at the end of the retry window");
                 return Err(AllocError::NoCapacity);
             }
             tokio::time::sleep(jittered).await;
@@ -394,6 +412,9 @@ impl Agones {
     /// or, just allocated, not yet showing the allocation (still Ready,
     /// unlabelled: a GameServer never returns to Ready once allocated).
     fn shows_held(&self, gs: &GameServer, user: &Identity, lease: &Lease) -> bool {
+        if !self.is_live(gs) {
+            return false;
+        }
         let labelled = gs.label(&self.config.user_label).is_some();
         let owned = match gs.state() {
             "Allocated" | "Reserved" => labelled && self.is_users(gs, &user.email),
@@ -404,6 +425,21 @@ impl Agones {
             && self
                 .lease_for(Some(gs), None)
                 .is_ok_and(|current| current.upstream == lease.upstream)
+    }
+
+    /// Whether the user may hold a server the original front end labelled
+    /// (their label, no hash label): as the view shows, or — out of step —
+    /// possibly.
+    fn may_hold_legacy(&self, email: &str) -> bool {
+        if !self.view.is_synced() || self.view.trust() == Trust::Resyncing {
+            return true;
+        }
+        let label = label::user_label_value(email);
+        self.cache.state().iter().any(|gs| {
+            gs.state() == "Allocated"
+                && gs.label(USER_HASH_LABEL).is_none()
+                && gs.label(&self.config.user_label) == Some(label.as_str())
+        })
     }
 
     /// Whether `gs` carries this user's labels (value and hash).
@@ -527,7 +563,7 @@ fn last_seen(gs: &GameServer) -> Option<SystemTime> {
 #[async_trait]
 impl Allocator for Agones {
     async fn allocate(&self, user: &Identity) -> Result<Lease, AllocError> {
-        if self.config.adopt_legacy {
+        if self.config.adopt_legacy && self.may_hold_legacy(&user.email) {
             if let Some(lease) = self.adopt_legacy(user).await? {
                 return Ok(lease);
             }
@@ -541,13 +577,56 @@ impl Allocator for Agones {
                 .await?
                 .ok_or_else(|| backend_error(format!("allocated GameServer {name} vanished")))?,
         };
-        let kept = self.settle_duplicates(&user.email, gs).await?;
-        let allocation = (kept.name() == name).then_some(&status);
-        let lease = self.lease_for(Some(&kept), allocation)?;
+        self.lease_for(Some(&gs), Some(&status))
+    }
+
+    /// Releases a second server replicas raced to give the user (keeping
+    /// the oldest: if that is not `lease`, the session notices it is gone
+    /// and re-finds the kept one), and records when the hold began.
+    async fn settle(&self, user: &Identity, lease: &Lease) {
+        let gs = match self.cached(&lease.backend) {
+            Some(gs) => (*gs).clone(),
+            None => match self.get(&lease.backend).await {
+                Ok(Some(gs)) => gs,
+                Ok(None) => return,
+                Err(e) => return tracing::warn!(error = %e, "could not check for a second GameServer"),
+            },
+        };
+        let kept = match self.settle_duplicates(&user.email, gs).await {
+            Ok(kept) => kept,
+            Err(e) => return tracing::warn!(error = %e, "could not check for a second GameServer"),
+        };
         if kept.annotation(ALLOCATED_AT).is_none() {
             self.mark_held_since(&kept).await;
         }
-        Ok(lease)
+    }
+
+    async fn find_own(&self, user: &Identity) -> Result<Option<Lease>, AllocError> {
+        let own = if self.view.is_synced() && self.view.trust() != Trust::Resyncing {
+            let mut own: Vec<Arc<GameServer>> = self
+                .cache
+                .state()
+                .into_iter()
+                .filter(|gs| gs.state() == "Allocated" && self.is_users(gs, &user.email) && self.is_live(gs))
+                .collect();
+            own.sort_by_key(|gs| age_key(gs));
+            own.first().map(|gs| (**gs).clone())
+        } else {
+            self.holdings(&user.email).await?.own.into_iter().next()
+        };
+        own.map(|gs| self.lease_for(Some(&gs), None)).transpose()
+    }
+
+    async fn ready_now(&self) -> Result<usize, AllocError> {
+        let selector = format!("{FLEET_LABEL}={}", self.config.fleet);
+        let list = self
+            .call(
+                "list",
+                "count the Ready GameServers",
+                self.gameservers.list(&ListParams::default().labels(&selector)),
+            )
+            .await?;
+        Ok(list.items.iter().filter(|gs| gs.state() == "Ready").count())
     }
 
     fn adopt(&self, user: &Identity, pin: &PinnedBackend) -> Option<Lease> {
@@ -557,7 +636,7 @@ impl Allocator for Agones {
             return None;
         }
         let gs = self.cached(&pin.backend)?;
-        if gs.state() != "Allocated" || !self.is_users(&gs, &user.email) {
+        if gs.state() != "Allocated" || !self.is_users(&gs, &user.email) || !self.is_live(&gs) {
             return None;
         }
         let lease = self.lease_for(Some(&gs), None).ok()?;
@@ -634,7 +713,7 @@ impl Allocator for Agones {
             .filter_map(|gs| {
                 let label = gs.label(&self.config.user_label)?;
                 Some(BackendSession {
-                    releasing: gs.is_terminating(),
+                    releasing: !self.is_live(gs),
                     backend: gs.name().to_string(),
                     user: gs.annotation(EMAIL_ANNOTATION).unwrap_or(label).to_string(),
                     node: gs
@@ -718,10 +797,11 @@ impl Allocator for Agones {
         if !self.view.is_synced() {
             return;
         }
+        self.forget_deleted();
         let now = SystemTime::now();
         let mut by_user: HashMap<String, Vec<Arc<GameServer>>> = HashMap::new();
         for gs in self.cache.state() {
-            if gs.state() != "Allocated" {
+            if gs.state() != "Allocated" || !self.is_live(&gs) {
                 continue;
             }
             // Servers allocated by someone else carry no user label: never
