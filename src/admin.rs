@@ -38,6 +38,8 @@ struct Row {
     held_seconds: Option<u64>,
     /// Whether this replica holds the session (others only in the fleet).
     on_this_replica: bool,
+    /// Deleted and lingering until its pod is gone: held by nobody now.
+    releasing: bool,
 }
 
 async fn admin(state: &AppState, headers: &HeaderMap) -> Result<Arc<Identity>, RouterError> {
@@ -76,6 +78,7 @@ fn rows(state: &AppState) -> Vec<Row> {
             .iter()
             .map(|s| BackendSession {
                 backend: s.lease.backend.to_string(),
+                releasing: s.is_releasing(),
                 user: s.identity.email.to_string(),
                 node: None,
                 allocated_at: Some(s.allocated_at),
@@ -91,6 +94,7 @@ fn rows(state: &AppState) -> Vec<Row> {
             let last_activity = r.last_activity.max(local_activity);
             Row {
                 on_this_replica: here.is_some(),
+                releasing: r.releasing,
                 user: r.user,
                 backend: r.backend,
                 node: r.node,
@@ -144,7 +148,7 @@ fn page(rows: &[Row], capacity: Capacity, waiting: usize, idle_timeout: u64, dow
         .map(|r| {
             format!(
                 r#"<tr><td>{user}</td><td>{backend}</td><td>{node}</td><td>{allocated}</td><td>{last}</td><td>{idle}</td><td>{held}</td><td>{here}</td>
-<td><form method="post" action="/_router/admin/release"><input type="hidden" name="target" value="{backend}"><button type="submit">Release</button></form></td></tr>"#,
+<td>{action}</td></tr>"#,
                 user = escape(&r.user),
                 backend = escape(&r.backend),
                 node = escape(r.node.as_deref().unwrap_or("—")),
@@ -153,6 +157,14 @@ fn page(rows: &[Row], capacity: Capacity, waiting: usize, idle_timeout: u64, dow
                 idle = r.idle_seconds.map_or_else(dash, |s| format!("{s} s")),
                 held = r.held_seconds.map_or_else(dash, held_text),
                 here = if r.on_this_replica { "yes" } else { "" },
+                action = if r.releasing {
+                    "releasing".to_string()
+                } else {
+                    format!(
+                        r#"<form method="post" action="/_router/admin/release"><input type="hidden" name="target" value="{}"><button type="submit">Release</button></form>"#,
+                        escape(&r.backend)
+                    )
+                },
             )
         })
         .collect();
@@ -218,6 +230,7 @@ pub async fn release(
                 .deployment_sessions()
                 .unwrap_or_default()
                 .into_iter()
+                .filter(|r| !r.releasing)
                 .find(|r| r.backend == target || r.user.eq_ignore_ascii_case(target))
                 .map(|r| r.backend);
             let backend = by_user.unwrap_or_else(|| target.to_string());

@@ -69,6 +69,9 @@ pub struct Metrics {
     pub jwks_key_age_seconds: IntGauge,
     /// By `verb` (create, get, list, watch, patch, delete) and `outcome`.
     pub kube_api_calls: IntCounterVec,
+    /// Objects from Kubernetes that could not be understood and were
+    /// skipped (counted as nothing), by kind.
+    pub kube_objects_skipped: IntCounterVec,
     /// Per-backend-kind flag, for dashboards: 1 for the configured kind.
     pub backend_info: IntGaugeVec,
     /// Upstream connections kept open for reuse, read from the pool when
@@ -280,6 +283,12 @@ impl Metrics {
                 "session_router_kube_api_calls_total",
                 "Kubernetes and allocator-service calls, by verb and outcome.",
                 &["verb", "outcome"],
+            ),
+            kube_objects_skipped: counter(
+                &r,
+                "session_router_kube_objects_skipped_total",
+                "Kubernetes objects (or watch events) not understood and skipped, by kind.",
+                &["kind"],
             ),
             backend_info,
             upstream_idle_connections: sampled(

@@ -185,7 +185,7 @@ async fn the_allocator_service_mode_handles_200_429_and_409() {
         .await
         .unwrap();
     assert_eq!(released.status(), 200);
-    assert!(fake.server("gs-2").is_none());
+    assert!(fake.deleted("gs-2"));
 }
 
 #[tokio::test]
@@ -218,7 +218,7 @@ async fn a_dead_pod_is_released_and_the_user_lands_on_a_new_one() {
     drop(pods.remove(0));
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(pod_of(&router, &alice).await, "pod-2", "retried on a fresh pod");
-    assert!(fake.server("gs-1").is_none(), "the dead GameServer was deleted");
+    assert!(fake.deleted("gs-1"), "the dead GameServer was deleted");
     assert_eq!(fake.held_by(&label("alice")), vec!["gs-2"]);
 }
 
@@ -241,7 +241,7 @@ async fn a_post_to_a_dead_pod_is_not_replayed_but_gets_a_reload_page() {
         .unwrap();
     assert_eq!(post.status(), 502);
     assert!(post.text().await.unwrap().contains("tries again by itself"));
-    assert!(fake.server("gs-1").is_none());
+    assert!(fake.deleted("gs-1"));
     assert_eq!(pod_of(&router, &alice).await, "pod-2", "the reload lands on a new pod");
 }
 
@@ -274,10 +274,10 @@ async fn release_and_idle_release_delete_the_gameserver() {
         .await
         .unwrap();
     assert_eq!(released.json::<Value>().await.unwrap()["released"], true);
-    assert!(fake.server("gs-1").is_none(), "release deletes the GameServer");
+    assert!(fake.deleted("gs-1"), "release deletes the GameServer");
 
     assert_eq!(pod_of(&router, &issuer.user("bob")).await, "pod-2");
-    let deleted = eventually(Duration::from_secs(6), || async { fake.server("gs-2").is_none() }).await;
+    let deleted = eventually(Duration::from_secs(6), || async { fake.deleted("gs-2") }).await;
     assert!(deleted, "idle GameServer never deleted");
     assert!(router.state.registry.is_empty());
 }
@@ -295,13 +295,13 @@ async fn activity_on_one_replica_keeps_another_replicas_reaper_from_deleting() {
         tokio::time::sleep(Duration::from_millis(250)).await;
         assert_eq!(pod_of(&a, &alice).await, "pod-1");
         assert!(
-            fake.server("gs-1").is_some(),
+            !fake.deleted("gs-1"),
             "deleted while Alice was active on the other replica"
         );
     }
     assert!(fake.server("gs-1").unwrap()["metadata"]["annotations"]["session-router.dev/last-activity"].is_string());
     // Now she stops: some replica releases it.
-    let deleted = eventually(Duration::from_secs(6), || async { fake.server("gs-1").is_none() }).await;
+    let deleted = eventually(Duration::from_secs(6), || async { fake.deleted("gs-1") }).await;
     assert!(deleted, "never released after Alice went idle everywhere");
 }
 
@@ -324,17 +324,14 @@ async fn an_idle_delete_aborts_when_the_gameserver_changed_meanwhile() {
     fake.annotate("gs-1", "session-router.dev/last-activity", "2099-01-01T00:00:00Z");
     let idle = agones.release(&alice, &lease, "idle").await;
     assert!(matches!(idle, Err(AllocError::Conflict)), "{idle:?}");
-    assert!(
-        fake.server("gs-1").is_some(),
-        "the idle delete went through despite the change"
-    );
+    assert!(!fake.deleted("gs-1"), "the idle delete went through despite the change");
     assert!(
         fake.calls().iter().any(|c| c.starts_with("DELETE")),
         "a precondition delete was attempted"
     );
     // The user's own release insists with the fresh version.
     agones.release(&alice, &lease, "user").await.unwrap();
-    assert!(fake.server("gs-1").is_none());
+    assert!(fake.deleted("gs-1"));
     fake.resume_watch();
 }
 
@@ -369,7 +366,7 @@ async fn gameservers_without_a_user_label_are_never_touched() {
     fake.annotate("gs-other", "agones.dev/last-allocated", "2000-01-01T00:00:00Z");
     let _router = TestRouter::agones(&issuer, &fake, "agones", "idle_timeout = \"1s\"", "").await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(fake.server("gs-other").is_some());
+    assert!(!fake.deleted("gs-other"));
 }
 
 #[tokio::test]
@@ -386,9 +383,9 @@ async fn a_generation_running_behind_one_replica_keeps_every_replica_from_releas
     assert_eq!(first.status(), 200);
     // The tab is closed; the batch runs for three idle timeouts while B sweeps.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert!(fake.server("gs-1").is_some(), "released during a running generation");
+    assert!(!fake.deleted("gs-1"), "released during a running generation");
     pod.set_jobs(Some(0));
-    let released = eventually(Duration::from_secs(5), || async { fake.server("gs-1").is_none() }).await;
+    let released = eventually(Duration::from_secs(5), || async { fake.deleted("gs-1") }).await;
     assert!(released, "never released after the generation finished");
 }
 
@@ -471,7 +468,7 @@ async fn of_two_legacy_gameservers_the_older_is_adopted_and_the_newer_released()
         "pod-2",
         "gs-2 was created first"
     );
-    assert!(fake.server("gs-3").is_none(), "the newer legacy server is released");
+    assert!(fake.deleted("gs-3"), "the newer legacy server is released");
     assert_eq!(fake.held_by(&label("alice")), vec!["gs-2"]);
     assert_eq!(fake.server("gs-1").unwrap()["status"]["state"], "Ready");
 }
@@ -485,7 +482,8 @@ async fn a_legacy_gameserver_beside_the_users_own_is_released() {
     fake.allocate_directly("gs-2", "alice@example.com");
     let router = TestRouter::agones(&issuer, &fake, "agones", "", "").await;
     assert_eq!(pod_of(&router, &issuer.user("alice")).await, "pod-2");
-    assert!(fake.server("gs-1").is_none(), "the legacy duplicate is released");
+    let released = eventually(Duration::from_secs(5), || async { fake.deleted("gs-1") }).await;
+    assert!(released, "the legacy duplicate is released");
     assert_eq!(fake.held_by(&label("alice")), vec!["gs-2"]);
 }
 
@@ -547,10 +545,10 @@ async fn a_legacy_gameserver_nobody_adopts_is_released_once_idle() {
     fake.allocate_legacy("gs-1", "gone@example.com", a_while_ago(3600));
     fake.allocate_legacy("gs-2", "busy@example.com", SystemTime::now());
     let _router = TestRouter::agones(&issuer, &fake, "agones", "idle_timeout = \"3s\"", "").await;
-    let swept = eventually(Duration::from_secs(5), || async { fake.server("gs-1").is_none() }).await;
+    let swept = eventually(Duration::from_secs(5), || async { fake.deleted("gs-1") }).await;
     assert!(swept, "an idle legacy server was left Allocated");
     assert!(
-        fake.server("gs-2").is_some(),
+        !fake.deleted("gs-2"),
         "a legacy server allocated just now is not idle yet"
     );
 }
@@ -577,8 +575,8 @@ async fn with_adoption_off_a_legacy_gameserver_is_only_swept() {
         fake.server("gs-1").unwrap()["metadata"]["labels"][HASH_LABEL].is_null(),
         "not adopted"
     );
-    assert!(fake.server("gs-1").is_some(), "not released as a duplicate");
-    let swept = eventually(Duration::from_secs(6), || async { fake.server("gs-1").is_none() }).await;
+    assert!(!fake.deleted("gs-1"), "not released as a duplicate");
+    let swept = eventually(Duration::from_secs(6), || async { fake.deleted("gs-1") }).await;
     assert!(swept, "released by the idle rule once idle");
 }
 
@@ -601,7 +599,7 @@ async fn a_server_adopted_by_one_email_is_not_taken_by_another_email_with_the_sa
         "pod-2",
         "the hash label keeps the other out"
     );
-    assert!(fake.server("gs-1").is_some() && fake.server("gs-2").is_some());
+    assert!(!fake.deleted("gs-1") && !fake.deleted("gs-2"));
 }
 
 /// An Agones config pointing at `fake`, for tests that use the allocator directly.

@@ -254,7 +254,7 @@ async fn an_agones_pod_dying_mid_response_fails_that_response_and_the_next_reque
     dying.kill();
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(pod_of(&router, &token).await, "pod-1", "re-allocated and retried");
-    assert!(fake.server("gs-1").is_none(), "the dead GameServer was released");
+    assert!(fake.deleted("gs-1"), "the dead GameServer was released");
     assert_eq!(fake.held_by(&label("alice")), vec!["gs-2"]);
 }
 
@@ -786,6 +786,6 @@ async fn an_allocation_whose_answer_was_lost_and_whose_user_never_returns_is_rel
     assert_eq!(get(router.addr, "/", &issuer.user("alice"), None).await.status(), 503);
     assert_eq!(fake.held_by(&label("alice")), vec!["gs-1"]);
     // Alice never comes back; no replica holds a session for gs-1.
-    let swept = eventually(Duration::from_secs(10), || async { fake.server("gs-1").is_none() }).await;
+    let swept = eventually(Duration::from_secs(10), || async { fake.deleted("gs-1") }).await;
     assert!(swept, "an orphaned allocation was never released");
 }

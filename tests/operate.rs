@@ -517,7 +517,7 @@ async fn an_admin_sees_every_replicas_sessions_and_can_release_one() {
         .await
         .unwrap();
     assert_eq!(released.status(), 200);
-    assert!(fake.server(&bobs).is_none(), "the GameServer was not deleted");
+    assert!(fake.deleted(&bobs), "the GameServer was not deleted");
     let scraped = a.state.metrics.render();
     assert!(
         scraped.contains(r#"session_router_releases_total{reason="admin"} 1"#),

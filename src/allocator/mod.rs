@@ -86,6 +86,34 @@ pub trait Allocator: Send + Sync + 'static {
         true
     }
 
+    /// [`Allocator::still_held`], confirmed through the backend system when
+    /// its view may be behind (a broken watch): never forward a user to an
+    /// address nobody has confirmed is still theirs (a released pod's
+    /// address goes to the next pod).
+    async fn confirm_held(&self, user: &Identity, lease: &Lease) -> bool {
+        self.still_held(user, lease)
+    }
+
+    /// The user's own backend, if they hold one (through any replica), as
+    /// the backend system records it: looked up before the waiting line, so
+    /// a user never waits for what they already have. `None`: they hold
+    /// none, or this backend kind re-finds it only by allocating.
+    async fn find_own(&self, _user: &Identity) -> Result<Option<Lease>, AllocError> {
+        Ok(None)
+    }
+
+    /// How many backends are free right now, asked of the backend system
+    /// itself (a shared waiting line must not decide from one replica's
+    /// view).
+    async fn ready_now(&self) -> Result<usize, AllocError> {
+        Ok(self.capacity().ready)
+    }
+
+    /// Work that follows an allocation but that its answer does not need
+    /// (on Agones: releasing a second server replicas raced to give the
+    /// user, recording when the hold began). Run after the user is served.
+    async fn settle(&self, _user: &Identity, _lease: &Lease) {}
+
     /// Whether a backend that refuses connections should be released and
     /// replaced (a dead pod) rather than kept (a fixed host that may return).
     fn replaces_unreachable(&self) -> bool {
@@ -159,6 +187,8 @@ pub trait Allocator: Send + Sync + 'static {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct BackendSession {
     pub backend: String,
+    /// Deleted, and lingering until its pod is gone: no longer anyone's.
+    pub releasing: bool,
     /// The user's email when recorded, else their label.
     pub user: String,
     pub node: Option<String>,

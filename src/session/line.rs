@@ -25,7 +25,7 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use tokio::time::Instant;
 
-use crate::allocator::AllocError;
+use crate::allocator::{AllocError, Allocator};
 use crate::auth::Identity;
 use crate::locked;
 use crate::metrics::Metrics;
@@ -71,6 +71,15 @@ pub trait SharedLine: Send + Sync + 'static {
     async fn leave(&self, key: &str) -> Result<Option<SystemTime>, AllocError>;
 }
 
+/// What the line says to a user without a backend.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Admission {
+    /// Try to allocate.
+    Try,
+    /// Wait: others come first, or nothing is free.
+    Wait(Place),
+}
+
 pub struct Line {
     waiters: Mutex<Vec<Waiter>>,
     shared: Option<Shared>,
@@ -103,26 +112,63 @@ impl Line {
         }
     }
 
-    /// Whether the user may try to allocate now, with `free` backends free
-    /// (see [`Line::may_try_here`]), in the shared line when there is one.
-    pub async fn may_try(&self, user: &Identity, free: usize) -> Result<bool, AllocError> {
+    /// Whether the user may try to allocate now, or where they wait.
+    ///
+    /// In this process's line (see [`Line::may_try_here`]) with the free
+    /// backends `allocator` counts. In the shared line every replica must
+    /// agree, so nobody decides from their own view of the fleet: with
+    /// nobody waiting the user may try if the view shows a free backend;
+    /// otherwise the first as many as [`Allocator::ready_now`] counts right
+    /// now may. A waiting ask costs three calls: the line, the count, and
+    /// keeping (or taking) the place; a user the line does not let try
+    /// never allocates.
+    pub async fn admit(&self, user: &Identity, allocator: &dyn Allocator) -> Result<Admission, AllocError> {
         let Some(shared) = &self.shared else {
-            return Ok(self.may_try_here(&user.sub, free));
+            if self.may_try_here(&user.sub, allocator.capacity().ready) {
+                return Ok(Admission::Try);
+            }
+            return Ok(Admission::Wait(self.join_here(user)));
         };
         let order = self.shared_order(shared).await?;
-        if order.is_empty() {
-            return Ok(true);
+        if order.is_empty() && allocator.capacity().ready > 0 {
+            return Ok(Admission::Try);
         }
         let key = shared.line.key(user);
-        let index = match order.iter().position(|w| w.key == key) {
+        let index = order.iter().position(|w| w.key == key);
+        let free = match order.len() {
+            0 => 0,
+            _ => allocator.ready_now().await?,
+        };
+        if index.unwrap_or(order.len()) < free {
+            if index.is_some() {
+                locked(&shared.seen).insert(key);
+            }
+            return Ok(Admission::Try);
+        }
+        let place = match index {
             Some(index) => {
                 locked(&shared.seen).insert(key);
                 shared.line.renew(user, SystemTime::now()).await?;
-                index
+                Place {
+                    position: index + 1,
+                    waiting: order.len(),
+                }
             }
-            None => order.len(),
+            None => {
+                let fresh = shared.line.join(user, SystemTime::now()).await?;
+                locked(&shared.seen).insert(key);
+                let place = Place {
+                    position: order.len() + 1,
+                    waiting: order.len() + 1,
+                };
+                if fresh {
+                    queued(user, place.position);
+                }
+                place
+            }
         };
-        Ok(index < free)
+        self.metrics.users_waiting.set(place.waiting as i64);
+        Ok(Admission::Wait(place))
     }
 
     /// Puts the user in line (or keeps their place) and says where they stand.

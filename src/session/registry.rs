@@ -20,9 +20,9 @@ use tokio::time::Instant;
 
 use super::cookie::PinnedBackend;
 use super::ended::{Ended, Notice, ReleaseReason};
-use super::line::{Line, Place};
+use super::line::{Admission, Line, Place};
 use super::Session;
-use crate::allocator::{AllocError, Allocator};
+use crate::allocator::{AllocError, Allocator, Lease};
 use crate::auth::Identity;
 use crate::metrics::Metrics;
 use crate::telemetry;
@@ -130,7 +130,7 @@ impl Registry {
             if session.is_releasing() {
                 return Err(SessionError::Releasing);
             }
-            if self.allocator.still_held(identity, &session.lease) {
+            if self.allocator.confirm_held(identity, &session.lease).await {
                 return Ok(session);
             }
             tracing::info!(user_id = %telemetry::user_id(&identity.sub), backend = %session.lease.backend, "backend gone or reassigned; allocating again");
@@ -165,15 +165,26 @@ impl Registry {
                     Claim::Allocate => (None, None),
                 };
                 let pinned = adopted.is_some();
-                let lease = match adopted {
-                    Some(lease) => {
+                // Their own server, held through another replica, before the
+                // line: nobody waits for what they already have.
+                let own = match adopted {
+                    Some(lease) => Some(lease),
+                    None => self.allocator.find_own(identity).await?,
+                };
+                let lease = match own {
+                    Some(lease) if pinned => {
                         tracing::info!(%user_id, %email, backend = %lease.backend, "session pinned: re-attached the backend named by the cookie");
+                        lease
+                    }
+                    Some(lease) => {
+                        tracing::info!(%user_id, %email, backend = %lease.backend, "session found: the user's backend, held through another replica");
+                        self.settle_later(identity, &lease);
                         lease
                     }
                     None => {
                         // Fair: nobody overtakes the line for a free backend.
-                        if !self.line.may_try(identity, self.allocator.capacity().ready).await? {
-                            return Err(SessionError::Waiting(self.line.join(identity).await?));
+                        if let Admission::Wait(place) = self.line.admit(identity, &*self.allocator).await? {
+                            return Err(SessionError::Waiting(place));
                         }
                         let started = Instant::now();
                         let allocated = self.allocator.allocate(identity).await;
@@ -186,6 +197,7 @@ impl Registry {
                         self.metrics.allocations.with_label_values(&[outcome]).inc();
                         let lease = allocated?;
                         tracing::info!(%user_id, %email, backend = %lease.backend, upstream = %lease.upstream, "session allocated");
+                        self.settle_later(identity, &lease);
                         lease
                     }
                 };
@@ -226,6 +238,13 @@ impl Registry {
                 Err(e)
             }
         }
+    }
+
+    /// Runs [`Allocator::settle`] for a lease just obtained, after the
+    /// answer: the user does not wait for it.
+    fn settle_later(&self, identity: &Identity, lease: &Lease) {
+        let (allocator, user, lease) = (self.allocator.clone(), identity.clone(), lease.clone());
+        tokio::spawn(async move { allocator.settle(&user, &lease).await });
     }
 
     /// The waiting line (positions, pruning).
@@ -313,7 +332,7 @@ mod tests {
     use async_trait::async_trait;
 
     use super::*;
-    use crate::allocator::{Lease, StaticPool};
+    use crate::allocator::StaticPool;
 
     /// A real static pool that also counts calls and is slow to allocate,
     /// so concurrent first requests really overlap.

@@ -1,7 +1,20 @@
-//! A fake Kubernetes + Agones API server speaking the documented wire
-//! format (see ../shared/reference/agones.md), so the router's real `kube`
-//! client and allocator-service client can be driven over HTTP:
+//! A fake Kubernetes + Agones API server speaking the wire format a real
+//! cluster speaks (../shared/reference/agones-captures: GameServers are
+//! shaped like those captures), so the router's real `kube` client and
+//! allocator-service client can be driven over HTTP:
 //!
+//! - GameServers go through Agones' states; before Scheduled their
+//!   `status.ports` and `status.addresses` are `null` ([`FakeAgones::add_starting`]);
+//! - every GameServer carries the finalizer `agones.dev/controller`: a DELETE
+//!   sets `deletionTimestamp`, answers 200 with the object and leaves it
+//!   (state unchanged) until the finalizer goes after [`FakeAgones::set_linger`];
+//!   a DELETE of a terminating object changes nothing;
+//! - watches send `BOOKMARK` events when asked (`allowWatchBookmarks=true`),
+//!   and one `ERROR` event with a 410 Gone Status from a version older than
+//!   the last [`FakeAgones::compact`];
+//! - label selectors are parsed as the API server does: a syntax error or a
+//!   value over 63 characters is a 400 Status, as is a `fieldSelector` on
+//!   `status.state`;
 //! - `POST …/gameserverallocations`: selectors in order (state,
 //!   matchLabels), metadata applied, `agones.dev/last-allocated` stamped with
 //!   nanoseconds, **201 even when nothing was allocated** (`status.state`),
@@ -70,6 +83,15 @@ struct Inner {
     /// this email, as another replica racing the lister would.
     adopt_after_list: Option<(String, String)>,
     leases: BTreeMap<String, Value>,
+    /// How long a deleted GameServer lingers before its finalizer is removed.
+    linger: Duration,
+    /// Watches from a version older than this get 410 Gone (etcd compacted).
+    compacted: u64,
+    /// While true, watch requests are answered 500 (the API answers, the
+    /// watch does not work) and open watch streams end.
+    watch_broken: bool,
+    /// The `User-Agent` of every request.
+    user_agents: Vec<String>,
 }
 
 struct World {
@@ -77,9 +99,17 @@ struct World {
     events: broadcast::Sender<Event>,
     /// While true, watch streams hold back new events (a slow watch).
     watch_paused: tokio::sync::watch::Sender<bool>,
-    /// Flips to true when the API goes down: open watch streams end.
+    /// Flips to true when the API goes down (or the watch breaks): open
+    /// watch streams end.
     outage: tokio::sync::watch::Sender<bool>,
 }
+
+/// How long a deleted GameServer lingers by default: long enough for a
+/// test to see it terminating, short enough not to slow the others (a
+/// WebUI pod's grace period is 30 s).
+const DEFAULT_LINGER: Duration = Duration::from_millis(500);
+/// How often an open watch sends a BOOKMARK when asked for them.
+const BOOKMARK_EVERY: Duration = Duration::from_secs(1);
 
 pub struct FakeAgones {
     pub addr: SocketAddr,
@@ -97,7 +127,10 @@ impl FakeAgones {
     pub async fn start() -> FakeAgones {
         let (events, _) = broadcast::channel(1024);
         let world = Arc::new(World {
-            inner: Mutex::new(Inner::default()),
+            inner: Mutex::new(Inner {
+                linger: DEFAULT_LINGER,
+                ..Inner::default()
+            }),
             events,
             watch_paused: tokio::sync::watch::channel(false).0,
             outage: tokio::sync::watch::channel(false).0,
@@ -141,50 +174,132 @@ impl FakeAgones {
     }
 
     /// Adds a Ready GameServer of the fleet whose WebUI port `sd` (container
-    /// port and host port alike) is `upstream`'s port on 127.0.0.1.
+    /// port and host port alike) is `upstream`'s port on 127.0.0.1, going
+    /// through Agones' states on the way as a real one does.
     pub fn add_ready(&self, name: &str, upstream: SocketAddr) {
+        self.add_starting(name, upstream.port());
+        self.become_ready(name);
+    }
+
+    /// Adds a GameServer of the fleet whose pod is not yet scheduled, as
+    /// Agones creates one (PortAllocation → Creating → Starting): no node,
+    /// no address, `status.ports` and `status.addresses` `null`. It stays
+    /// Starting (a pod Pending for want of a GPU node) until
+    /// [`FakeAgones::become_ready`]. Its WebUI will listen on `port`.
+    pub fn add_starting(&self, name: &str, port: u16) {
         let mut inner = self.inner();
         inner.created += 1;
         let created =
             humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(1_790_000_000 + inner.created));
-        let port = upstream.port();
-        let mut status = json!({
-            "state": "Ready",
-            "address": "127.0.0.1",
-            "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}, {"type": "PodIP", "address": "127.0.0.1"}],
-            "ports": [{"name": "default", "port": 7001}, {"name": "sd", "port": port}],
-            "nodeName": "node-1",
-        });
-        if inner.without_addresses {
-            status.as_object_mut().unwrap().remove("addresses");
-        }
-        let object = json!({
+        let mut object = json!({
             "apiVersion": "agones.dev/v1",
             "kind": "GameServer",
             "metadata": {
                 "name": name, "namespace": NAMESPACE, "uid": format!("uid-{name}"),
+                "generateName": format!("{FLEET}-set-"),
+                "generation": 1,
                 "creationTimestamp": created.to_string(),
-                "labels": {"agones.dev/fleet": FLEET},
-                "annotations": {},
+                "finalizers": ["agones.dev/controller"],
+                "labels": {"agones.dev/fleet": FLEET, "agones.dev/gameserverset": format!("{FLEET}-set")},
+                "annotations": {"agones.dev/sdk-version": "1.57.0"},
+                "ownerReferences": [{
+                    "apiVersion": "agones.dev/v1", "kind": "GameServerSet", "name": format!("{FLEET}-set"),
+                    "uid": "uid-set", "controller": true, "blockOwnerDeletion": true,
+                }],
             },
-            "spec": {"ports": [
-                {"name": "default", "containerPort": 9357, "portPolicy": "Dynamic"},
-                {"name": "sd", "containerPort": port, "portPolicy": "Dynamic"},
-            ]},
-            "status": status,
+            "spec": {
+                "container": "agones-sidecar",
+                "eviction": {"safe": "Never"},
+                "immutableReplicas": 1,
+                "ports": [{
+                    "container": "stable-diffusion-webui", "containerPort": port, "hostPort": port,
+                    "name": "sd", "portPolicy": "Dynamic", "protocol": "TCP", "range": "default",
+                }],
+                "scheduling": "Packed",
+                "sdkServer": {"grpcPort": 9357, "httpPort": 9358, "logLevel": "Info"},
+            },
+            "status": {
+                "state": "PortAllocation", "address": "", "addresses": null, "nodeName": "",
+                "ports": null, "players": null, "reservedUntil": null,
+                "eviction": {"safe": "Never"}, "immutableReplicas": 1,
+            },
         });
-        change(&self.world, &mut inner, "ADDED", name, Some(object));
+        change(&self.world, &mut inner, "ADDED", name, Some(object.clone()));
+        for state in ["Creating", "Starting"] {
+            object["status"]["state"] = json!(state);
+            change(&self.world, &mut inner, "MODIFIED", name, Some(object.clone()));
+        }
+    }
+
+    /// The GameServer's pod is scheduled and its WebUI says Ready
+    /// (Scheduled → RequestReady → Ready): node, addresses and ports filled.
+    pub fn become_ready(&self, name: &str) {
+        let mut inner = self.inner();
+        let mut gs = inner.servers.get(name).cloned().unwrap();
+        let port = gs["spec"]["ports"][0]["hostPort"].clone();
+        gs["status"]["address"] = json!("127.0.0.1");
+        gs["status"]["nodeName"] = json!("node-1");
+        gs["status"]["ports"] = json!([{"name": "sd", "port": port}]);
+        gs["status"]["addresses"] = if inner.without_addresses {
+            Value::Null
+        } else {
+            json!([
+                {"type": "InternalIP", "address": "127.0.0.1"},
+                {"type": "Hostname", "address": "node-1"},
+                {"type": "PodIP", "address": "127.0.0.1"},
+            ])
+        };
+        if inner.without_addresses {
+            gs["status"].as_object_mut().unwrap().remove("addresses");
+        }
+        for state in ["Scheduled", "RequestReady", "Ready"] {
+            gs["status"]["state"] = json!(state);
+            change(&self.world, &mut inner, "MODIFIED", name, Some(gs.clone()));
+        }
+    }
+
+    /// Adds an object to the fleet exactly as given (a GameServer the router
+    /// may not understand).
+    pub fn add_raw(&self, name: &str, object: Value) {
+        change(&self.world, &mut self.inner(), "ADDED", name, Some(object));
+    }
+
+    /// How long a deleted GameServer lingers (terminating) before it goes.
+    pub fn set_linger(&self, linger: Duration) {
+        self.inner().linger = linger;
+    }
+
+    /// Forgets the change history as etcd compaction does: a watch from an
+    /// older version is answered with a 410 Gone ERROR event.
+    pub fn compact(&self) {
+        let mut inner = self.inner();
+        inner.compacted = inner.rv;
+        inner.log.clear();
+    }
+
+    /// Breaks watching while everything else keeps working: open watch
+    /// streams end and new ones are answered 500, until `false`.
+    pub fn break_watches(&self, broken: bool) {
+        self.inner().watch_broken = broken;
+        self.world.outage.send_replace(broken);
+    }
+
+    /// The `User-Agent` of every request so far.
+    pub fn user_agents(&self) -> Vec<String> {
+        self.inner().user_agents.clone()
     }
 
     pub fn server(&self, name: &str) -> Option<Value> {
         self.inner().servers.get(name).cloned()
     }
 
-    /// Names of GameServers in state `state` carrying `user=<label>`.
+    /// Names of the Allocated GameServers carrying `user=<label>` that are
+    /// not being deleted.
     pub fn held_by(&self, label: &str) -> Vec<String> {
         self.inner()
             .servers
             .values()
+            .filter(|gs| gs["metadata"]["deletionTimestamp"].is_null())
             .filter(|gs| gs["status"]["state"] == "Allocated" && gs["metadata"]["labels"]["user"] == label)
             .map(|gs| gs["metadata"]["name"].as_str().unwrap().to_string())
             .collect()
@@ -194,10 +309,23 @@ impl FakeAgones {
         self.inner().servers.keys().cloned().collect()
     }
 
-    /// Someone (a node drain, Spot preemption, an operator) deletes it.
+    /// Someone (a node drain, Spot preemption, an operator, another
+    /// replica) deletes it: it terminates, lingers, then goes.
     pub fn remove(&self, name: &str) {
-        let mut inner = self.inner();
-        change(&self.world, &mut inner, "DELETED", name, None);
+        delete_gameserver(&self.world, &mut self.inner(), name);
+    }
+
+    /// Whether `name` has been deleted: gone, or terminating until its
+    /// finalizer is removed.
+    pub fn deleted(&self, name: &str) -> bool {
+        self.server(name)
+            .is_none_or(|gs| !gs["metadata"]["deletionTimestamp"].is_null())
+    }
+
+    /// Whether `name` exists and is being deleted (lingering).
+    pub fn is_terminating(&self, name: &str) -> bool {
+        self.server(name)
+            .is_some_and(|gs| !gs["metadata"]["deletionTimestamp"].is_null())
     }
 
     /// Allocates `name` to the user with `email` as another replica would
@@ -316,9 +444,16 @@ fn allocate_as_router(world: &World, inner: &mut Inner, name: &str, email: &str)
 
 async fn record(State(world): State<Arc<World>>, request: Request, next: Next) -> Response {
     let line = format!("{} {}", request.method(), request.uri());
+    let user_agent = request
+        .headers()
+        .get("user-agent")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
     let delay = {
         let mut inner = world.inner.lock().unwrap();
         inner.calls.push(line);
+        inner.user_agents.push(user_agent);
         inner.api_delay
     };
     if !delay.is_zero() {
@@ -373,11 +508,47 @@ fn change(world: &World, inner: &mut Inner, kind: &'static str, name: &str, obje
     let _ = world.events.send(event);
 }
 
+/// Marks `name` deleted: with its finalizer it stays, terminating, and goes
+/// after the linger. Deleting a terminating object changes nothing.
+fn delete_gameserver(world: &Arc<World>, inner: &mut Inner, name: &str) -> Option<Value> {
+    let mut gs = inner.servers.get(name).cloned()?;
+    if !gs["metadata"]["deletionTimestamp"].is_null() {
+        return Some(gs);
+    }
+    gs["metadata"]["deletionTimestamp"] = json!(humantime::format_rfc3339_seconds(SystemTime::now()).to_string());
+    gs["metadata"]["deletionGracePeriodSeconds"] = json!(0);
+    change(world, inner, "MODIFIED", name, Some(gs));
+    let (world, gone, linger) = (world.clone(), name.to_string(), inner.linger);
+    let uid = inner.servers[name]["metadata"]["uid"].clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(linger).await;
+        let mut inner = world.inner.lock().unwrap();
+        // The controller removes its finalizer once the pod is gone.
+        if inner.servers.get(&gone).is_some_and(|gs| gs["metadata"]["uid"] == uid) {
+            change(&world, &mut inner, "DELETED", &gone, None);
+        }
+    });
+    inner.servers.get(name).cloned()
+}
+
 fn status_error(code: u16, reason: &str, message: &str) -> Response {
-    let body = json!({
+    status_with(code, reason, message, None)
+}
+
+/// A `Status` about one GameServer (with `details`, as the API server sends).
+fn gameserver_status(code: u16, reason: &str, message: &str, name: &str) -> Response {
+    let details = json!({"name": name, "group": "agones.dev", "kind": "gameservers"});
+    status_with(code, reason, message, Some(details))
+}
+
+fn status_with(code: u16, reason: &str, message: &str, details: Option<Value>) -> Response {
+    let mut body = json!({
         "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
         "message": message, "reason": reason, "code": code,
     });
+    if let Some(details) = details {
+        body["details"] = details;
+    }
     (StatusCode::from_u16(code).unwrap(), axum::Json(body)).into_response()
 }
 
@@ -394,24 +565,107 @@ fn labels_match(gs: &Value, wanted: &BTreeMap<String, String>) -> bool {
     wanted.iter().all(|(k, v)| gs["metadata"]["labels"][k] == json!(v))
 }
 
-/// Kubernetes equality-based label selectors: `k=v`, `k==v`, `k!=v`, `k`, `!k`.
-fn selector_matches(gs: &Value, selector: &str) -> bool {
-    selector
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .all(|term| {
-            let labels = &gs["metadata"]["labels"];
-            if let Some((k, v)) = term.split_once("!=") {
-                labels[k.trim()] != json!(v.trim())
-            } else if let Some((k, v)) = term.split_once("==").or_else(|| term.split_once('=')) {
-                labels[k.trim()] == json!(v.trim())
-            } else if let Some(k) = term.strip_prefix('!') {
-                labels[k.trim()].is_null()
-            } else {
-                !labels[term].is_null()
+/// One requirement of a label selector.
+enum Requirement {
+    Equals(String, String),
+    NotEquals(String, String),
+    In(String, Vec<String>),
+    NotIn(String, Vec<String>),
+    Exists(String),
+    Absent(String),
+}
+
+/// Parses a label selector as the API server does (`k=v`, `k==v`, `k!=v`,
+/// `k in (a,b)`, `k notin (a,b)`, `k`, `!k`); the error is the message of
+/// its 400 answer.
+fn parse_selector(selector: &str) -> Result<Vec<Requirement>, String> {
+    let mut terms = Vec::new();
+    let (mut depth, mut start) = (0usize, 0);
+    for (i, c) in selector.char_indices() {
+        match c {
+            '(' => depth += 1,
+            ')' => depth = depth.saturating_sub(1),
+            ',' if depth == 0 => {
+                terms.push(&selector[start..i]);
+                start = i + 1;
             }
-        })
+            _ => {}
+        }
+    }
+    if depth > 0 {
+        return Err("unable to parse requirement: found '', expected: ',' or ')'".into());
+    }
+    terms.push(&selector[start..]);
+    let value = |key: &str, v: &str| -> Result<String, String> {
+        let v = v.trim();
+        if v.len() > 63 {
+            return Err(format!(
+                "unable to parse requirement: values[0][{key}]: Invalid value: {v:?}: must be no more than 63 characters"
+            ));
+        }
+        if !is_valid_label_value(v) {
+            return Err(format!("unable to parse requirement: values[0][{key}]: Invalid value: {v:?}: a valid label must be an empty string or consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character"));
+        }
+        Ok(v.to_string())
+    };
+    let set = |key: &str, rest: &str| -> Result<Vec<String>, String> {
+        let inner = rest
+            .trim()
+            .strip_prefix('(')
+            .and_then(|r| r.strip_suffix(')'))
+            .ok_or_else(|| "unable to parse requirement: found '', expected: '('".to_string())?;
+        inner.split(',').map(|v| value(key, v)).collect()
+    };
+    let mut requirements = Vec::new();
+    for term in terms.iter().map(|t| t.trim()).filter(|t| !t.is_empty()) {
+        let requirement = if let Some((k, v)) = term.split_once("!=") {
+            Requirement::NotEquals(k.trim().into(), value(k.trim(), v)?)
+        } else if let Some((k, v)) = term.split_once("==").or_else(|| term.split_once('=')) {
+            Requirement::Equals(k.trim().into(), value(k.trim(), v)?)
+        } else if let Some((k, rest)) = term.split_once(" notin ") {
+            Requirement::NotIn(k.trim().into(), set(k.trim(), rest)?)
+        } else if let Some((k, rest)) = term.split_once(" in ") {
+            Requirement::In(k.trim().into(), set(k.trim(), rest)?)
+        } else if let Some(k) = term.strip_prefix('!') {
+            Requirement::Absent(k.trim().into())
+        } else if term.contains(|c: char| c.is_whitespace() || c == '(' || c == ')') {
+            return Err(format!(
+                "unable to parse requirement: found {term:?}, expected: identifier"
+            ));
+        } else {
+            Requirement::Exists(term.into())
+        };
+        requirements.push(requirement);
+    }
+    Ok(requirements)
+}
+
+fn selector_matches(object: &Value, requirements: &[Requirement]) -> bool {
+    let labels = &object["metadata"]["labels"];
+    let label = |k: &str| labels[k].as_str().map(str::to_string);
+    requirements.iter().all(|r| match r {
+        Requirement::Equals(k, v) => label(k).as_ref() == Some(v),
+        Requirement::NotEquals(k, v) => label(k).as_ref() != Some(v),
+        Requirement::In(k, vs) => label(k).is_some_and(|l| vs.contains(&l)),
+        Requirement::NotIn(k, vs) => label(k).is_none_or(|l| !vs.contains(&l)),
+        Requirement::Exists(k) => label(k).is_some(),
+        Requirement::Absent(k) => label(k).is_none(),
+    })
+}
+
+/// The query's label selector, or the 400 the API server answers; a field
+/// selector on `status.state` is refused as it is there.
+fn selector_of(query: &BTreeMap<String, String>) -> Result<Vec<Requirement>, Box<Response>> {
+    let refuse = |message: &str| Box::new(status_error(400, "BadRequest", message));
+    if let Some(fields) = query.get("fieldSelector") {
+        if let Some(field) = fields
+            .split(',')
+            .find_map(|t| t.split('=').next().filter(|f| f.starts_with("status.")))
+        {
+            return Err(refuse(&format!("field label not supported: {field}")));
+        }
+    }
+    parse_selector(query.get("labelSelector").map_or("", String::as_str)).map_err(|message| refuse(&message))
 }
 
 fn apply_allocation(gs: &mut Value, labels: &BTreeMap<String, String>, annotations: &BTreeMap<String, String>) {
@@ -448,6 +702,7 @@ fn allocate(
         let found = inner
             .servers
             .values()
+            .filter(|gs| gs["metadata"]["deletionTimestamp"].is_null())
             .find(|gs| gs["status"]["state"] == json!(state) && labels_match(gs, wanted))
             .cloned();
         if let Some(mut gs) = found {
@@ -603,7 +858,10 @@ async fn list_or_watch(
     Path(ns): Path<String>,
     Query(query): Query<BTreeMap<String, String>>,
 ) -> Response {
-    let selector = query.get("labelSelector").cloned().unwrap_or_default();
+    let selector = match selector_of(&query) {
+        Ok(selector) => selector,
+        Err(refused) => return *refused,
+    };
     let in_scope = move |gs: &Value| ns == NAMESPACE && selector_matches(gs, &selector);
     let watching = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
     if !watching {
@@ -619,18 +877,48 @@ async fn list_or_watch(
         }
         return axum::Json(list).into_response();
     }
+    if world.inner.lock().unwrap().watch_broken {
+        return status_error(
+            500,
+            "InternalError",
+            "Internal error occurred: watch chan error: etcdserver: no leader",
+        );
+    }
     let since: u64 = query.get("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
     let timeout = Duration::from_secs(query.get("timeoutSeconds").and_then(|v| v.parse().ok()).unwrap_or(290));
+    let bookmarks = query.get("allowWatchBookmarks").is_some_and(|v| v == "true");
     let mut events = world.events.subscribe();
     let mut paused = world.watch_paused.subscribe();
     let mut outage = world.outage.subscribe();
-    let backlog: Vec<Event> = {
+    let (backlog, expired): (Vec<Event>, bool) = {
         let inner = world.inner.lock().unwrap();
-        inner.log.iter().filter(|e| e.rv > since).cloned().collect()
+        let backlog = inner.log.iter().filter(|e| e.rv > since).cloned().collect();
+        (backlog, since < inner.compacted)
     };
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, Infallible>>(64);
+    let current = {
+        let world = world.clone();
+        move || world.inner.lock().unwrap().rv
+    };
     tokio::spawn(async move {
         let line = |e: &Event| Bytes::from(format!("{}\n", json!({"type": e.kind, "object": e.object})));
+        if expired {
+            // As the API server answers a version etcd has compacted away.
+            let gone = json!({"type": "ERROR", "object": {
+                "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                "message": format!("too old resource version: {since} ({})", current()),
+                "reason": "Expired", "code": 410,
+            }});
+            let _ = tx.send(Ok(Bytes::from(format!("{gone}\n")))).await;
+            return;
+        }
+        let bookmark = |rv: u64| {
+            let event = json!({"type": "BOOKMARK", "object": {
+                "apiVersion": "agones.dev/v1", "kind": "GameServer",
+                "metadata": {"resourceVersion": rv.to_string()},
+            }});
+            Bytes::from(format!("{event}\n"))
+        };
         let mut last = since;
         for e in &backlog {
             last = e.rv;
@@ -640,10 +928,16 @@ async fn list_or_watch(
         }
         let deadline = tokio::time::sleep(timeout);
         tokio::pin!(deadline);
+        let mut ticks = tokio::time::interval(BOOKMARK_EVERY);
         loop {
             tokio::select! {
                 _ = &mut deadline => return,
                 _ = async { let _ = outage.wait_for(|down| *down).await; } => return,
+                _ = ticks.tick(), if bookmarks => {
+                    if tx.send(Ok(bookmark(last))).await.is_err() {
+                        return;
+                    }
+                }
                 received = events.recv() => match received {
                     Ok(e) if e.rv > last => {
                         last = e.rv;
@@ -672,8 +966,45 @@ async fn get_one(State(world): State<Arc<World>>, Path((ns, name)): Path<(String
     let inner = world.inner.lock().unwrap();
     match inner.servers.get(&name).filter(|_| ns == NAMESPACE) {
         Some(gs) => axum::Json(gs.clone()).into_response(),
-        None => status_error(404, "NotFound", &format!("gameservers.agones.dev {name:?} not found")),
+        None => not_found(&name),
     }
+}
+
+fn not_found(name: &str) -> Response {
+    gameserver_status(
+        404,
+        "NotFound",
+        &format!("gameservers.agones.dev {name:?} not found"),
+        name,
+    )
+}
+
+/// RFC 6902 JSON patch: `add`, `replace`, `remove` and `test`.
+fn apply_json_patch(target: &mut Value, patch: &Value) -> Result<(), String> {
+    for op in patch.as_array().ok_or("a JSON patch is an array")? {
+        let path = op["path"].as_str().ok_or("op without a path")?;
+        let (parent, key) = path.rsplit_once('/').ok_or("path must start with /")?;
+        let key = key.replace("~1", "/").replace("~0", "~");
+        match op["op"].as_str() {
+            Some("test") if target.pointer(path) != Some(&op["value"]) => {
+                return Err(format!("the test at {path} failed"))
+            }
+            Some("test") => {}
+            Some(verb @ ("add" | "replace" | "remove")) => {
+                let object = target
+                    .pointer_mut(parent)
+                    .and_then(Value::as_object_mut)
+                    .ok_or_else(|| format!("no object at {parent}"))?;
+                if verb == "remove" {
+                    object.remove(&key).ok_or_else(|| format!("nothing at {path}"))?;
+                } else {
+                    object.insert(key, op["value"].clone());
+                }
+            }
+            other => return Err(format!("unsupported op {other:?}")),
+        }
+    }
+    Ok(())
 }
 
 /// RFC 7386 JSON merge patch.
@@ -708,11 +1039,13 @@ async fn patch_one(
         .get("content-type")
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default();
-    if !content_type.starts_with("application/merge-patch+json") {
+    let json_patch = content_type.starts_with("application/json-patch+json");
+    if !json_patch && !content_type.starts_with("application/merge-patch+json") {
+        // A GameServer is a custom resource: no strategic merge patch.
         return status_error(
             415,
             "UnsupportedMediaType",
-            &format!("the body of the request was in an unknown format: {content_type}"),
+            "the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml",
         );
     }
     let Ok(patch) = serde_json::from_slice::<Value>(&body) else {
@@ -720,19 +1053,30 @@ async fn patch_one(
     };
     let mut inner = world.inner.lock().unwrap();
     let Some(mut gs) = inner.servers.get(&name).filter(|_| ns == NAMESPACE).cloned() else {
-        return status_error(404, "NotFound", &format!("gameservers.agones.dev {name:?} not found"));
+        return not_found(&name);
     };
     if let Some(rv) = patch["metadata"]["resourceVersion"].as_str() {
         if gs["metadata"]["resourceVersion"] != json!(rv) {
-            return status_error(
+            return gameserver_status(
                 409,
                 "Conflict",
-                "the object has been modified; please apply your changes to the latest version and try again",
+                &format!("Operation cannot be fulfilled on gameservers.agones.dev {name:?}: the object has been modified; please apply your changes to the latest version and try again"),
+                &name,
             );
         }
     }
-    merge(&mut gs, &patch);
-    change(&world, &mut inner, "MODIFIED", &name, Some(gs));
+    let before = gs.clone();
+    if json_patch {
+        if let Err(message) = apply_json_patch(&mut gs, &patch) {
+            return status_error(422, "Invalid", &message);
+        }
+    } else {
+        merge(&mut gs, &patch);
+    }
+    // A patch that changes nothing keeps the resourceVersion (no event).
+    if gs != before {
+        change(&world, &mut inner, "MODIFIED", &name, Some(gs));
+    }
     axum::Json(inner.servers[&name].clone()).into_response()
 }
 
@@ -744,7 +1088,7 @@ async fn delete_one(
     let options: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let mut inner = world.inner.lock().unwrap();
     let Some(gs) = inner.servers.get(&name).filter(|_| ns == NAMESPACE).cloned() else {
-        return status_error(404, "NotFound", &format!("gameservers.agones.dev {name:?} not found"));
+        return not_found(&name);
     };
     if let Some(rv) = options["preconditions"]["resourceVersion"].as_str() {
         let current = gs["metadata"]["resourceVersion"]
@@ -752,15 +1096,18 @@ async fn delete_one(
             .unwrap_or_default()
             .to_string();
         if current != rv {
-            return status_error(
+            let details = json!({"name": name, "group": "agones.dev", "kind": "GameServer"});
+            return status_with(
                 409,
                 "Conflict",
-                &format!("Operation cannot be fulfilled on gameservers.agones.dev {name:?}: Precondition failed: ResourceVersion in precondition: {rv}, ResourceVersion in object meta: {current}"),
+                &format!("Operation cannot be fulfilled on GameServer.agones.dev {name:?}: the ResourceVersion in the precondition ({rv}) does not match the ResourceVersion in record ({current}). The object might have been modified"),
+                Some(details),
             );
         }
     }
-    change(&world, &mut inner, "DELETED", &name, None);
-    axum::Json(gs).into_response()
+    // The finalizer keeps it: 200 with the object, now terminating.
+    let terminating = delete_gameserver(&world, &mut inner, &name).unwrap_or(gs);
+    axum::Json(terminating).into_response()
 }
 
 fn lease_not_found(name: &str) -> Response {
@@ -776,7 +1123,10 @@ async fn list_leases(
     Path(ns): Path<String>,
     Query(query): Query<BTreeMap<String, String>>,
 ) -> Response {
-    let selector = query.get("labelSelector").cloned().unwrap_or_default();
+    let selector = match selector_of(&query) {
+        Ok(selector) => selector,
+        Err(refused) => return *refused,
+    };
     let inner = world.inner.lock().unwrap();
     let items: Vec<Value> = inner
         .leases

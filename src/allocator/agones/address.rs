@@ -143,6 +143,7 @@ mod tests {
                 ],
                 node_name: "node-1".into(),
             }),
+            undecodable: None,
         }
     }
 

@@ -9,7 +9,13 @@
 //!
 //! A watched cache of the fleet's GameServers keeps Kubernetes off the hot
 //! path: a signed cookie is checked against it, dead or re-assigned servers
-//! are noticed from it, and the reaper sweeps from it.
+//! are noticed from it, and the reaper sweeps from it. While the watch is
+//! out of step, what the cache says of a user's server is confirmed with a
+//! GET before anyone is forwarded there ([`watch`]).
+//!
+//! A deleted GameServer lingers until its finalizer is removed (its pod
+//! gone), `deletionTimestamp` set and its state unchanged: it is gone for
+//! every purpose here ([`types::TERMINATING`]).
 //!
 //! Release deletes the GameServer (the Fleet replaces it with a fresh one),
 //! with a `resourceVersion` precondition so a concurrent change — another
@@ -20,17 +26,15 @@ pub mod label;
 mod line;
 mod transport;
 pub mod types;
+mod watch;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
-use futures_util::StreamExt;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, Preconditions};
-use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{watcher, WatchStreamExt};
+use kube::runtime::reflector::{ObjectRef, Store};
 use rand::Rng;
 
 use super::{AllocError, Allocator, BackendSession, BusyProbe, Capacity, Lease};
@@ -40,6 +44,7 @@ use crate::metrics::Metrics;
 use crate::session::cookie::PinnedBackend;
 use transport::{Outcome, Transport};
 use types::GameServer;
+use watch::{Trust, ViewHealth};
 
 pub const FLEET_LABEL: &str = "agones.dev/fleet";
 pub const LAST_ALLOCATED: &str = "agones.dev/last-allocated";
@@ -59,7 +64,13 @@ pub struct Agones {
     gameservers: Api<GameServer>,
     transport: Transport,
     cache: Store<GameServer>,
-    cache_ready: Arc<AtomicBool>,
+    /// Whether `cache` is loaded and how far it can be trusted.
+    view: Arc<ViewHealth>,
+    /// GameServers this replica deleted that `cache` may not show as
+    /// terminating yet: gone here meanwhile, so a user is never given back
+    /// the server just released (a dead pod's). Forgotten once the view
+    /// has caught up.
+    deleted_here: std::sync::Mutex<HashSet<String>>,
     /// The waiting line every replica shares.
     line: Arc<line::LeaseLine>,
     /// The watch feeding `cache`; stopped when the allocator is dropped.
@@ -112,7 +123,7 @@ impl Agones {
         kind: BackendKind,
         metrics: Arc<Metrics>,
     ) -> Result<Agones, AllocError> {
-        let kube_config = match &config.kube_api_url {
+        let mut kube_config = match &config.kube_api_url {
             Some(url) => {
                 let uri = url
                     .parse()
@@ -125,6 +136,8 @@ impl Agones {
                 .await
                 .map_err(|e| backend_error(format!("no Kubernetes configuration (in-cluster or kubeconfig): {e}")))?,
         };
+        // Named in the API server's audit log.
+        kube_config.headers.push((http::header::USER_AGENT, user_agent()));
         let client =
             kube::Client::try_from(kube_config).map_err(|e| backend_error(format!("Kubernetes client: {e}")))?;
         let gameservers: Api<GameServer> = Api::namespaced(client.clone(), &config.namespace);
@@ -139,35 +152,20 @@ impl Agones {
             _ => Transport::kubernetes(client, config),
         };
 
-        let (cache, writer) = reflector::store();
-        let cache_ready = Arc::new(AtomicBool::new(false));
-        let watch_config = watcher::Config::default().labels(&format!("{FLEET_LABEL}={}", config.fleet));
-        let stream = reflector::reflector(writer, watcher(gameservers.clone(), watch_config)).default_backoff();
-        let ready = cache_ready.clone();
-        let ready_store = cache.clone();
-        let watch_metrics = metrics.clone();
-        let watch = tokio::spawn(async move {
-            let mark_ready = async move {
-                if ready_store.wait_until_ready().await.is_ok() {
-                    ready.store(true, Ordering::Release);
-                }
-            };
-            let drive = stream.for_each(|event| {
-                if let Err(e) = &event {
-                    watch_metrics.kube_call("watch", "error");
-                    tracing::warn!(error = %e, "GameServer watch error; retrying");
-                }
-                std::future::ready(())
-            });
-            tokio::join!(mark_ready, drive);
-        });
+        let (cache, view, watch) = watch::start(
+            gameservers.clone(),
+            format!("{FLEET_LABEL}={}", config.fleet),
+            config.api_timeout,
+            metrics.clone(),
+        );
         Ok(Agones {
             config: config.clone(),
             gameservers,
             transport,
             line,
             cache,
-            cache_ready,
+            view,
+            deleted_here: Default::default(),
             watch,
             metrics,
         })
@@ -220,16 +218,31 @@ impl Agones {
             ..DeleteParams::default()
         };
         let what = format!("delete GameServer {name}");
-        match self.call("delete", &what, self.gameservers.delete(name, &params)).await {
-            Ok(_) => Ok(Deleted::Now),
-            Err(CallError::NotFound) => Ok(Deleted::AlreadyGone),
-            Err(e) => Err(e.into()),
-        }
+        let deleted = match self.call("delete", &what, self.gameservers.delete(name, &params)).await {
+            Ok(_) => Deleted::Now,
+            Err(CallError::NotFound) => Deleted::AlreadyGone,
+            Err(e) => return Err(e.into()),
+        };
+        crate::locked(&self.deleted_here).insert(name.to_string());
+        Ok(deleted)
+    }
+
+    /// Whether `gs` is alive as far as this replica knows: not terminating,
+    /// and not deleted here.
+    fn is_live(&self, gs: &GameServer) -> bool {
+        !gs.is_terminating() && !crate::locked(&self.deleted_here).contains(gs.name())
+    }
+
+    /// Forgets deletions the view now shows.
+    fn forget_deleted(&self) {
+        let mut deleted = crate::locked(&self.deleted_here);
+        deleted.retain(|name| self.cached(name).is_some_and(|gs| !gs.is_terminating()));
     }
 
     /// Asks for the user's server until one is allocated, retrying
-    /// contention and transient "nothing free" answers with jittered
-    /// exponential backoff within the retry window.
+    /// contention with jittered exponential backoff within the retry
+    /// window. "Nothing free" is an answer, not retried: the line decides
+    /// who tries, and a retry would only hold the user up.
     async fn allocate_with_retries(&self, user: &Identity) -> Result<types::AllocationStatus, AllocError> {
         let deadline = tokio::time::Instant::now() + self.config.allocation_retry_window;
         let mut backoff = Duration::from_millis(100);
@@ -243,17 +256,14 @@ impl Agones {
                 Err(_) => "error",
             };
             self.metrics.kube_call(verb, counted);
-            let answer = match outcome? {
+            match outcome? {
                 Outcome::Allocated(status) => return Ok(status),
-                Outcome::UnAllocated => "UnAllocated",
-                Outcome::Contention => {
-                    self.metrics.allocations.with_label_values(&["contention"]).inc();
-                    "Contention"
-                }
-            };
+                Outcome::UnAllocated => return Err(AllocError::NoCapacity),
+                Outcome::Contention => self.metrics.allocations.with_label_values(&["contention"]).inc(),
+            }
             let jittered = backoff.mul_f64(rand::thread_rng().gen_range(0.5..1.5));
             if tokio::time::Instant::now() + jittered > deadline {
-                tracing::info!(user = %user.email, answer, "no GameServer allocated within the retry window");
+                tracing::info!(user_id = %crate::telemetry::user_id(&user.sub), "allocation still contended at the end of the retry window");
                 return Err(AllocError::NoCapacity);
             }
             tokio::time::sleep(jittered).await;
@@ -397,6 +407,41 @@ impl Agones {
         }
     }
 
+    /// Whether the view shows `gs` as `lease`, held by `user`: not
+    /// terminating, at the lease's address, and the user's by both labels —
+    /// or, just allocated, not yet showing the allocation (still Ready,
+    /// unlabelled: a GameServer never returns to Ready once allocated).
+    fn shows_held(&self, gs: &GameServer, user: &Identity, lease: &Lease) -> bool {
+        if !self.is_live(gs) {
+            return false;
+        }
+        let labelled = gs.label(&self.config.user_label).is_some();
+        let owned = match gs.state() {
+            "Allocated" | "Reserved" => labelled && self.is_users(gs, &user.email),
+            "Ready" | "RequestReady" => !labelled || self.is_users(gs, &user.email),
+            _ => false,
+        };
+        owned
+            && self
+                .lease_for(Some(gs), None)
+                .is_ok_and(|current| current.upstream == lease.upstream)
+    }
+
+    /// Whether the user may hold a server the original front end labelled
+    /// (their label, no hash label): as the view shows, or — out of step —
+    /// possibly.
+    fn may_hold_legacy(&self, email: &str) -> bool {
+        if !self.view.is_synced() || self.view.trust() == Trust::Resyncing {
+            return true;
+        }
+        let label = label::user_label_value(email);
+        self.cache.state().iter().any(|gs| {
+            gs.state() == "Allocated"
+                && gs.label(USER_HASH_LABEL).is_none()
+                && gs.label(&self.config.user_label) == Some(label.as_str())
+        })
+    }
+
     /// Whether `gs` carries this user's labels (value and hash).
     fn is_users(&self, gs: &GameServer, email: &str) -> bool {
         user_labels(&self.config, email)
@@ -422,7 +467,10 @@ async fn call_api<T>(
         }
         Ok(Err(kube::Error::Api(status))) if status.code == 404 => ("not_found", CallError::NotFound),
         Ok(Err(kube::Error::Api(status))) if status.code == 409 => ("conflict", CallError::Conflict),
-        Ok(Err(e)) => ("error", CallError::Failed(backend_error(format!("{what}: {e}")))),
+        Ok(Err(e)) => (
+            "error",
+            CallError::Failed(backend_error(format!("{what}: {}", error_summary(&e)))),
+        ),
         Err(_) => (
             "timeout",
             CallError::Failed(backend_error(format!("{what}: no answer within {timeout:?}"))),
@@ -430,6 +478,48 @@ async fn call_api<T>(
     };
     metrics.kube_call(verb, outcome);
     Err(error)
+}
+
+/// `session-router/<version>`: how the router names itself to the API
+/// server and the allocator service.
+pub(crate) fn user_agent() -> http::HeaderValue {
+    http::HeaderValue::from_static(concat!("session-router/", env!("CARGO_PKG_VERSION")))
+}
+
+/// At most this much of an error's text goes into a log line: a failed
+/// list once logged its whole 21 KB body.
+const ERROR_TEXT: usize = 300;
+
+/// An error as a log line may carry it: the API's status code, reason and
+/// message, or the error's own text — cut short, never a response body.
+fn error_summary(error: &kube::Error) -> String {
+    let text = match error {
+        kube::Error::Api(status) => format!("{} {}: {}", status.code, status.reason, status.message),
+        other => other.to_string(),
+    };
+    clip(text, ERROR_TEXT)
+}
+
+fn clip(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push('…');
+    }
+    text
+}
+
+/// Whether `error` means the API server cannot be reached (no connection,
+/// no answer, or it says it is unavailable), rather than an answer.
+fn unreachable(error: &kube::Error) -> bool {
+    match error {
+        kube::Error::Api(status) => matches!(status.code, 502..=504),
+        kube::Error::SerdeError(_) => false,
+        _ => true,
+    }
 }
 
 /// A user's Allocated servers, oldest first.
@@ -473,7 +563,7 @@ fn last_seen(gs: &GameServer) -> Option<SystemTime> {
 #[async_trait]
 impl Allocator for Agones {
     async fn allocate(&self, user: &Identity) -> Result<Lease, AllocError> {
-        if self.config.adopt_legacy {
+        if self.config.adopt_legacy && self.may_hold_legacy(&user.email) {
             if let Some(lease) = self.adopt_legacy(user).await? {
                 return Ok(lease);
             }
@@ -487,21 +577,66 @@ impl Allocator for Agones {
                 .await?
                 .ok_or_else(|| backend_error(format!("allocated GameServer {name} vanished")))?,
         };
-        let kept = self.settle_duplicates(&user.email, gs).await?;
-        let allocation = (kept.name() == name).then_some(&status);
-        let lease = self.lease_for(Some(&kept), allocation)?;
+        self.lease_for(Some(&gs), Some(&status))
+    }
+
+    /// Releases a second server replicas raced to give the user (keeping
+    /// the oldest: if that is not `lease`, the session notices it is gone
+    /// and re-finds the kept one), and records when the hold began.
+    async fn settle(&self, user: &Identity, lease: &Lease) {
+        let gs = match self.cached(&lease.backend) {
+            Some(gs) => (*gs).clone(),
+            None => match self.get(&lease.backend).await {
+                Ok(Some(gs)) => gs,
+                Ok(None) => return,
+                Err(e) => return tracing::warn!(error = %e, "could not check for a second GameServer"),
+            },
+        };
+        let kept = match self.settle_duplicates(&user.email, gs).await {
+            Ok(kept) => kept,
+            Err(e) => return tracing::warn!(error = %e, "could not check for a second GameServer"),
+        };
         if kept.annotation(ALLOCATED_AT).is_none() {
             self.mark_held_since(&kept).await;
         }
-        Ok(lease)
+    }
+
+    async fn find_own(&self, user: &Identity) -> Result<Option<Lease>, AllocError> {
+        let own = if self.view.is_synced() && self.view.trust() != Trust::Resyncing {
+            let mut own: Vec<Arc<GameServer>> = self
+                .cache
+                .state()
+                .into_iter()
+                .filter(|gs| gs.state() == "Allocated" && self.is_users(gs, &user.email) && self.is_live(gs))
+                .collect();
+            own.sort_by_key(|gs| age_key(gs));
+            own.first().map(|gs| (**gs).clone())
+        } else {
+            self.holdings(&user.email).await?.own.into_iter().next()
+        };
+        own.map(|gs| self.lease_for(Some(&gs), None)).transpose()
+    }
+
+    async fn ready_now(&self) -> Result<usize, AllocError> {
+        let selector = format!("{FLEET_LABEL}={}", self.config.fleet);
+        let list = self
+            .call(
+                "list",
+                "count the Ready GameServers",
+                self.gameservers.list(&ListParams::default().labels(&selector)),
+            )
+            .await?;
+        Ok(list.items.iter().filter(|gs| gs.state() == "Ready").count())
     }
 
     fn adopt(&self, user: &Identity, pin: &PinnedBackend) -> Option<Lease> {
-        if !self.cache_ready.load(Ordering::Acquire) {
+        // Out of step, the view cannot vouch for the cookie: the caller
+        // looks the user's server up through the API instead.
+        if !self.view.is_synced() || self.view.trust() == Trust::Resyncing {
             return None;
         }
         let gs = self.cached(&pin.backend)?;
-        if gs.state() != "Allocated" || !self.is_users(&gs, &user.email) {
+        if gs.state() != "Allocated" || !self.is_users(&gs, &user.email) || !self.is_live(&gs) {
             return None;
         }
         let lease = self.lease_for(Some(&gs), None).ok()?;
@@ -518,7 +653,8 @@ impl Allocator for Agones {
             None => self.get(&lease.backend).await?,
         };
         let Some(gs) = known else { return Ok(()) };
-        if !self.is_users(&gs, email) {
+        // Someone else's now, or already being deleted: nothing to give back.
+        if !self.is_users(&gs, email) || gs.is_terminating() {
             return Ok(());
         }
         match self.delete(&lease.backend, gs.metadata.resource_version.clone()).await {
@@ -529,7 +665,7 @@ impl Allocator for Agones {
                 let Some(fresh) = self.get(&lease.backend).await? else {
                     return Ok(());
                 };
-                if !self.is_users(&fresh, email) {
+                if !self.is_users(&fresh, email) || fresh.is_terminating() {
                     return Ok(());
                 }
                 self.delete(&lease.backend, fresh.metadata.resource_version.clone())
@@ -540,20 +676,28 @@ impl Allocator for Agones {
         }
     }
 
+    /// This replica can serve: the fleet is listed and the API answers.
     fn is_ready(&self) -> bool {
-        self.cache_ready.load(Ordering::Acquire)
+        self.view.is_synced() && self.view.trust() != Trust::Unreachable
     }
 
     fn still_held(&self, user: &Identity, lease: &Lease) -> bool {
-        if !self.cache_ready.load(Ordering::Acquire) {
+        if !self.view.is_synced() {
             return true;
         }
-        let Some(gs) = self.cached(&lease.backend) else {
-            return false;
-        };
-        let alive = matches!(gs.state(), "Allocated" | "Ready" | "Reserved" | "RequestReady");
-        let label = label::user_label_value(&user.email);
-        alive && gs.label(&self.config.user_label).is_none_or(|l| l == label)
+        self.cached(&lease.backend)
+            .is_some_and(|gs| self.shows_held(&gs, user, lease))
+    }
+
+    async fn confirm_held(&self, user: &Identity, lease: &Lease) -> bool {
+        if self.view.trust() != Trust::Resyncing {
+            return self.still_held(user, lease);
+        }
+        match self.get(&lease.backend).await {
+            Ok(found) => found.is_some_and(|gs| self.shows_held(&gs, user, lease)),
+            // The API failing now: the last view stands.
+            Err(_) => self.still_held(user, lease),
+        }
     }
 
     fn replaces_unreachable(&self) -> bool {
@@ -565,10 +709,11 @@ impl Allocator for Agones {
             .cache
             .state()
             .iter()
-            .filter(|gs| gs.state() == "Allocated")
+            .filter(|gs| gs.agones_state() == "Allocated")
             .filter_map(|gs| {
                 let label = gs.label(&self.config.user_label)?;
                 Some(BackendSession {
+                    releasing: !self.is_live(gs),
                     backend: gs.name().to_string(),
                     user: gs.annotation(EMAIL_ANNOTATION).unwrap_or(label).to_string(),
                     node: gs
@@ -587,14 +732,16 @@ impl Allocator for Agones {
 
     fn capacity(&self) -> Capacity {
         let mut capacity = Capacity::default();
+        // Terminating servers and ones not understood are no capacity.
         for gs in self.cache.state() {
-            capacity.total += 1;
             match gs.state() {
                 "Ready" => capacity.ready += 1,
                 "Allocated" => capacity.allocated += 1,
                 "Reserved" => capacity.reserved += 1,
+                types::TERMINATING | "" => continue,
                 _ => {}
             }
+            capacity.total += 1;
         }
         capacity
     }
@@ -629,6 +776,11 @@ impl Allocator for Agones {
     }
 
     async fn record_activity(&self, lease: &Lease, at: SystemTime) -> Result<(), AllocError> {
+        // A server being deleted needs no activity: the write would only
+        // bump its version under a concurrent release.
+        if self.cached(&lease.backend).is_some_and(|gs| gs.is_terminating()) {
+            return Ok(());
+        }
         let patch = serde_json::json!({ "metadata": { "annotations": { LAST_ACTIVITY: activity_stamp(at) } } });
         self.call(
             "patch",
@@ -642,13 +794,14 @@ impl Allocator for Agones {
     }
 
     async fn sweep(&self, idle_timeout: Duration, held_here: &HashSet<Arc<str>>, probe: Option<&BusyProbe>) {
-        if !self.cache_ready.load(Ordering::Acquire) {
+        if !self.view.is_synced() {
             return;
         }
+        self.forget_deleted();
         let now = SystemTime::now();
         let mut by_user: HashMap<String, Vec<Arc<GameServer>>> = HashMap::new();
         for gs in self.cache.state() {
-            if gs.state() != "Allocated" {
+            if gs.state() != "Allocated" || !self.is_live(&gs) {
                 continue;
             }
             // Servers allocated by someone else carry no user label: never

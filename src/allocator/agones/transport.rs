@@ -58,6 +58,7 @@ impl Transport {
             .ok_or_else(|| backend_error("backend.agones.allocator_url is not set"))?;
         let read = |path: &str| std::fs::read(path).map_err(|e| backend_error(format!("cannot read {path}: {e}")));
         let mut builder = reqwest::Client::builder()
+            .user_agent(super::user_agent())
             .timeout(config.api_timeout)
             .redirect(reqwest::redirect::Policy::none());
         if let Some(ca) = &config.allocator_ca_file {
