@@ -300,6 +300,23 @@ async fn a_user_who_released_their_gpu_is_told_they_did() {
     let fetch = alice.get(&router, "/config", Sent::Fetch).await;
     assert_eq!(fetch.status(), 409);
     assert_eq!(fetch.json::<Value>().await.unwrap()["reason"], "user");
+    // The status page, where the release button leads, says so too.
+    let status: Value = alice
+        .get(&router, "/_router/status", Sent::Script)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(status["session"], Value::Null);
+    assert_eq!(status["ended"]["reason"], "user");
+    let page = alice
+        .get(&router, "/_router/status", Sent::Navigation)
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains(r#"data-reason="user""#), "{page}");
+    assert!(page.contains(r#"action="/_router/start""#), "{page}");
     assert_eq!(allocations(&router), 1);
 }
 
