@@ -6,7 +6,7 @@
 //! Only an intent allocates: a user without a backend gets one from a
 //! navigation, an API client or "Start again" (`POST /_router/start`);
 //! anything else an open page sends gets a 409 that says the session ended
-//! or never started ([`claim`]).
+//! or never started (see `claim`).
 
 use std::sync::Arc;
 use std::time::SystemTime;
