@@ -13,7 +13,7 @@
 //! |---|---|
 //! | [`config`] | TOML + environment → a validated [`config::Config`]; every problem named by key |
 //! | [`auth`] | IAP JWT verification (`iap`, `jwks`), dev sign-in, allowlists, origin checks |
-//! | [`session`] | the session table (single-flight allocation), signed pinning cookie, activity |
+//! | [`session`] | the session table (single-flight allocation), signed pinning cookie, activity, which requests may allocate, why a backend was released |
 //! | [`allocator`] | the `Allocator` trait and its backends: `static` pool, Agones (Kubernetes API or allocator service) |
 //! | [`proxy`] | streaming forwarder, header rules, WebSocket relay |
 //! | [`reaper`] | idle and max-lifetime release |

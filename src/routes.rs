@@ -6,7 +6,7 @@
 //! Only an intent allocates: a user without a backend gets one from a
 //! navigation, an API client or "Start again" (`POST /_router/start`);
 //! anything else an open page sends gets a 409 that says the session ended
-//! or never started ([`claim`]).
+//! or never started (see `claim`).
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -136,19 +136,7 @@ fn claim<B>(
     if let Some(ended) = pin.ended {
         return Err(SessionError::Ended(Box::new(Notice { ended, cookie: None })));
     }
-    let config = &state.config.session;
-    let found = state.registry.ended(identity, &pin.backend.backend).or_else(|| {
-        let elsewhere = pinned_lease(&pin).and_then(|lease| state.registry.allocator().activity_elsewhere(&lease));
-        ended::presumed(
-            pin.backend.allocated_at,
-            pin.last_active,
-            elsewhere,
-            config.idle_timeout,
-            config.max_lifetime,
-            now,
-        )
-    });
-    if let Some(ended) = found {
+    if let Some(ended) = released(state, identity, &pin, now) {
         let (cookie, _) = state.cookies.issue(
             &identity.sub,
             Pin {
@@ -164,6 +152,25 @@ fn claim<B>(
         pin: pin.backend,
         or_allocate: counts_as_activity,
     })
+}
+
+/// Why the backend `pin` names is not the user's any more, if the cookie,
+/// this replica, the backend system or the cookie's stamps say so.
+fn released(state: &AppState, identity: &Identity, pin: &Pin, now: SystemTime) -> Option<Ended> {
+    let config = &state.config.session;
+    pin.ended
+        .or_else(|| state.registry.ended(identity, &pin.backend.backend))
+        .or_else(|| {
+            let elsewhere = pinned_lease(pin).and_then(|lease| state.registry.allocator().activity_elsewhere(&lease));
+            ended::presumed(
+                pin.backend.allocated_at,
+                pin.last_active,
+                elsewhere,
+                config.idle_timeout,
+                config.max_lifetime,
+                now,
+            )
+        })
 }
 
 /// The lease a pin names, to look its backend up by.
@@ -245,6 +252,12 @@ pub async fn status(State(state): Shared, headers: HeaderMap) -> Result<Response
     let idle_timeout = state.config.session.idle_timeout.as_secs();
     let place = state.registry.line().place(&identity).await;
     let retry_after = state.config.session.retry_after.as_secs().max(1);
+    // Holding none, the user is told why their last one went.
+    let ended = session
+        .is_none()
+        .then(|| state.cookies.read(&headers, &identity.sub, SystemTime::now()))
+        .flatten()
+        .and_then(|pin| released(&state, &identity, &pin, SystemTime::now()));
     if !pages::wants_html(&headers) {
         let line = place.map(|p| json!({ "position": p.position, "waiting": p.waiting, "retry_after": retry_after }));
         let session = session.map(|s| {
@@ -256,15 +269,24 @@ pub async fn status(State(state): Shared, headers: HeaderMap) -> Result<Response
                 "idle_timeout_seconds": idle_timeout,
             })
         });
-        return Ok(Json(json!({ "user": &*identity.email, "session": session, "line": line })).into_response());
+        let ended = ended.map(|e| {
+            json!({
+                "reason": e.reason.as_str(),
+                "released_at": humantime::format_rfc3339_seconds(e.at()).to_string(),
+            })
+        });
+        return Ok(
+            Json(json!({ "user": &*identity.email, "session": session, "line": line, "ended": ended })).into_response(),
+        );
     }
-    Ok(status_page(&identity, session.as_deref(), place, idle_timeout).into_response())
+    Ok(status_page(&identity, session.as_deref(), place, ended, idle_timeout).into_response())
 }
 
 fn status_page(
     identity: &Identity,
     session: Option<&Session>,
     place: Option<Place>,
+    ended: Option<Ended>,
     idle_timeout: u64,
 ) -> axum::response::Html<String> {
     let user = escape(&identity.email);
@@ -288,8 +310,15 @@ fn status_page(
                 standing = pages::line_sentence(place),
             ),
             None => format!(
-                r#"<p>Signed in as <strong>{user}</strong>. You hold no GPU right now.</p>
-<p><a href="/">Open the WebUI</a> to get one.</p>"#
+                r#"<p>Signed in as <strong>{user}</strong>. You hold no GPU right now.</p>{why}
+<form method="post" action="{start}"><input type="hidden" name="next" value="/"><button type="submit">Start again</button></form>"#,
+                why = ended.map_or_else(String::new, |e| format!(
+                    r#"<p>Your last one was released <strong id="reason" data-reason="{reason}">{sentence}</strong>, at <time>{at}</time>.</p>"#,
+                    reason = e.reason.as_str(),
+                    sentence = e.reason.sentence(),
+                    at = humantime::format_rfc3339_seconds(e.at()),
+                )),
+                start = pages::START,
             ),
         },
     };

@@ -300,6 +300,23 @@ async fn a_user_who_released_their_gpu_is_told_they_did() {
     let fetch = alice.get(&router, "/config", Sent::Fetch).await;
     assert_eq!(fetch.status(), 409);
     assert_eq!(fetch.json::<Value>().await.unwrap()["reason"], "user");
+    // The status page, where the release button leads, says so too.
+    let status: Value = alice
+        .get(&router, "/_router/status", Sent::Script)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(status["session"], Value::Null);
+    assert_eq!(status["ended"]["reason"], "user");
+    let page = alice
+        .get(&router, "/_router/status", Sent::Navigation)
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains(r#"data-reason="user""#), "{page}");
+    assert!(page.contains(r#"action="/_router/start""#), "{page}");
     assert_eq!(allocations(&router), 1);
 }
 
@@ -430,4 +447,57 @@ async fn background_requests_do_not_join_the_line_but_a_navigation_does() {
     let socket = socket_request(&router, &bob.token, true);
     assert!(tokio_tungstenite::connect_async(socket).await.is_err());
     assert_eq!(in_line(&router).await["waiting"], 1, "nobody else queued");
+}
+
+/// `n` stand-in pods and a fake Agones whose Ready GameServers `gs-1` …
+/// `gs-n` point at them.
+async fn fleet(n: usize) -> (Vec<DemoPod>, support::FakeAgones) {
+    let pods = pods(n).await;
+    let fake = support::FakeAgones::start().await;
+    for (i, pod) in pods.iter().enumerate() {
+        fake.add_ready(&format!("gs-{}", i + 1), pod.addr);
+    }
+    (pods, fake)
+}
+
+#[tokio::test]
+async fn on_agones_a_replica_that_did_not_release_the_gpu_shows_the_released_page_and_allocates_nothing() {
+    let issuer = IapIssuer::start().await;
+    let (_pods, fake) = fleet(2).await;
+    let idle = "idle_timeout = \"1s\"";
+    let a = TestRouter::agones(&issuer, &fake, "agones", idle, "").await;
+    let b = TestRouter::agones(&issuer, &fake, "agones", idle, "").await;
+    let mut alice = Tab::new(&issuer, "alice");
+    assert_eq!(alice.get(&a, "/", Sent::Navigation).await.status(), 200);
+    assert!(released(&a).await);
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let ping = alice.get(&b, "/internal/ping", Sent::Fetch).await;
+    assert_eq!(ping.status(), 409);
+    let (reason, _) = released_page(alice.get(&b, "/", Sent::Navigation).await, "/").await;
+    assert_eq!(reason, "idle");
+    assert_eq!(allocations(&b), 0);
+    assert!(
+        fake.held_by(&session_router::allocator::agones::label::user_label_value(
+            "alice@example.com"
+        ))
+        .is_empty(),
+        "a GameServer was allocated to alice again"
+    );
+}
+
+#[tokio::test]
+async fn a_dead_pods_user_lands_on_a_new_pod_on_reload_not_on_the_released_page() {
+    let issuer = IapIssuer::start().await;
+    let (mut pods, fake) = fleet(2).await;
+    let router = TestRouter::agones(&issuer, &fake, "agones", "", "").await;
+    let mut alice = Tab::new(&issuer, "alice");
+    let first = alice.get(&router, "/whoami", Sent::Navigation).await;
+    assert_eq!(first.json::<Value>().await.unwrap()["pod"], "pod-1");
+    drop(pods.remove(0));
+    // A POST is not sent again: the page gets a 502 and its pod is released.
+    let post = alice.send(&router, "POST", "/upload", Sent::Fetch).await;
+    assert_eq!(post.status(), 502);
+    let reload = alice.get(&router, "/whoami", Sent::Navigation).await;
+    assert_eq!(reload.status(), 200, "the released page for a dead pod");
+    assert_eq!(reload.json::<Value>().await.unwrap()["pod"], "pod-2");
 }

@@ -60,6 +60,13 @@ impl ReleaseReason {
         }
     }
 
+    /// Whether the release ends the user's session, so they are told and
+    /// start again by choice; a dead pod or a duplicate is replaced on the
+    /// user's next request instead.
+    pub fn ends_session(self) -> bool {
+        !matches!(self, ReleaseReason::DeadPod | ReleaseReason::Duplicate)
+    }
+
     /// The end of "Your GPU was released …", for the user.
     pub fn sentence(self) -> &'static str {
         match self {

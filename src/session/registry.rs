@@ -268,10 +268,12 @@ impl Registry {
             tracing::warn!(%user_id, %backend, reason, error = %e, "release failed; will retry");
             return Err(e.into());
         }
-        self.ended.insert(
-            session.identity.sub.clone(),
-            (backend.clone(), Ended::new(why, SystemTime::now())),
-        );
+        if why.ends_session() {
+            self.ended.insert(
+                session.identity.sub.clone(),
+                (backend.clone(), Ended::new(why, SystemTime::now())),
+            );
+        }
         self.forget(session);
         telemetry::released(
             &self.metrics,
@@ -471,7 +473,10 @@ mod tests {
             Some(ReleaseReason::Admin),
             "else the backend system's record"
         );
-        registry.get_or_allocate(&alice, || Ok(Claim::Allocate)).await.unwrap();
+        let again = registry.get_or_allocate(&alice, || Ok(Claim::Allocate)).await.unwrap();
+        assert_eq!(registry.ended(&alice, "static-0"), None);
+        // A dead pod is replaced on the next request, not an ended session.
+        assert!(registry.release(&again, ReleaseReason::DeadPod).await.unwrap());
         assert_eq!(registry.ended(&alice, "static-0"), None);
     }
 
