@@ -29,6 +29,10 @@ pub struct Identity {
     pub email: Arc<str>,
     /// The Workspace hosted domain (`hd`), when the token carries one.
     pub hosted_domain: Option<Arc<str>>,
+    /// The pseudonym logs name the user by ([`crate::telemetry::user_id`]
+    /// of `sub`): made once, as a verified identity is cached with its
+    /// token, rather than hashed again for every access-log line.
+    pub user_id: Arc<str>,
 }
 
 impl Identity {
@@ -37,6 +41,7 @@ impl Identity {
             sub: sub.into(),
             email: email.into(),
             hosted_domain: hosted_domain.map(Into::into),
+            user_id: crate::telemetry::user_id(sub).into(),
         }
     }
 }

@@ -96,7 +96,7 @@ impl AppState {
     /// The verified user of a request, also noted for its access-log line.
     pub async fn identify(&self, headers: &HeaderMap) -> Result<Arc<Identity>, AuthError> {
         let identity = self.auth.identify(headers).await?;
-        access::identified(&identity.sub);
+        access::identified(&identity.user_id);
         Ok(identity)
     }
 

@@ -217,14 +217,15 @@ impl fmt::Display for RemoteIp<'_> {
 }
 
 tokio::task_local! {
-    /// The `sub` of whoever the request being served was identified as.
+    /// The `user_id` of whoever the request being served was identified as.
     static USER: RefCell<Option<Arc<str>>>;
 }
 
-/// Notes that the request being served comes from the user with IAP
-/// subject `sub`, for its access-log line. Outside [`noting_user`], nothing.
-pub fn identified(sub: &Arc<str>) {
-    let _ = USER.try_with(|user| *user.borrow_mut() = Some(sub.clone()));
+/// Notes that the request being served comes from the user `user_id`
+/// ([`super::user_id`]), for its access-log line. Outside [`noting_user`],
+/// nothing.
+pub fn identified(user_id: &Arc<str>) {
+    let _ = USER.try_with(|user| *user.borrow_mut() = Some(user_id.clone()));
 }
 
 /// Serves a request with `serve`, and returns its answer with the user it
@@ -254,7 +255,7 @@ struct Exchange {
     peer: Arc<Peer>,
     /// The client as the load balancer named it, when the peer is one.
     forwarded_for: Option<IpAddr>,
-    /// The IAP `sub` of the user, once identified.
+    /// The user's `user_id`, once identified.
     user: Option<Arc<str>>,
     trace: Option<HeaderValue>,
     started: Instant,
@@ -282,7 +283,7 @@ macro_rules! access_event {
             httpRequest.remoteIp = %e.remote_ip(),
             httpRequest.protocol = "HTTP/1.1",
             kind = e.kind.label(),
-            user_id = e.user.as_deref().map(crate::telemetry::user_id),
+            user_id = e.user.as_deref(),
             completed = $completed,
             "logging.googleapis.com/trace" = trace.map(display),
             "{} {url} {}",
@@ -349,10 +350,9 @@ impl Exchange {
         } else {
             r#"","completed":false"#
         });
-        if let Some(sub) = &self.user {
-            out.push_str(r#","user_id":""#);
-            out.push_str(&super::user_id(sub));
-            out.push('"');
+        if let Some(user_id) = &self.user {
+            out.push_str(r#","user_id":"#);
+            write_json_str(out, user_id)?;
         }
         if let Some(trace) = self.trace.as_ref().and_then(|t| TraceResource::parse(t.to_str().ok()?)) {
             out.push_str(r#","logging.googleapis.com/trace":""#);
@@ -443,7 +443,7 @@ impl Observed {
 
     /// Counts the final response now; its body writes the access-log line
     /// when it ends (a 101 is logged at once: what follows is not HTTP).
-    /// `user`: the IAP `sub` the request was identified as.
+    /// `user`: the `user_id` the request was identified as.
     pub fn finish<B: http_body::Body>(self, response: Response<B>, user: Option<Arc<str>>) -> Response<Logged<B>> {
         let Observed { mut exchange } = self;
         exchange.user = user;
@@ -575,7 +575,7 @@ mod tests {
             user_agent: Some(HeaderValue::from_static("agent \"quoted\" \\ 1.0")),
             peer: Peer::new([10, 0, 0, 1].into(), true, Metrics::new()),
             forwarded_for: Some([203, 0, 113, 7].into()),
-            user: Some("accounts.google.com:1".into()),
+            user: Some(super::super::user_id("accounts.google.com:1").into()),
             trace: Some(HeaderValue::from_static("105445aa7843bc8bf206b12000100000/1;o=1")),
             started: Instant::now(),
             request_bytes: Some(Arc::new(AtomicU64::new(42))),
