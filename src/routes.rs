@@ -115,8 +115,9 @@ where
 ///   cookie records that for every replica.
 /// - A cookie of a user active a moment ago: re-attach the backend it
 ///   names. Should this replica not see it as theirs (its view lagging, or
-///   the pod gone), requests that count as activity go on as a first
-///   request would, which finds the user's own backend.
+///   the pod gone), the user's own backend is looked for; failing that,
+///   only a request that shows intent and counts as activity allocates
+///   (a dead pod's user gets a new one on their next navigation).
 fn claim<B>(
     state: &AppState,
     identity: &Identity,
@@ -150,7 +151,7 @@ fn claim<B>(
     }
     Ok(Claim::Adopt {
         pin: pin.backend,
-        or_allocate: counts_as_activity,
+        or_allocate: counts_as_activity && Intent::of(request.method(), headers).starts_a_session(),
     })
 }
 

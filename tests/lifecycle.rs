@@ -501,3 +501,26 @@ async fn a_dead_pods_user_lands_on_a_new_pod_on_reload_not_on_the_released_page(
     assert_eq!(reload.status(), 200, "the released page for a dead pod");
     assert_eq!(reload.json::<Value>().await.unwrap()["pod"], "pod-2");
 }
+
+#[tokio::test]
+async fn a_dead_pods_open_page_allocates_nothing_until_the_user_reloads() {
+    let issuer = IapIssuer::start().await;
+    let (mut pods, fake) = fleet(2).await;
+    let router = TestRouter::agones(&issuer, &fake, "agones", "", "").await;
+    let mut alice = Tab::new(&issuer, "alice");
+    let first = alice.get(&router, "/whoami", Sent::Navigation).await;
+    assert_eq!(first.json::<Value>().await.unwrap()["pod"], "pod-1");
+    drop(pods.remove(0));
+    let post = alice.send(&router, "POST", "/upload", Sent::Fetch).await;
+    assert_eq!(post.status(), 502);
+    // The open page keeps polling: its fetches find no backend and take none.
+    for _ in 0..3 {
+        let poll = alice.get(&router, "/whoami", Sent::Fetch).await;
+        assert_eq!(poll.status(), 409);
+        assert_eq!(poll.json::<Value>().await.unwrap()["error"], "no_session");
+    }
+    let alice_label = session_router::allocator::agones::label::user_label_value("alice@example.com");
+    assert!(fake.held_by(&alice_label).is_empty(), "a page's fetch took a GPU");
+    let reload = alice.get(&router, "/whoami", Sent::Navigation).await;
+    assert_eq!(reload.json::<Value>().await.unwrap()["pod"], "pod-2");
+}

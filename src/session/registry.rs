@@ -76,8 +76,9 @@ pub enum SessionError {
 #[derive(Debug)]
 pub enum Claim {
     /// Re-attach the backend the user's cookie names, without a network
-    /// call; if it is not theirs any more, allocate when `or_allocate`,
-    /// else fail with [`SessionError::NoSession`].
+    /// call; if it is not theirs any more, look for the user's own backend
+    /// (held through another replica), and failing that allocate when
+    /// `or_allocate`, else fail with [`SessionError::NoSession`].
     Adopt { pin: PinnedBackend, or_allocate: bool },
     /// Get the user a backend (the request shows they want one).
     Allocate,
@@ -152,17 +153,16 @@ impl Registry {
             .get_or_try_init(|| async {
                 let user_id = telemetry::user_id(&identity.sub);
                 let email = telemetry::email(&identity.email);
-                let (adopted, pinned_since) = match claim()? {
+                let (adopted, pinned_since, may_allocate) = match claim()? {
                     Claim::Adopt { pin, or_allocate } => {
                         let since = (pin.allocated_at > 0)
                             .then(|| std::time::UNIX_EPOCH + Duration::from_secs(pin.allocated_at));
                         match self.allocator.adopt(identity, &pin) {
-                            Some(lease) => (Some(lease), since),
-                            None if or_allocate => (None, None),
-                            None => return Err(SessionError::NoSession),
+                            Some(lease) => (Some(lease), since, false),
+                            None => (None, None, or_allocate),
                         }
                     }
-                    Claim::Allocate => (None, None),
+                    Claim::Allocate => (None, None, true),
                 };
                 let pinned = adopted.is_some();
                 // Their own server, held through another replica, before the
@@ -181,6 +181,9 @@ impl Registry {
                         self.settle_later(identity, &lease);
                         lease
                     }
+                    // Only an intent allocates: an open tab's background
+                    // request must not take a GPU back.
+                    None if !may_allocate => return Err(SessionError::NoSession),
                     None => {
                         // Fair: nobody overtakes the line for a free backend.
                         if let Admission::Wait(place) = self.line.admit(identity, &*self.allocator).await? {
