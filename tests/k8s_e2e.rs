@@ -95,6 +95,7 @@ scenarios!(
     the_head_of_the_line_gets_the_next_ready_server,
     a_known_user_with_a_cookie_makes_no_api_call,
     a_replica_becomes_ready_with_the_fleet_in_every_state,
+    a_server_stuck_before_scheduled_keeps_no_replica_from_serving,
 );
 
 // === helpers ===
@@ -585,4 +586,16 @@ async fn a_replica_becomes_ready_with_the_fleet_in_every_state(cluster: &dyn Clu
     let router = agones(&issuer, cluster).await;
     assert_eq!(pod_of(&router, &issuer.user("alice")).await, "pod-1");
     assert_eq!(pod_of(&router, &issuer.user("bob")).await, "pod-2");
+}
+
+/// A GPU node pool scaling up leaves GameServers in Starting, with `null`
+/// ports and addresses, for minutes: the replicas must serve meanwhile.
+async fn a_server_stuck_before_scheduled_keeps_no_replica_from_serving(cluster: &dyn Cluster) {
+    let issuer = IapIssuer::start().await;
+    let pods = pods(2).await;
+    cluster.add_ready("gs-1", pods[0].addr).await;
+    cluster.add_unscheduled("gs-2", pods[1].addr).await;
+    let router = agones(&issuer, cluster).await;
+    assert_eq!(pod_of(&router, &issuer.user("alice")).await, "pod-1");
+    assert_eq!(position(&router, &issuer.user("bob")).await, (503, Some(1)));
 }

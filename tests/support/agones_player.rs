@@ -158,6 +158,11 @@ impl AgonesPlayer {
     /// Creates GameServer `name` of the Fleet and moves it, state by
     /// captured state, to Ready at `upstream` (address and port `sd`).
     pub async fn add_ready(&self, name: &str, upstream: SocketAddr) {
+        self.add_until(name, upstream, "Ready").await;
+    }
+
+    /// As [`AgonesPlayer::add_ready`], stopping at state `last`.
+    pub async fn add_until(&self, name: &str, upstream: SocketAddr, last: &str) {
         let template = capture("gameserver-state-PortAllocation.json");
         let mut labels = template["metadata"]["labels"].clone();
         labels["agones.dev/fleet"] = json!(FLEET);
@@ -198,6 +203,9 @@ impl AgonesPlayer {
                 status["ports"] = json!([{"name": "sd", "port": upstream.port()}]);
             }
             self.replace(name, |gs| gs["status"] = status.clone()).await;
+            if state == last {
+                break;
+            }
         }
     }
 

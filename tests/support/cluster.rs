@@ -19,6 +19,9 @@ pub trait Cluster: Send + Sync {
     fn backend_lines(&self) -> String;
     /// Adds a Ready GameServer whose port `sd` is `upstream`.
     async fn add_ready(&self, name: &str, upstream: SocketAddr);
+    /// Adds a GameServer whose pod is never scheduled (no free GPU node):
+    /// it stays in Starting.
+    async fn add_unscheduled(&self, name: &str, upstream: SocketAddr);
     /// The GameServer as the API has it (a terminating one too).
     async fn server(&self, name: &str) -> Option<Value>;
     /// Allocated, non-terminating GameServers labelled `user=<label>`.
@@ -69,6 +72,12 @@ impl Cluster for FakeCluster {
 
     async fn add_ready(&self, name: &str, upstream: SocketAddr) {
         self.0.add_ready(name, upstream);
+    }
+
+    /// The fake has no `null` ports: its Starting server keeps them.
+    async fn add_unscheduled(&self, name: &str, upstream: SocketAddr) {
+        self.0.add_ready(name, upstream);
+        self.0.set_state(name, "Starting");
     }
 
     async fn server(&self, name: &str) -> Option<Value> {
@@ -126,6 +135,10 @@ impl Cluster for RealCluster {
 
     async fn add_ready(&self, name: &str, upstream: SocketAddr) {
         self.0.add_ready(name, upstream).await;
+    }
+
+    async fn add_unscheduled(&self, name: &str, upstream: SocketAddr) {
+        self.0.add_until(name, upstream, "Starting").await;
     }
 
     async fn server(&self, name: &str) -> Option<Value> {
