@@ -96,6 +96,7 @@ scenarios!(
     a_known_user_with_a_cookie_makes_no_api_call,
     a_replica_becomes_ready_with_the_fleet_in_every_state,
     a_server_stuck_before_scheduled_keeps_no_replica_from_serving,
+    the_fresh_server_outlives_the_released_one_it_replaced,
 );
 
 // === helpers ===
@@ -334,6 +335,31 @@ async fn a_released_server_lingering_is_not_re_found_by_another_replica(cluster:
     release(&a, &alice).await;
     let b = agones(&issuer, cluster).await;
     assert_eq!(pod_of(&b, &alice).await, "pod-2", "B re-found the released server");
+}
+
+/// The released server, still labelled for Alice while it terminates, is
+/// not her duplicate: the fresh one she was given stays hers, and she stays
+/// on it, through the old server's lingering and after it is gone.
+async fn the_fresh_server_outlives_the_released_one_it_replaced(cluster: &dyn Cluster) {
+    let issuer = IapIssuer::start().await;
+    let _pods = fleet(cluster, 2).await;
+    let router = agones(&issuer, cluster).await;
+    let alice = issuer.user("alice");
+    assert_eq!(pod_of(&router, &alice).await, "pod-1");
+    release(&router, &alice).await;
+    let moved = eventually(Duration::from_secs(5), || async {
+        position(&router, &alice).await.0 == 200
+    })
+    .await;
+    assert!(moved, "no new server after the release");
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            !cluster.released("gs-2").await,
+            "the fresh server was released as a duplicate"
+        );
+    }
+    assert_eq!(cluster.held_by(&label("alice")).await, vec!["gs-2"]);
 }
 
 async fn idle_release_deletes_the_gameserver(cluster: &dyn Cluster) {
