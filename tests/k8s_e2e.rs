@@ -625,3 +625,42 @@ async fn a_server_stuck_before_scheduled_keeps_no_replica_from_serving(cluster: 
     assert_eq!(pod_of(&router, &issuer.user("alice")).await, "pod-1");
     assert_eq!(position(&router, &issuer.user("bob")).await, (503, Some(1)));
 }
+
+// === the harness itself, against the captures ===
+
+/// The harness plays Agones as the captures show it, or the real target
+/// proves nothing: `null` ports and addresses before Scheduled, the
+/// finalizer, and a DELETE that leaves the object terminating, state kept,
+/// until the finalizer goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_gameservers_are_shaped_and_deleted_as_the_captures_show() {
+    let Some(cluster) = real_cluster().await else { return };
+    let player = &cluster.0;
+    let pods = pods(1).await;
+    player.add_until("gs-1", pods[0].addr, "Starting").await;
+    let starting = player.server("gs-1").await.unwrap();
+    let captured = agones_player::capture("gameserver-state-Starting.json");
+    assert_eq!(
+        starting["status"], captured["status"],
+        "a Starting server's status as captured"
+    );
+    assert!(starting["status"]["ports"].is_null() && starting["status"]["addresses"].is_null());
+    assert_eq!(
+        starting["metadata"]["finalizers"],
+        serde_json::json!(["agones.dev/controller"])
+    );
+
+    player.add_ready("gs-2", pods[0].addr).await;
+    player.delete("gs-2").await;
+    let terminating = player.server("gs-2").await.expect("a deleted GameServer lingers");
+    assert!(terminating["metadata"]["deletionTimestamp"].is_string());
+    assert_eq!(
+        terminating["status"]["state"], "Ready",
+        "the state is kept while terminating"
+    );
+    let gone = eventually(Duration::from_secs(5), || async {
+        player.server("gs-2").await.is_none()
+    })
+    .await;
+    assert!(gone, "the finalizer was never removed");
+}

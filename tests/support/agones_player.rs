@@ -53,7 +53,7 @@ pub fn cluster_available() -> bool {
 }
 
 /// A capture from the real cluster (the ground truth the player copies).
-fn capture(file: &str) -> Value {
+pub fn capture(file: &str) -> Value {
     let path = format!(
         "{}/../shared/reference/agones-captures/{file}",
         env!("CARGO_MANIFEST_DIR")
@@ -259,8 +259,12 @@ impl AgonesPlayer {
     pub async fn kill_pod(&self, name: &str) {
         self.replace(name, |gs| gs["status"]["state"] = json!("Unhealthy"))
             .await;
-        let path = self.path(name);
-        call(&self.client, "DELETE", &path, None).await.unwrap();
+        self.delete(name).await;
+    }
+
+    /// Deletes `name` as the router's release does (the finalizer keeps it).
+    pub async fn delete(&self, name: &str) {
+        call(&self.client, "DELETE", &self.path(name), None).await.unwrap();
     }
 
     /// Labels and annotates `name` as `metadata` says and makes it
