@@ -664,3 +664,38 @@ async fn real_gameservers_are_shaped_and_deleted_as_the_captures_show() {
     .await;
     assert!(gone, "the finalizer was never removed");
 }
+
+/// The allocator service is served over mutual TLS as Agones serves it: a
+/// client without the certificate is turned away at the handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_played_allocator_service_demands_a_client_certificate() {
+    let Some(_cluster) = real_cluster().await else { return };
+    let pki = std::env::var("SESSION_ROUTER_E2E_PKI").unwrap();
+    let url = format!(
+        "https://{}/gameserverallocation",
+        agones_player::allocation_service().allocator
+    );
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(format!("{pki}/allocator-ca.crt")).unwrap()).unwrap();
+    let body = r#"{"namespace":"default","gameServerSelectors":[]}"#;
+    let anonymous = reqwest::Client::builder()
+        .add_root_certificate(ca.clone())
+        .build()
+        .unwrap();
+    assert!(
+        anonymous.post(&url).body(body).send().await.is_err(),
+        "served without a client certificate"
+    );
+    let mut pem = std::fs::read(format!("{pki}/allocator-client.crt")).unwrap();
+    pem.extend(std::fs::read(format!("{pki}/allocator-client.key")).unwrap());
+    let router = reqwest::Client::builder()
+        .add_root_certificate(ca)
+        .identity(reqwest::Identity::from_pem(&pem).unwrap())
+        .build()
+        .unwrap();
+    let answer = router.post(&url).body(body).send().await.unwrap();
+    assert_eq!(
+        answer.status(),
+        429,
+        "nothing to allocate: gRPC ResourceExhausted as 429"
+    );
+}
