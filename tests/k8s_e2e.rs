@@ -97,6 +97,7 @@ scenarios!(
     a_replica_becomes_ready_with_the_fleet_in_every_state,
     a_server_stuck_before_scheduled_keeps_no_replica_from_serving,
     the_fresh_server_outlives_the_released_one_it_replaced,
+    a_server_the_fleet_scales_down_is_never_handed_out,
 );
 
 // === helpers ===
@@ -412,6 +413,15 @@ async fn a_gameserver_deleted_elsewhere_is_replaced_on_the_next_request(cluster:
     })
     .await;
     assert!(moved, "still routed to a deleted GameServer");
+}
+
+async fn a_server_the_fleet_scales_down_is_never_handed_out(cluster: &dyn Cluster) {
+    let issuer = IapIssuer::start().await;
+    let _pods = fleet(cluster, 2).await;
+    let router = agones(&issuer, cluster).await;
+    cluster.scale_down("gs-1").await;
+    assert_eq!(pod_of(&router, &issuer.user("alice")).await, "pod-2");
+    assert_eq!(position(&router, &issuer.user("bob")).await, (503, Some(1)));
 }
 
 // === several allocations of one user; legacy servers ===

@@ -262,6 +262,13 @@ impl AgonesPlayer {
         self.delete(name).await;
     }
 
+    /// The Fleet scales down: `name` goes Shutdown and is deleted, and
+    /// lingers terminating in state Shutdown (watch-gameservers.jsonl).
+    pub async fn scale_down(&self, name: &str) {
+        self.replace(name, |gs| gs["status"]["state"] = json!("Shutdown")).await;
+        self.delete(name).await;
+    }
+
     /// Deletes `name` as the router's release does (the finalizer keeps it).
     pub async fn delete(&self, name: &str) {
         call(&self.client, "DELETE", &self.path(name), None).await.unwrap();

@@ -28,6 +28,8 @@ pub trait Cluster: Send + Sync {
     async fn held_by(&self, label: &str) -> Vec<String>;
     /// Its pod dies, or someone deletes it: Agones deletes the GameServer.
     async fn kill_pod(&self, name: &str);
+    /// The Fleet scales down: `name` goes Shutdown, then is deleted.
+    async fn scale_down(&self, name: &str);
     /// Another replica allocated `name` to `email`.
     async fn allocate_directly(&self, name: &str, email: &str);
     /// The original front end allocated `name` to `email` at `at`.
@@ -92,6 +94,11 @@ impl Cluster for FakeCluster {
         self.0.remove(name);
     }
 
+    async fn scale_down(&self, name: &str) {
+        self.0.set_state(name, "Shutdown");
+        self.0.remove(name);
+    }
+
     async fn allocate_directly(&self, name: &str, email: &str) {
         self.0.allocate_directly(name, email);
     }
@@ -151,6 +158,10 @@ impl Cluster for RealCluster {
 
     async fn kill_pod(&self, name: &str) {
         self.0.kill_pod(name).await;
+    }
+
+    async fn scale_down(&self, name: &str) {
+        self.0.scale_down(name).await;
     }
 
     async fn allocate_directly(&self, name: &str, email: &str) {
