@@ -44,8 +44,12 @@ async fn real_cluster() -> Option<RealCluster> {
     Some(RealCluster::start(&namespace).await)
 }
 
+/// Real scenarios share one API server; one that cuts every connection to
+/// it runs alone (`exclusive`), the rest side by side.
+static GATE: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
 macro_rules! scenarios {
-    ($($scenario:ident),* $(,)?) => {
+    (shared: [$($scenario:ident),* $(,)?], exclusive: [$($alone:ident),* $(,)?] $(,)?) => {
         mod fake {
             $(
                 #[tokio::test]
@@ -53,13 +57,29 @@ macro_rules! scenarios {
                     super::$scenario(&super::FakeCluster::start().await).await;
                 }
             )*
+            $(
+                #[tokio::test]
+                async fn $alone() {
+                    super::$alone(&super::FakeCluster::start().await).await;
+                }
+            )*
         }
         mod real {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $scenario() {
+                    let _side_by_side = super::GATE.read().await;
                     if let Some(cluster) = super::real_cluster().await {
                         super::$scenario(&cluster).await;
+                    }
+                }
+            )*
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $alone() {
+                    let _alone = super::GATE.write().await;
+                    if let Some(cluster) = super::real_cluster().await {
+                        super::$alone(&cluster).await;
                     }
                 }
             )*
@@ -68,11 +88,13 @@ macro_rules! scenarios {
 }
 
 scenarios!(
+    shared: [
     the_first_request_allocates_a_labelled_gameserver_and_routes_to_its_pod,
     the_same_user_through_another_replica_reaches_the_same_pod,
     a_cookie_from_one_replica_reaches_the_same_pod_through_another,
     two_users_get_two_pods_and_a_third_waits_until_one_is_ready,
     a_server_that_becomes_ready_while_the_router_runs_is_routable,
+    a_server_added_while_the_router_runs_enters_its_view,
     the_allocator_service_allocates_over_mutual_tls,
     the_allocator_service_with_no_ready_server_makes_the_user_wait,
     release_deletes_the_gameserver_and_the_user_gets_a_new_one,
@@ -98,6 +120,8 @@ scenarios!(
     a_server_stuck_before_scheduled_keeps_no_replica_from_serving,
     the_fresh_server_outlives_the_released_one_it_replaced,
     a_server_the_fleet_scales_down_is_never_handed_out,
+    ],
+    exclusive: [the_router_keeps_its_view_after_the_api_server_drops_its_connections],
 );
 
 // === helpers ===
@@ -272,6 +296,21 @@ async fn a_server_that_becomes_ready_while_the_router_runs_is_routable(cluster: 
     assert_eq!(pod_of(&router, &alice).await, "pod-1");
 }
 
+/// The watch carries the new server's states, the first three with `null`
+/// ports and addresses: the router's view (its Ready count, which the line
+/// and the autoscaler read) must take them all in.
+async fn a_server_added_while_the_router_runs_enters_its_view(cluster: &dyn Cluster) {
+    let issuer = IapIssuer::start().await;
+    let pods = pods(1).await;
+    let router = agones(&issuer, cluster).await;
+    cluster.add_ready("gs-1", pods[0].addr).await;
+    let seen = eventually(Duration::from_secs(10), || async {
+        router.state.registry.allocator().capacity().ready == 1
+    })
+    .await;
+    assert!(seen, "the router's view never counted the new Ready server");
+}
+
 async fn the_allocator_service_allocates_over_mutual_tls(cluster: &dyn Cluster) {
     let issuer = IapIssuer::start().await;
     let _pods = fleet(cluster, 1).await;
@@ -422,6 +461,25 @@ async fn a_server_the_fleet_scales_down_is_never_handed_out(cluster: &dyn Cluste
     cluster.scale_down("gs-1").await;
     assert_eq!(pod_of(&router, &issuer.user("alice")).await, "pod-2");
     assert_eq!(position(&router, &issuer.user("bob")).await, (503, Some(1)));
+}
+
+/// The router's view comes from a watch: after the API server cuts its
+/// connections, the watch resumes and new servers are seen (on the real API
+/// server this needs the previous scenario to pass first).
+async fn the_router_keeps_its_view_after_the_api_server_drops_its_connections(cluster: &dyn Cluster) {
+    let issuer = IapIssuer::start().await;
+    let pods = pods(2).await;
+    cluster.add_ready("gs-1", pods[0].addr).await;
+    let router = agones(&issuer, cluster).await;
+    assert_eq!(pod_of(&router, &issuer.user("alice")).await, "pod-1");
+    cluster.drop_connections().await;
+    cluster.add_ready("gs-2", pods[1].addr).await;
+    let seen = eventually(Duration::from_secs(10), || async {
+        router.state.registry.allocator().capacity().ready == 1
+    })
+    .await;
+    assert!(seen, "the router's view never saw the server added after the cut");
+    assert_eq!(pod_of(&router, &issuer.user("bob")).await, "pod-2");
 }
 
 // === several allocations of one user; legacy servers ===
@@ -644,6 +702,7 @@ async fn a_server_stuck_before_scheduled_keeps_no_replica_from_serving(cluster: 
 /// until the finalizer goes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_gameservers_are_shaped_and_deleted_as_the_captures_show() {
+    let _side_by_side = GATE.read().await;
     let Some(cluster) = real_cluster().await else { return };
     let player = &cluster.0;
     let pods = pods(1).await;
@@ -679,6 +738,7 @@ async fn real_gameservers_are_shaped_and_deleted_as_the_captures_show() {
 /// client without the certificate is turned away at the handshake.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_played_allocator_service_demands_a_client_certificate() {
+    let _side_by_side = GATE.read().await;
     let Some(_cluster) = real_cluster().await else { return };
     let pki = std::env::var("SESSION_ROUTER_E2E_PKI").unwrap();
     let url = format!(

@@ -73,22 +73,44 @@ async fn admin_client() -> kube::Client {
 }
 
 /// One raw JSON request: the player writes objects exactly as captured,
-/// `null`s included, which typed clients would drop.
+/// `null`s included, which typed clients would drop. A dropped connection
+/// (a scenario cuts them all) is tried again; an API server's answer is not.
 async fn call(client: &kube::Client, method: &str, path: &str, body: Option<&Value>) -> Result<Value, kube::Error> {
-    let mut request = http::Request::builder().method(method).uri(path);
-    let body = match body {
-        Some(body) => {
-            let content_type = if method == "PATCH" {
-                "application/merge-patch+json"
-            } else {
-                "application/json"
-            };
-            request = request.header("content-type", content_type);
-            serde_json::to_vec(body).unwrap()
-        }
-        None => Vec::new(),
+    let content_type = if method == "PATCH" {
+        "application/merge-patch+json"
+    } else {
+        "application/json"
     };
-    client.request::<Value>(request.body(body).unwrap()).await
+    let body = body.map(|b| serde_json::to_vec(b).unwrap()).unwrap_or_default();
+    let mut tries = 0;
+    loop {
+        let request = http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("content-type", content_type)
+            .body(body.clone())
+            .unwrap();
+        match client.request::<Value>(request).await {
+            Err(e) if !matches!(e, kube::Error::Api(_)) && tries < 5 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            answer => return answer,
+        }
+    }
+}
+
+/// Cuts every TCP connection to the API server (as its restart or a load
+/// balancer's reset would): every client, the routers' watches included,
+/// must reconnect. Needs root, as the script runs.
+pub fn drop_api_server_connections() {
+    let port = env("SESSION_ROUTER_E2E_APISERVER_PORT");
+    let status = std::process::Command::new("ss")
+        .args(["-K", "dst", "127.0.0.1", "dport", "=", &port])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("ss (iproute2) runs");
+    assert!(status.success(), "ss -K failed");
 }
 
 /// The GameServers of `namespace` that `selector` matches.

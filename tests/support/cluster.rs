@@ -30,6 +30,8 @@ pub trait Cluster: Send + Sync {
     async fn kill_pod(&self, name: &str);
     /// The Fleet scales down: `name` goes Shutdown, then is deleted.
     async fn scale_down(&self, name: &str);
+    /// The API server drops every open connection: watches must resume.
+    async fn drop_connections(&self);
     /// Another replica allocated `name` to `email`.
     async fn allocate_directly(&self, name: &str, email: &str);
     /// The original front end allocated `name` to `email` at `at`.
@@ -92,6 +94,12 @@ impl Cluster for FakeCluster {
 
     async fn kill_pod(&self, name: &str) {
         self.0.remove(name);
+    }
+
+    /// The fake's nearest: an instant outage, which ends open watches.
+    async fn drop_connections(&self) {
+        self.0.set_down(true);
+        self.0.set_down(false);
     }
 
     async fn scale_down(&self, name: &str) {
@@ -158,6 +166,10 @@ impl Cluster for RealCluster {
 
     async fn kill_pod(&self, name: &str) {
         self.0.kill_pod(name).await;
+    }
+
+    async fn drop_connections(&self) {
+        crate::agones_player::drop_api_server_connections();
     }
 
     async fn scale_down(&self, name: &str) {
