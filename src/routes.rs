@@ -211,7 +211,7 @@ pub async fn release(State(state): Shared, headers: HeaderMap) -> Result<Respons
     let identity = state.identify(&headers).await?;
     let released = match state.registry.get(&identity.sub) {
         Some(session) => state.registry.release(&session, "user").await?,
-        None => false,
+        None => state.registry.release_found(&identity, "user").await?,
     };
     let mut response = if pages::wants_html(&headers) {
         pages::redirect("/_router/status")

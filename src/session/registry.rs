@@ -247,6 +247,19 @@ impl Registry {
         Ok(true)
     }
 
+    /// Releases the user's backend when no session here holds it (they
+    /// were served through another replica): found through the backend
+    /// system, released as [`Registry::release`] does. `false`: they hold
+    /// none.
+    pub async fn release_found(&self, identity: &Identity, reason: &'static str) -> Result<bool, SessionError> {
+        let Some(lease) = self.allocator.find_own(identity).await? else {
+            return Ok(false);
+        };
+        let since = self.allocator.held_since(&lease).unwrap_or_else(SystemTime::now);
+        let session = Arc::new(Session::new(identity.clone(), lease, since));
+        self.release(&session, reason).await
+    }
+
     /// Drops the session without releasing anything (its backend is gone)
     /// and closes its open streams.
     pub fn forget(&self, session: &Arc<Session>) {

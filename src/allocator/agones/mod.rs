@@ -645,14 +645,19 @@ impl Allocator for Agones {
 
     async fn release(&self, user: &Identity, lease: &Lease, reason: &'static str) -> Result<(), AllocError> {
         let email = &user.email;
-        // The cached copy is what an idle decision was based on; but the
-        // cache may lag (not yet showing the allocation), so only the API
-        // may say the server is gone or no longer the user's.
-        let known = match self.cached(&lease.backend).filter(|gs| self.is_users(gs, email)) {
-            Some(gs) => Some((*gs).clone()),
-            None => self.get(&lease.backend).await?,
+        let cached = self.cached(&lease.backend).filter(|gs| self.is_users(gs, email));
+        let known = match (&cached, reason) {
+            // An idle decision was made on the cached copy, which may lag
+            // behind activity another replica recorded: confirm it on a
+            // fresh copy, released only if unchanged since (precondition).
+            (_, "idle") | (None, _) => self.get(&lease.backend).await?,
+            (Some(gs), _) => Some((**gs).clone()),
         };
         let Some(gs) = known else { return Ok(()) };
+        if reason == "idle" && last_seen(&gs) > cached.as_deref().and_then(last_seen) {
+            tracing::debug!(gameserver = gs.name(), "activity recorded elsewhere since the idle decision; kept");
+            return Err(AllocError::Conflict);
+        }
         // Someone else's now, or already being deleted: nothing to give back.
         if !self.is_users(&gs, email) || gs.is_terminating() {
             return Ok(());
@@ -831,6 +836,16 @@ impl Allocator for Agones {
                     if let (Some(probe), Ok(lease)) = (probe, self.lease_for(Some(gs), None)) {
                         if probe.is_busy(&lease.upstream).await {
                             tracing::debug!(gameserver = gs.name(), "idle by its record, but a job is running: kept");
+                            continue;
+                        }
+                    }
+                    // Confirmed on a fresh copy: another replica may have
+                    // recorded activity the view does not show yet.
+                    match self.get(gs.name()).await {
+                        Ok(Some(fresh)) if fresh.metadata.resource_version == gs.metadata.resource_version => {}
+                        Ok(_) => continue,
+                        Err(e) => {
+                            tracing::warn!(gameserver = gs.name(), error = %e, "cannot confirm idleness; not released");
                             continue;
                         }
                     }
