@@ -198,7 +198,10 @@ async fn a_released_server_that_lingers_behind_its_finalizer_is_nobodys() {
     assert!(fake.is_terminating("gs-1"), "the finalizer keeps it");
 
     // Coming back, with the old cookie and without, through either replica.
-    assert_eq!(answered_by(&router, &issuer.user("alice"), Some(&cookie)).await, "pod-2");
+    assert_eq!(
+        answered_by(&router, &issuer.user("alice"), Some(&cookie)).await,
+        "pod-2"
+    );
     assert_eq!(answered_by(&other, &issuer.user("alice"), Some(&cookie)).await, "pod-2");
     assert_eq!(answered_by(&other, &issuer.user("alice"), None).await, "pod-2");
     // Several reaper passes later: the fresh server is not taken for a
@@ -209,7 +212,11 @@ async fn a_released_server_that_lingers_behind_its_finalizer_is_nobodys() {
     assert_eq!(deletes, 1, "{:?}", fake.calls());
     for replica in [&router, &other] {
         let capacity = replica.state.registry.allocator().capacity();
-        assert_eq!((capacity.allocated, capacity.total), (1, 1), "the terminating one is no capacity");
+        assert_eq!(
+            (capacity.allocated, capacity.total),
+            (1, 1),
+            "the terminating one is no capacity"
+        );
         let sessions = replica.state.registry.allocator().deployment_sessions().unwrap();
         let releasing: Vec<(&str, bool)> = sessions.iter().map(|s| (s.backend.as_str(), s.releasing)).collect();
         assert_eq!(releasing, vec![("gs-1", true), ("gs-2", false)]);
@@ -369,6 +376,10 @@ async fn an_idle_release_is_confirmed_against_activity_recorded_through_another_
         assert_eq!(answered_by(&second, &issuer.user("alice"), None).await, "pod-1");
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    assert!(!fake.deleted("gs-1"), "released as idle while in use: {:?}", fake.calls());
+    assert!(
+        !fake.deleted("gs-1"),
+        "released as idle while in use: {:?}",
+        fake.calls()
+    );
     fake.resume_watch();
 }

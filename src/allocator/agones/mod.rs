@@ -655,7 +655,10 @@ impl Allocator for Agones {
         };
         let Some(gs) = known else { return Ok(()) };
         if reason == "idle" && last_seen(&gs) > cached.as_deref().and_then(last_seen) {
-            tracing::debug!(gameserver = gs.name(), "activity recorded elsewhere since the idle decision; kept");
+            tracing::debug!(
+                gameserver = gs.name(),
+                "activity recorded elsewhere since the idle decision; kept"
+            );
             return Err(AllocError::Conflict);
         }
         // Someone else's now, or already being deleted: nothing to give back.
