@@ -383,3 +383,33 @@ async fn an_idle_release_is_confirmed_against_activity_recorded_through_another_
     );
     fake.resume_watch();
 }
+
+#[tokio::test]
+async fn the_admin_page_through_any_replica_lists_the_whole_fleet_while_servers_are_stuck_starting() {
+    let issuer = IapIssuer::start().await;
+    let pods = pods(3).await;
+    let fake = FakeAgones::start().await;
+    for (i, pod) in pods.iter().enumerate() {
+        fake.add_ready(&format!("gs-{}", i + 1), pod.addr);
+    }
+    fake.add_starting("gs-stuck", 7009);
+    let admins = "\n[admin]\nemails = [\"boss@example.com\"]";
+    let a = TestRouter::agones(&issuer, &fake, "agones", "", admins).await;
+    let b = TestRouter::agones(&issuer, &fake, "agones", "", admins).await;
+    assert_eq!(answered_by(&a, &issuer.user("alice"), None).await, "pod-1");
+    assert_eq!(answered_by(&b, &issuer.user("bob"), None).await, "pod-2");
+    assert_eq!(answered_by(&a, &issuer.user("carol"), None).await, "pod-3");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for router in [&a, &b] {
+        let view: Value = get(router, "/_router/admin", &issuer.user("boss"), None)
+            .await
+            .json()
+            .await
+            .unwrap();
+        let sessions = view["sessions"].as_array().unwrap();
+        assert_eq!(sessions.len(), 3, "{view}");
+        assert_eq!(view["capacity"]["allocated"], 3, "{view}");
+        assert_eq!(view["capacity"]["ready"], 0, "{view}");
+        assert_eq!(view["capacity"]["total"], 4, "{view}");
+    }
+}
