@@ -906,6 +906,15 @@ mod tests {
     }
 
     #[test]
+    fn an_error_in_a_log_line_never_carries_a_whole_response_body() {
+        let body = "x".repeat(21_000);
+        let status = kube::core::Status::failure(&body, "InternalError");
+        let summary = error_summary(&kube::Error::Api(Box::new(status)));
+        assert!(summary.len() <= ERROR_TEXT + '…'.len_utf8(), "{} bytes", summary.len());
+        assert!(summary.contains("InternalError"));
+    }
+
+    #[test]
     fn nanosecond_allocation_stamps_parse() {
         assert!(parse_time("2023-03-01T12:34:56.789012345Z").is_some());
     }
