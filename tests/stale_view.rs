@@ -184,8 +184,10 @@ async fn a_released_server_that_lingers_behind_its_finalizer_is_nobodys() {
     fake.set_linger(Duration::from_secs(30));
     fake.add_ready("gs-1", pods[0].addr);
     fake.add_ready("gs-2", pods[1].addr);
-    let router = TestRouter::agones(&issuer, &fake, "agones", r#"idle_timeout = "30s""#, "").await;
-    let other = TestRouter::agones(&issuer, &fake, "agones", "", "").await;
+    // Reaper passes every 300 ms; nobody is idle for 3 s in this test.
+    let quick = r#"idle_timeout = "3s""#;
+    let router = TestRouter::agones(&issuer, &fake, "agones", quick, "").await;
+    let other = TestRouter::agones(&issuer, &fake, "agones", quick, "").await;
     let first = get(&router, "/whoami", &issuer.user("alice"), None).await;
     let cookie = set_cookie(&first, "session_router").unwrap();
     let released = client()
