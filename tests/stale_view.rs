@@ -415,3 +415,45 @@ async fn the_admin_page_through_any_replica_lists_the_whole_fleet_while_servers_
         assert_eq!(view["capacity"]["total"], 4, "{view}");
     }
 }
+
+#[tokio::test]
+async fn no_activity_is_written_onto_a_server_being_deleted() {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Message};
+    let issuer = IapIssuer::start().await;
+    let pods = pods(1).await;
+    let fake = FakeAgones::start().await;
+    fake.set_linger(Duration::from_secs(30));
+    fake.add_ready("gs-1", pods[0].addr);
+    // Reaper passes every 300 ms, activity shared every 200 ms.
+    let router = TestRouter::agones(&issuer, &fake, "agones", r#"idle_timeout = "3s""#, "").await;
+    assert_eq!(answered_by(&router, &issuer.user("alice"), None).await, "pod-1");
+    // Alice stays active on an open WebSocket, without another request.
+    let mut request = router.ws_url("/ws").into_client_request().unwrap();
+    let headers = request.headers_mut();
+    headers.insert(ASSERTION, issuer.user("alice").parse().unwrap());
+    headers.insert("origin", format!("http://{}", router.addr).parse().unwrap());
+    let (mut socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    let chatter = tokio::spawn(async move {
+        while socket.send(Message::text("still here")).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The server is deleted elsewhere; once the view shows it terminating,
+    // nothing more is written onto it.
+    fake.remove("gs-1");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    fake.clear_calls();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    chatter.abort();
+    let writes: Vec<String> = fake
+        .calls()
+        .into_iter()
+        .filter(|c| c.starts_with("PATCH") && c.contains("gs-1"))
+        .collect();
+    assert!(
+        writes.is_empty(),
+        "activity written onto a terminating server: {writes:?}"
+    );
+}
