@@ -102,7 +102,12 @@ impl Registry {
             if session.is_releasing() {
                 return Err(SessionError::Releasing);
             }
-            if self.allocator.confirm_held(identity, &session.lease).await {
+            // One map read and a look at the view; the API only while the
+            // view is in doubt.
+            let allocator = &self.allocator;
+            if allocator.still_held(identity, &session.lease)
+                && (!allocator.view_in_doubt() || allocator.confirm_held(identity, &session.lease).await)
+            {
                 return Ok(session);
             }
             tracing::info!(user_id = %telemetry::user_id(&identity.sub), backend = %session.lease.backend, "backend gone or reassigned; allocating again");

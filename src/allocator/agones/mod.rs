@@ -697,8 +697,12 @@ impl Allocator for Agones {
             .is_some_and(|gs| self.shows_held(&gs, user, lease))
     }
 
+    fn view_in_doubt(&self) -> bool {
+        self.view.trust() == Trust::Resyncing
+    }
+
     async fn confirm_held(&self, user: &Identity, lease: &Lease) -> bool {
-        if self.view.trust() != Trust::Resyncing {
+        if !self.view_in_doubt() {
             return self.still_held(user, lease);
         }
         match self.get(&lease.backend).await {
