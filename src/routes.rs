@@ -338,7 +338,7 @@ pub async fn release(State(state): Shared, headers: HeaderMap) -> Result<Respons
     let session = state.registry.get(&identity.sub);
     let released = match &session {
         Some(session) => state.registry.release(session, ReleaseReason::User).await?,
-        None => false,
+        None => state.registry.release_found(&identity, ReleaseReason::User).await?,
     };
     let mut response = if pages::wants_html(&headers) {
         pages::redirect("/_router/status")

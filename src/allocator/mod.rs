@@ -86,10 +86,16 @@ pub trait Allocator: Send + Sync + 'static {
         true
     }
 
-    /// [`Allocator::still_held`], confirmed through the backend system when
-    /// its view may be behind (a broken watch): never forward a user to an
-    /// address nobody has confirmed is still theirs (a released pod's
-    /// address goes to the next pod).
+    /// Whether what [`Allocator::still_held`] says may be out of date (a
+    /// broken watch): then [`Allocator::confirm_held`] asks.
+    fn view_in_doubt(&self) -> bool {
+        false
+    }
+
+    /// [`Allocator::still_held`], confirmed through the backend system while
+    /// its view is in doubt: never forward a user to an address nobody has
+    /// confirmed is still theirs (a released pod's address goes to the next
+    /// pod).
     async fn confirm_held(&self, user: &Identity, lease: &Lease) -> bool {
         self.still_held(user, lease)
     }

@@ -131,7 +131,12 @@ impl Registry {
             if session.is_releasing() {
                 return Err(SessionError::Releasing);
             }
-            if self.allocator.confirm_held(identity, &session.lease).await {
+            // One map read and a look at the view; the API only while the
+            // view is in doubt.
+            let allocator = &self.allocator;
+            if allocator.still_held(identity, &session.lease)
+                && (!allocator.view_in_doubt() || allocator.confirm_held(identity, &session.lease).await)
+            {
                 return Ok(session);
             }
             tracing::info!(user_id = %telemetry::user_id(&identity.sub), backend = %session.lease.backend, "backend gone or reassigned; allocating again");
@@ -301,6 +306,19 @@ impl Registry {
             .filter(|entry| &*entry.value().0 == backend)
             .map(|entry| entry.value().1);
         here.or_else(|| self.allocator.released(identity, backend))
+    }
+
+    /// Releases the user's backend when no session here holds it (they
+    /// were served through another replica): found through the backend
+    /// system, released as [`Registry::release`] does. `false`: they hold
+    /// none.
+    pub async fn release_found(&self, identity: &Identity, reason: ReleaseReason) -> Result<bool, SessionError> {
+        let Some(lease) = self.allocator.find_own(identity).await? else {
+            return Ok(false);
+        };
+        let since = self.allocator.held_since(&lease).unwrap_or_else(SystemTime::now);
+        let session = Arc::new(Session::new(identity.clone(), lease, since));
+        self.release(&session, reason).await
     }
 
     /// Drops the session without releasing anything (its backend is gone)

@@ -92,6 +92,11 @@ struct Inner {
     watch_broken: bool,
     /// The `User-Agent` of every request.
     user_agents: Vec<String>,
+    /// The next this-many allocations answer UnAllocated whatever is free
+    /// (agones#2788: a burst the allocator cache has not caught up with).
+    unallocated: u32,
+    /// Requests whose `METHOD /path?query` contains this wait this long.
+    stall: Option<(String, Duration)>,
 }
 
 struct World {
@@ -379,6 +384,17 @@ impl FakeAgones {
         change(&self.world, &mut inner, "MODIFIED", name, Some(gs));
     }
 
+    /// The next `n` allocations answer UnAllocated (429 on the allocator service).
+    pub fn unallocate(&self, n: u32) {
+        self.inner().unallocated = n;
+    }
+
+    /// Requests whose `METHOD /path?query` contains `pattern` wait `delay`
+    /// before they are answered.
+    pub fn stall(&self, pattern: &str, delay: Duration) {
+        self.inner().stall = Some((pattern.to_string(), delay));
+    }
+
     /// The next `n` allocations answer Contention (409 on the allocator service).
     pub fn contend(&self, n: u32) {
         self.inner().contention = n;
@@ -452,9 +468,14 @@ async fn record(State(world): State<Arc<World>>, request: Request, next: Next) -
         .to_string();
     let delay = {
         let mut inner = world.inner.lock().unwrap();
+        let stalled = inner
+            .stall
+            .as_ref()
+            .filter(|(pattern, _)| line.contains(pattern.as_str()))
+            .map(|(_, delay)| *delay);
         inner.calls.push(line);
         inner.user_agents.push(user_agent);
-        inner.api_delay
+        stalled.unwrap_or(inner.api_delay)
     };
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
@@ -697,6 +718,10 @@ fn allocate(
     if inner.contention > 0 {
         inner.contention -= 1;
         return Allocation::Contention;
+    }
+    if inner.unallocated > 0 {
+        inner.unallocated -= 1;
+        return Allocation::UnAllocated;
     }
     for (state, wanted) in selectors {
         let found = inner

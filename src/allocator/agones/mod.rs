@@ -645,14 +645,22 @@ impl Allocator for Agones {
 
     async fn release(&self, user: &Identity, lease: &Lease, reason: &'static str) -> Result<(), AllocError> {
         let email = &user.email;
-        // The cached copy is what an idle decision was based on; but the
-        // cache may lag (not yet showing the allocation), so only the API
-        // may say the server is gone or no longer the user's.
-        let known = match self.cached(&lease.backend).filter(|gs| self.is_users(gs, email)) {
-            Some(gs) => Some((*gs).clone()),
-            None => self.get(&lease.backend).await?,
+        let cached = self.cached(&lease.backend).filter(|gs| self.is_users(gs, email));
+        let known = match (&cached, reason) {
+            // An idle decision was made on the cached copy, which may lag
+            // behind activity another replica recorded: confirm it on a
+            // fresh copy, released only if unchanged since (precondition).
+            (_, "idle") | (None, _) => self.get(&lease.backend).await?,
+            (Some(gs), _) => Some((**gs).clone()),
         };
         let Some(gs) = known else { return Ok(()) };
+        if reason == "idle" && last_seen(&gs) > cached.as_deref().and_then(last_seen) {
+            tracing::debug!(
+                gameserver = gs.name(),
+                "activity recorded elsewhere since the idle decision; kept"
+            );
+            return Err(AllocError::Conflict);
+        }
         // Someone else's now, or already being deleted: nothing to give back.
         if !self.is_users(&gs, email) || gs.is_terminating() {
             return Ok(());
@@ -689,8 +697,12 @@ impl Allocator for Agones {
             .is_some_and(|gs| self.shows_held(&gs, user, lease))
     }
 
+    fn view_in_doubt(&self) -> bool {
+        self.view.trust() == Trust::Resyncing
+    }
+
     async fn confirm_held(&self, user: &Identity, lease: &Lease) -> bool {
-        if self.view.trust() != Trust::Resyncing {
+        if !self.view_in_doubt() {
             return self.still_held(user, lease);
         }
         match self.get(&lease.backend).await {
@@ -834,6 +846,16 @@ impl Allocator for Agones {
                             continue;
                         }
                     }
+                    // Confirmed on a fresh copy: another replica may have
+                    // recorded activity the view does not show yet.
+                    match self.get(gs.name()).await {
+                        Ok(Some(fresh)) if fresh.metadata.resource_version == gs.metadata.resource_version => {}
+                        Ok(_) => continue,
+                        Err(e) => {
+                            tracing::warn!(gameserver = gs.name(), error = %e, "cannot confirm idleness; not released");
+                            continue;
+                        }
+                    }
                     "idle"
                 };
                 match self.delete(gs.name(), gs.metadata.resource_version.clone()).await {
@@ -885,6 +907,15 @@ mod tests {
             humantime::format_rfc3339_seconds(seen).to_string(),
             "2026-01-01T10:05:00Z"
         );
+    }
+
+    #[test]
+    fn an_error_in_a_log_line_never_carries_a_whole_response_body() {
+        let body = "x".repeat(21_000);
+        let status = kube::core::Status::failure(&body, "InternalError");
+        let summary = error_summary(&kube::Error::Api(Box::new(status)));
+        assert!(summary.len() <= ERROR_TEXT + '…'.len_utf8(), "{} bytes", summary.len());
+        assert!(summary.contains("InternalError"));
     }
 
     #[test]

@@ -120,7 +120,7 @@ async fn kubernetes_allocate(
         }
         // An update conflict that survived Agones' own retries.
         Ok(Err(kube::Error::Api(status))) if status.code == 409 => return Ok(Outcome::Contention),
-        Ok(Err(e)) => return Err(backend_error(format!("allocation: {e}"))),
+        Ok(Err(e)) => return Err(backend_error(format!("allocation: {}", super::error_summary(&e)))),
         Ok(Ok(created)) => created,
     };
     // 201 even when nothing was allocated: the state says what happened.
@@ -172,7 +172,8 @@ async fn service_allocate(
             let rpc: RpcStatus = serde_json::from_slice(&body).unwrap_or_default();
             Err(backend_error(format!(
                 "allocator service answered {status} (code {}): {}",
-                rpc.code, rpc.message
+                rpc.code,
+                super::clip(rpc.message, super::ERROR_TEXT)
             )))
         }
     }
