@@ -17,7 +17,7 @@ mod support;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
-use serde_json::Value;
+use serde_json::{json, Value};
 use session_router::allocator::agones::label::user_label_value;
 
 use cluster::{Cluster, FakeCluster, RealCluster};
@@ -352,13 +352,12 @@ async fn a_released_server_lingering_terminating_is_not_routed_to(cluster: &dyn 
     let first = whoami(&router, &alice, None).await;
     let cookie = set_cookie(&first, "session_router").unwrap();
     release(&router, &alice).await;
+    // With the old cookie: told it was released (nothing allocated, never
+    // the lingering server); a request that starts a session gets a new one.
     let again = whoami(&router, &alice, Some(&cookie)).await;
-    assert_eq!(again.status(), 200);
-    assert_eq!(
-        again.json::<Value>().await.unwrap()["pod"],
-        "pod-2",
-        "routed to the released server"
-    );
+    assert_eq!(again.status(), 409, "the released page, not the released server");
+    let told = again.json::<Value>().await.unwrap();
+    assert_eq!((&told["error"], &told["reason"]), (&json!("session_ended"), &json!("user")));
     for _ in 0..5 {
         assert_eq!(pod_of(&router, &alice).await, "pod-2");
         tokio::time::sleep(Duration::from_millis(200)).await;

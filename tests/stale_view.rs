@@ -199,13 +199,16 @@ async fn a_released_server_that_lingers_behind_its_finalizer_is_nobodys() {
     assert_eq!(released.json::<Value>().await.unwrap()["released"], true);
     assert!(fake.is_terminating("gs-1"), "the finalizer keeps it");
 
-    // Coming back, with the old cookie and without, through either replica.
+    // Coming back, with the old cookie and without, through either replica:
+    // never to the terminating server. The replica that released it says so
+    // (the released page, nothing allocated); a request that starts a
+    // session gets the fresh server, which the old cookie then finds too.
     assert_eq!(
         answered_by(&router, &issuer.user("alice"), Some(&cookie)).await,
-        "pod-2"
+        "status 409"
     );
-    assert_eq!(answered_by(&other, &issuer.user("alice"), Some(&cookie)).await, "pod-2");
     assert_eq!(answered_by(&other, &issuer.user("alice"), None).await, "pod-2");
+    assert_eq!(answered_by(&other, &issuer.user("alice"), Some(&cookie)).await, "pod-2");
     // Several reaper passes later: the fresh server is not taken for a
     // duplicate, the terminating one is not deleted or released again.
     tokio::time::sleep(Duration::from_millis(1500)).await;
