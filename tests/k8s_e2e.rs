@@ -357,7 +357,10 @@ async fn a_released_server_lingering_terminating_is_not_routed_to(cluster: &dyn 
     let again = whoami(&router, &alice, Some(&cookie)).await;
     assert_eq!(again.status(), 409, "the released page, not the released server");
     let told = again.json::<Value>().await.unwrap();
-    assert_eq!((&told["error"], &told["reason"]), (&json!("session_ended"), &json!("user")));
+    assert_eq!(
+        (&told["error"], &told["reason"]),
+        (&json!("session_ended"), &json!("user"))
+    );
     for _ in 0..5 {
         assert_eq!(pod_of(&router, &alice).await, "pod-2");
         tokio::time::sleep(Duration::from_millis(200)).await;

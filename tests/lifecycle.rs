@@ -524,3 +524,41 @@ async fn a_dead_pods_open_page_allocates_nothing_until_the_user_reloads() {
     let reload = alice.get(&router, "/whoami", Sent::Navigation).await;
     assert_eq!(reload.json::<Value>().await.unwrap()["pod"], "pod-2");
 }
+
+#[tokio::test]
+async fn on_agones_every_replica_tells_a_user_an_administrator_released_their_gpu() {
+    let issuer = IapIssuer::start().await;
+    let (_pods, fake) = fleet(2).await;
+    // A released server lingers behind its finalizer while its pod stops.
+    fake.set_linger(Duration::from_secs(30));
+    let admin = "\n[admin]\nemails = [\"boss@example.com\"]";
+    let a = TestRouter::agones(&issuer, &fake, "agones", admin, "").await;
+    let b = TestRouter::agones(&issuer, &fake, "agones", admin, "").await;
+    let mut alice = Tab::new(&issuer, "alice");
+    assert_eq!(alice.get(&b, "/", Sent::Navigation).await.status(), 200);
+    let forced = client()
+        .post(a.url("/_router/admin/release"))
+        .header(ASSERTION, issuer.user("boss"))
+        .form(&[("target", "alice@example.com")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forced.status(), 200);
+    let recorded = eventually(Duration::from_secs(5), || async {
+        fake.server("gs-1")
+            .is_some_and(|gs| gs["metadata"]["annotations"]["session-router.dev/released"].is_string())
+    })
+    .await;
+    assert!(recorded, "the reason is written on the lingering GameServer");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Alice's tab was served by b, which did not make the release.
+    let ping = alice.get(&b, "/whoami", Sent::Fetch).await;
+    assert_eq!(ping.status(), 409);
+    let (reason, _) = released_page(alice.get(&b, "/", Sent::Navigation).await, "/").await;
+    assert_eq!(reason, "admin");
+    let alice_label = session_router::allocator::agones::label::user_label_value("alice@example.com");
+    assert!(
+        fake.held_by(&alice_label).is_empty(),
+        "a GameServer was allocated to alice again"
+    );
+}

@@ -129,6 +129,34 @@ fn urlencode(text: &str) -> String {
         .collect()
 }
 
+/// Waits until the API server's authorizer has seen the RoleBinding just
+/// made (its RBAC cache follows a watch): a router started before would be
+/// refused its first calls, which the audit check counts as a missing verb.
+/// Asked as the administrator, so the wait itself leaves no refusal behind.
+async fn granted(client: &kube::Client, namespace: &str, subject: &Value) {
+    let user = format!(
+        "system:serviceaccount:{}:{}",
+        subject["namespace"].as_str().unwrap_or("default"),
+        subject["name"].as_str().unwrap_or("session-router")
+    );
+    let review = json!({
+        "apiVersion": "authorization.k8s.io/v1",
+        "kind": "SubjectAccessReview",
+        "spec": {"user": user, "resourceAttributes": {
+            "namespace": namespace, "verb": "list", "group": "agones.dev", "resource": "gameservers"}},
+    });
+    for _ in 0..100 {
+        let path = "/apis/authorization.k8s.io/v1/subjectaccessreviews";
+        if let Ok(answer) = call(client, "POST", path, Some(&review)).await {
+            if answer["status"]["allowed"] == json!(true) {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{user} was never granted the Role in {namespace}");
+}
+
 fn name_of(gs: &Value) -> &str {
     gs["metadata"]["name"].as_str().unwrap_or_default()
 }
@@ -157,6 +185,7 @@ impl AgonesPlayer {
         let client = admin_client().await;
         let ns = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}});
         call(&client, "POST", "/api/v1/namespaces", Some(&ns)).await.unwrap();
+        let mut subject = Value::Null;
         for kind in ["roles", "rolebindings"] {
             let from = format!("/apis/rbac.authorization.k8s.io/v1/namespaces/default/{kind}/session-router");
             let mut object = call(&client, "GET", &from, None).await.unwrap();
@@ -164,7 +193,9 @@ impl AgonesPlayer {
                                         "labels": object["metadata"]["labels"]});
             let to = format!("/apis/rbac.authorization.k8s.io/v1/namespaces/{namespace}/{kind}");
             call(&client, "POST", &to, Some(&object)).await.unwrap();
+            subject = object["subjects"][0].take();
         }
+        granted(&client, namespace, &subject).await;
         let sweeper = tokio::spawn(finalize_deleted(client.clone(), namespace.to_string(), linger));
         AgonesPlayer {
             namespace: namespace.to_string(),

@@ -42,6 +42,7 @@ use crate::auth::Identity;
 use crate::config::{AgonesConfig, BackendKind};
 use crate::metrics::Metrics;
 use crate::session::cookie::PinnedBackend;
+use crate::session::{Ended, ReleaseReason};
 use transport::{Outcome, Transport};
 use types::GameServer;
 use watch::{Trust, ViewHealth};
@@ -57,6 +58,11 @@ pub const ALLOCATED_AT: &str = "session-router.dev/allocated-at";
 /// Label carrying [`label::user_hash`], which tells apart users whose user
 /// label values coincide.
 pub const USER_HASH_LABEL: &str = "session-router.dev/user-hash";
+/// Why and when the router released a GameServer (an [`Ended`] as JSON),
+/// written onto it right after the DELETE: behind its finalizer the object
+/// lingers while its pod stops, so every replica's view can tell the user
+/// "released by an administrator" while their open page still asks.
+pub const RELEASED: &str = "session-router.dev/released";
 const BACKEND: &str = "agones";
 
 pub struct Agones {
@@ -366,14 +372,14 @@ impl Agones {
             );
             let deleted = self.delete(extra.name(), extra.metadata.resource_version.clone()).await;
             if matches!(deleted, Ok(Deleted::Now)) {
-                self.released(&extra, "duplicate");
+                self.count_release(&extra, "duplicate");
             }
         }
     }
 
     /// Counts and logs the confirmed release of a server no session here
     /// held: its hold as the server records it; its activity is unknown.
-    fn released(&self, gs: &GameServer, reason: &'static str) {
+    fn count_release(&self, gs: &GameServer, reason: &'static str) {
         let held = held_since(gs).map(|since| SystemTime::now().duration_since(since).unwrap_or_default());
         crate::telemetry::released(
             &self.metrics,
@@ -386,6 +392,29 @@ impl Agones {
                 active: None,
             },
         );
+    }
+
+    /// Writes why `name` was released onto it (see [`RELEASED`]), for
+    /// releases that end the user's session. A failure only costs the
+    /// reason: another replica then works it out from the user's cookie.
+    async fn record_release(&self, name: &str, reason: &'static str) {
+        let Some(reason) = ReleaseReason::ALL
+            .into_iter()
+            .find(|r| r.as_str() == reason)
+            .filter(|r| r.ends_session())
+        else {
+            return;
+        };
+        let record = serde_json::to_string(&Ended::new(reason, SystemTime::now())).unwrap_or_default();
+        let patch = serde_json::json!({ "metadata": { "annotations": { RELEASED: record } } });
+        let (params, patch) = (PatchParams::default(), Patch::Merge(&patch));
+        let what = format!("record the release of GameServer {name}");
+        if let Err(CallError::Failed(e)) = self
+            .call("patch", &what, self.gameservers.patch(name, &params, &patch))
+            .await
+        {
+            tracing::warn!(gameserver = name, error = %e, "could not record why it was released");
+        }
     }
 
     /// Records on a freshly allocated server when its hold began (its
@@ -665,8 +694,8 @@ impl Allocator for Agones {
         if !self.is_users(&gs, email) || gs.is_terminating() {
             return Ok(());
         }
-        match self.delete(&lease.backend, gs.metadata.resource_version.clone()).await {
-            Ok(_) => Ok(()),
+        let deleted = match self.delete(&lease.backend, gs.metadata.resource_version.clone()).await {
+            Ok(deleted) => Ok(deleted),
             // An idle release decided on what it saw; if that changed,
             // someone was active: abort. Other releases insist.
             Err(AllocError::Conflict) if reason != "idle" => {
@@ -678,10 +707,13 @@ impl Allocator for Agones {
                 }
                 self.delete(&lease.backend, fresh.metadata.resource_version.clone())
                     .await
-                    .map(|_| ())
             }
             Err(e) => Err(e),
+        };
+        if let Deleted::Now = deleted? {
+            self.record_release(&lease.backend, reason).await;
         }
+        Ok(())
     }
 
     /// This replica can serve: the fleet is listed and the API answers.
@@ -768,11 +800,21 @@ impl Allocator for Agones {
         }
         let deleted = self.delete(backend, gs.metadata.resource_version.clone()).await;
         match &deleted {
-            Ok(Deleted::Now) => self.released(&gs, reason),
+            Ok(Deleted::Now) => {
+                self.record_release(backend, reason).await;
+                self.count_release(&gs, reason)
+            }
             Ok(Deleted::AlreadyGone) => {}
             Err(_) => self.metrics.release(reason, false),
         }
         deleted.map(|d| matches!(d, Deleted::Now))
+    }
+
+    /// What [`Agones::record_release`] wrote on the user's server, while it
+    /// lingers in the view.
+    fn released(&self, user: &Identity, backend: &str) -> Option<Ended> {
+        let gs = self.cached(backend).filter(|gs| self.is_users(gs, &user.email))?;
+        serde_json::from_str(gs.annotation(RELEASED)?).ok()
     }
 
     fn shared_line(&self) -> Option<Arc<dyn crate::session::line::SharedLine>> {
@@ -859,7 +901,10 @@ impl Allocator for Agones {
                     "idle"
                 };
                 match self.delete(gs.name(), gs.metadata.resource_version.clone()).await {
-                    Ok(Deleted::Now) => self.released(gs, reason),
+                    Ok(Deleted::Now) => {
+                        self.record_release(gs.name(), reason).await;
+                        self.count_release(gs, reason)
+                    }
                     Ok(Deleted::AlreadyGone) => {}
                     Err(AllocError::Conflict) => {
                         tracing::debug!(gameserver = gs.name(), "GameServer changed meanwhile; not released")
