@@ -193,7 +193,9 @@ impl AgonesPlayer {
                                         "labels": object["metadata"]["labels"]});
             let to = format!("/apis/rbac.authorization.k8s.io/v1/namespaces/{namespace}/{kind}");
             call(&client, "POST", &to, Some(&object)).await.unwrap();
-            subject = object["subjects"][0].take();
+            if let Some(first) = object["subjects"].get(0) {
+                subject = first.clone();
+            }
         }
         granted(&client, namespace, &subject).await;
         let sweeper = tokio::spawn(finalize_deleted(client.clone(), namespace.to_string(), linger));
