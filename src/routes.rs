@@ -68,8 +68,15 @@ where
     });
     // Backends that can be replaced (pods) are replaced when they refuse
     // connections; a request that can be sent again is, once.
+    // Only a request that may start a session is sent to a replacement: a
+    // page's poll or ping finding its pod dead takes no new GPU.
     let replaceable = state.registry.allocator().replaces_unreachable();
-    let replay = if replaceable { replayable(&request) } else { None };
+    let may_start = counts_as_activity && Intent::of(request.method(), request.headers()).starts_a_session();
+    let replay = if replaceable && may_start {
+        replayable(&request)
+    } else {
+        None
+    };
     let exchange = Exchange {
         session: &session,
         client_ip,
@@ -335,17 +342,23 @@ fn status_page(
 pub async fn release(State(state): Shared, headers: HeaderMap) -> Result<Response, RouterError> {
     check_origin(&state, &headers)?;
     let identity = state.identify(&headers).await?;
-    let session = state.registry.get(&identity.sub);
-    let released = match &session {
-        Some(session) => state.registry.release(session, ReleaseReason::User).await?,
+    // Held here, or found through the backend system (served by another
+    // replica): either way the cookie then says "released by you".
+    let session = match state.registry.get(&identity.sub) {
+        Some(session) => state
+            .registry
+            .release(&session, ReleaseReason::User)
+            .await?
+            .then_some(session),
         None => state.registry.release_found(&identity, ReleaseReason::User).await?,
     };
+    let released = session.is_some();
     let mut response = if pages::wants_html(&headers) {
         pages::redirect("/_router/status")
     } else {
         Json(json!({ "released": released })).into_response()
     };
-    let cookie = match session.filter(|_| released) {
+    let cookie = match session {
         Some(session) => {
             let now = SystemTime::now();
             let mut pin = Pin::new(&session.lease, session.allocated_at, now);
@@ -479,7 +492,14 @@ fn sign_in_page(status: StatusCode, next: &str, error: Option<&str>) -> Response
 /// Only a local absolute path may be a redirect target (no `//host`).
 fn safe_next(next: Option<&str>) -> String {
     match next {
-        Some(n) if n.starts_with('/') && !n.starts_with("//") && !n.starts_with("/\\") && !n.contains(['\r', '\n']) => {
+        // Browsers drop tabs and newlines from a URL and read `\` as `/`:
+        // `/\t/evil.example` would leave the site as `//evil.example`.
+        Some(n)
+            if n.starts_with('/')
+                && !n.starts_with("//")
+                && !n.contains('\\')
+                && !n.bytes().any(|b| b.is_ascii_control()) =>
+        {
             n.to_string()
         }
         _ => "/".to_string(),
@@ -500,6 +520,10 @@ mod tests {
         assert_eq!(safe_next(Some("//evil.example/")), "/");
         assert_eq!(safe_next(Some("https://evil.example/")), "/");
         assert_eq!(safe_next(Some("/\\evil.example")), "/");
+        assert_eq!(safe_next(Some("/\t/evil.example/")), "/");
+        assert_eq!(safe_next(Some("/\t\\evil.example")), "/");
+        assert_eq!(safe_next(Some("/\n/evil.example")), "/");
+        assert_eq!(safe_next(Some("/x\\..\\/evil")), "/");
         assert_eq!(safe_next(None), "/");
     }
 }

@@ -562,3 +562,42 @@ async fn on_agones_every_replica_tells_a_user_an_administrator_released_their_gp
         "a GameServer was allocated to alice again"
     );
 }
+
+#[tokio::test]
+async fn a_dead_pods_page_polls_and_pings_take_no_new_gpu() {
+    let issuer = IapIssuer::start().await;
+    let (mut pods, fake) = fleet(2).await;
+    let router = TestRouter::agones(&issuer, &fake, "agones", "", "").await;
+    let mut alice = Tab::new(&issuer, "alice");
+    let first = alice.get(&router, "/whoami", Sent::Navigation).await;
+    assert_eq!(first.json::<Value>().await.unwrap()["pod"], "pod-1");
+    drop(pods.remove(0));
+    // A poll that could be sent again is not: it is no intent to start.
+    let poll = alice.get(&router, "/whoami", Sent::Fetch).await;
+    assert_eq!(poll.status(), 502);
+    let ping = alice.get(&router, "/internal/ping", Sent::Fetch).await;
+    assert_eq!(ping.status(), 409);
+    let alice_label = session_router::allocator::agones::label::user_label_value("alice@example.com");
+    assert!(fake.held_by(&alice_label).is_empty(), "a page's poll took a GPU");
+    let reload = alice.get(&router, "/whoami", Sent::Navigation).await;
+    assert_eq!(reload.json::<Value>().await.unwrap()["pod"], "pod-2");
+}
+
+#[tokio::test]
+async fn on_agones_a_release_through_another_replica_is_remembered_as_the_users_own() {
+    let issuer = IapIssuer::start().await;
+    let (_pods, fake) = fleet(2).await;
+    let a = TestRouter::agones(&issuer, &fake, "agones", "", "").await;
+    let b = TestRouter::agones(&issuer, &fake, "agones", "", "").await;
+    let mut alice = Tab::new(&issuer, "alice");
+    assert_eq!(alice.get(&a, "/", Sent::Navigation).await.status(), 200);
+    let release = alice.send(&b, "POST", "/_router/release", Sent::Script).await;
+    assert_eq!(release.json::<Value>().await.unwrap()["released"], true);
+    let (reason, _) = released_page(alice.get(&b, "/", Sent::Navigation).await, "/").await;
+    assert_eq!(reason, "user");
+    let alice_label = session_router::allocator::agones::label::user_label_value("alice@example.com");
+    assert!(
+        fake.held_by(&alice_label).is_empty(),
+        "a GameServer was allocated to alice again"
+    );
+}

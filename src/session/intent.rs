@@ -29,7 +29,7 @@ impl Intent {
     /// Classifies a request by its method and headers.
     pub fn of(method: &Method, headers: &HeaderMap) -> Intent {
         match headers.get("sec-fetch-mode").map(|mode| mode.as_bytes()) {
-            Some(b"navigate") => Intent::Navigation,
+            Some(b"navigate") if is_top_level_page(method, headers) => Intent::Navigation,
             Some(_) => Intent::Background,
             None if headers.keys().any(|name| name.as_str().starts_with("sec-fetch-")) => Intent::Background,
             None if (method == Method::GET || method == Method::HEAD) && wants_html(headers) => Intent::Navigation,
@@ -41,6 +41,25 @@ impl Intent {
     pub fn starts_a_session(self) -> bool {
         self != Intent::Background
     }
+}
+
+/// A navigation the user made to a page of their own: a GET of a document,
+/// not a frame another site embeds (its cookies, `SameSite=Lax`, are not
+/// sent, so it would look like a first visit) and not a prefetch or
+/// prerender the browser guessed at.
+fn is_top_level_page(method: &Method, headers: &HeaderMap) -> bool {
+    let document = headers
+        .get("sec-fetch-dest")
+        .is_none_or(|dest| dest.as_bytes() == b"document");
+    let guessed = ["sec-purpose", "purpose"].iter().any(|name| {
+        headers.get(*name).is_some_and(|purpose| {
+            purpose
+                .as_bytes()
+                .windows(8)
+                .any(|w| w.eq_ignore_ascii_case(b"prefetch"))
+        })
+    });
+    (method == Method::GET || method == Method::HEAD) && document && !guessed
 }
 
 #[cfg(test)]
@@ -68,6 +87,21 @@ mod tests {
             Intent::Background,
             "a browser that says anything about the fetch is a browser"
         );
+    }
+
+    #[test]
+    fn frames_prefetches_and_form_posts_are_no_intent_to_start() {
+        let iframe = [("sec-fetch-mode", "navigate"), ("sec-fetch-dest", "iframe")];
+        assert_eq!(classify(Method::GET, &iframe), Intent::Background);
+        let prefetch = [
+            ("sec-fetch-mode", "navigate"),
+            ("sec-fetch-dest", "document"),
+            ("sec-purpose", "prefetch;prerender"),
+        ];
+        assert_eq!(classify(Method::GET, &prefetch), Intent::Background);
+        let form = [("sec-fetch-mode", "navigate"), ("sec-fetch-dest", "document")];
+        assert_eq!(classify(Method::POST, &form), Intent::Background);
+        assert_eq!(classify(Method::GET, &form), Intent::Navigation);
     }
 
     #[test]

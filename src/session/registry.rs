@@ -310,15 +310,19 @@ impl Registry {
 
     /// Releases the user's backend when no session here holds it (they
     /// were served through another replica): found through the backend
-    /// system, released as [`Registry::release`] does. `false`: they hold
-    /// none.
-    pub async fn release_found(&self, identity: &Identity, reason: ReleaseReason) -> Result<bool, SessionError> {
+    /// system, released as [`Registry::release`] does. The released
+    /// session, or `None`: they hold none.
+    pub async fn release_found(
+        &self,
+        identity: &Identity,
+        reason: ReleaseReason,
+    ) -> Result<Option<Arc<Session>>, SessionError> {
         let Some(lease) = self.allocator.find_own(identity).await? else {
-            return Ok(false);
+            return Ok(None);
         };
         let since = self.allocator.held_since(&lease).unwrap_or_else(SystemTime::now);
         let session = Arc::new(Session::new(identity.clone(), lease, since));
-        self.release(&session, reason).await
+        Ok(self.release(&session, reason).await?.then_some(session))
     }
 
     /// Drops the session without releasing anything (its backend is gone)
