@@ -377,8 +377,10 @@ pub struct StartForm {
 }
 
 /// "Start again": gets the user a backend (their own if they still hold
-/// one) and sends the browser on to `next`, the WebUI. Waiting in line,
-/// the browser goes there too: its waiting page keeps the place.
+/// one) and sends the browser on to `next`, the WebUI. Waiting in line, or
+/// on any other failure, the browser goes there too: the page it then gets
+/// (the waiting page, "try again") refreshes itself with a GET of `next`,
+/// not of this POST-only address.
 pub async fn start(
     State(state): Shared,
     headers: HeaderMap,
@@ -390,7 +392,7 @@ pub async fn start(
     let wants_html = pages::wants_html(&headers);
     let session = match state.registry.get_or_allocate(&identity, || Ok(Claim::Allocate)).await {
         Ok(session) => session,
-        Err(SessionError::Waiting(_)) if wants_html => {
+        Err(_) if wants_html => {
             let mut response = pages::redirect(&next);
             response.headers_mut().append(SET_COOKIE, state.cookies.clear());
             return Ok(response);

@@ -601,3 +601,17 @@ async fn on_agones_a_release_through_another_replica_is_remembered_as_the_users_
         "a GameServer was allocated to alice again"
     );
 }
+
+#[tokio::test]
+async fn a_start_again_that_fails_leads_the_browser_to_the_webui_whose_page_can_refresh() {
+    let issuer = IapIssuer::start().await;
+    let (_pods, fake) = fleet(1).await;
+    let router = TestRouter::agones(&issuer, &fake, "agones", "", "").await;
+    fake.set_down(true);
+    let mut alice = Tab::new(&issuer, "alice");
+    let pressed = alice.start_again(&router, "/queue").await;
+    // Not an error page at /_router/start, whose self-refresh (a GET)
+    // would meet a 405: the WebUI's own address answers the failure.
+    assert_eq!(pressed.status(), 303);
+    assert_eq!(pressed.headers()["location"], "/queue");
+}
