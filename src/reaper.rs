@@ -102,6 +102,7 @@ async fn pass(state: &AppState, probe: Option<&BusyProbe>) {
         })
         .await;
     state.registry.line().prune().await;
+    state.registry.forget_old_releases(SystemTime::now());
     if let Some(keys) = state.auth.key_store() {
         keys.report_age();
     }

@@ -529,9 +529,10 @@ async fn a_dead_pods_open_page_allocates_nothing_until_the_user_reloads() {
 async fn on_agones_every_replica_tells_a_user_an_administrator_released_their_gpu() {
     let issuer = IapIssuer::start().await;
     let (_pods, fake) = fleet(2).await;
-    // A released server lingers behind its finalizer while its pod stops.
-    fake.set_linger(Duration::from_secs(30));
-    let admin = "\n[admin]\nemails = [\"boss@example.com\"]";
+    // A released server lingers behind its finalizer while its pod stops;
+    // reaper passes every 300 ms (nobody is idle for 3 s here).
+    fake.set_linger(Duration::from_millis(1500));
+    let admin = "idle_timeout = \"3s\"\n[admin]\nemails = [\"boss@example.com\"]";
     let a = TestRouter::agones(&issuer, &fake, "agones", admin, "").await;
     let b = TestRouter::agones(&issuer, &fake, "agones", admin, "").await;
     let mut alice = Tab::new(&issuer, "alice");
@@ -550,6 +551,9 @@ async fn on_agones_every_replica_tells_a_user_an_administrator_released_their_gp
     })
     .await;
     assert!(recorded, "the reason is written on the lingering GameServer");
+    // Alice comes back after the server is gone: every replica remembers.
+    let gone = eventually(Duration::from_secs(5), || async { fake.server("gs-1").is_none() }).await;
+    assert!(gone, "the finalizer is removed after the linger");
     tokio::time::sleep(Duration::from_millis(300)).await;
     // Alice's tab was served by b, which did not make the release.
     let ping = alice.get(&b, "/whoami", Sent::Fetch).await;

@@ -91,6 +91,11 @@ pub struct Ended {
     pub at: u64,
 }
 
+/// How long a release is remembered where the cookie does not carry it
+/// (this replica's memory, a replica's view of a released GameServer):
+/// longer than a user stays away with a tab open on any ordinary day.
+pub const REMEMBERED_FOR: Duration = Duration::from_secs(24 * 3600);
+
 impl Ended {
     pub fn new(reason: ReleaseReason, at: SystemTime) -> Self {
         Ended {
@@ -101,6 +106,11 @@ impl Ended {
 
     pub fn at(&self) -> SystemTime {
         UNIX_EPOCH + Duration::from_secs(self.at)
+    }
+
+    /// Whether the release is past [`REMEMBERED_FOR`] at `now`.
+    pub fn is_forgotten(&self, now: SystemTime) -> bool {
+        now.duration_since(self.at()).is_ok_and(|age| age >= REMEMBERED_FOR)
     }
 }
 

@@ -297,6 +297,11 @@ impl Registry {
         Ok(true)
     }
 
+    /// Forgets the releases made here that are too old to tell anyone of.
+    pub fn forget_old_releases(&self, now: SystemTime) {
+        self.ended.retain(|_, (_, ended)| !ended.is_forgotten(now));
+    }
+
     /// Why `backend`, which the user's cookie names, was released, if this
     /// replica released it or the backend system recorded the release.
     pub fn ended(&self, identity: &Identity, backend: &str) -> Option<Ended> {
@@ -480,6 +485,19 @@ mod tests {
         assert!(registry.release(&a, ReleaseReason::Idle).await.unwrap());
         assert!(registry.get("a").is_none());
         assert!(a.closed.is_cancelled());
+    }
+
+    #[tokio::test]
+    async fn a_release_made_here_is_forgotten_a_day_later() {
+        let (registry, _) = registry(1);
+        let alice = user("a");
+        let a = registry.get_or_allocate(&alice, || Ok(Claim::Allocate)).await.unwrap();
+        assert!(registry.release(&a, ReleaseReason::User).await.unwrap());
+        let now = SystemTime::now();
+        registry.forget_old_releases(now + Duration::from_secs(3600));
+        assert!(registry.ended(&alice, "static-0").is_some(), "an hour later: kept");
+        registry.forget_old_releases(now + super::super::ended::REMEMBERED_FOR + Duration::from_secs(2));
+        assert!(registry.ended.is_empty(), "a day later: forgotten");
     }
 
     #[tokio::test]

@@ -77,6 +77,11 @@ pub struct Agones {
     /// the server just released (a dead pod's). Forgotten once the view
     /// has caught up.
     deleted_here: std::sync::Mutex<HashSet<String>>,
+    /// GameServer name → (user hash label, why it was released), for every
+    /// [`RELEASED`] record the view showed while its server lingered: the
+    /// reason outlives the object, on every replica, for
+    /// [`crate::session::ended::REMEMBERED_FOR`].
+    releases_seen: std::sync::Mutex<HashMap<String, (String, Ended)>>,
     /// The waiting line every replica shares.
     line: Arc<line::LeaseLine>,
     /// The watch feeding `cache`; stopped when the allocator is dropped.
@@ -172,6 +177,7 @@ impl Agones {
             cache,
             view,
             deleted_here: Default::default(),
+            releases_seen: Default::default(),
             watch,
             metrics,
         })
@@ -392,6 +398,22 @@ impl Agones {
                 active: None,
             },
         );
+    }
+
+    /// Keeps the [`RELEASED`] records the view shows (a server lingers far
+    /// longer than a reaper period), and forgets the old ones.
+    fn remember_releases(&self) {
+        let now = SystemTime::now();
+        let mut seen = crate::locked(&self.releases_seen);
+        for gs in self.cache.state() {
+            let record = gs
+                .annotation(RELEASED)
+                .and_then(|r| serde_json::from_str::<Ended>(r).ok());
+            if let (Some(ended), Some(owner)) = (record, gs.label(USER_HASH_LABEL)) {
+                seen.insert(gs.name().to_string(), (owner.to_string(), ended));
+            }
+        }
+        seen.retain(|_, (_, ended)| !ended.is_forgotten(now));
     }
 
     /// Writes why `name` was released onto it (see [`RELEASED`]), for
@@ -810,11 +832,20 @@ impl Allocator for Agones {
         deleted.map(|d| matches!(d, Deleted::Now))
     }
 
-    /// What [`Agones::record_release`] wrote on the user's server, while it
-    /// lingers in the view.
+    /// What [`Agones::record_release`] wrote on the user's server: read off
+    /// the view while the server lingers, remembered after.
     fn released(&self, user: &Identity, backend: &str) -> Option<Ended> {
-        let gs = self.cached(backend).filter(|gs| self.is_users(gs, &user.email))?;
-        serde_json::from_str(gs.annotation(RELEASED)?).ok()
+        let lingering = self
+            .cached(backend)
+            .filter(|gs| self.is_users(gs, &user.email))
+            .and_then(|gs| serde_json::from_str(gs.annotation(RELEASED)?).ok());
+        lingering.or_else(|| {
+            let hash = label::user_hash(&user.email);
+            let seen = crate::locked(&self.releases_seen);
+            seen.get(backend)
+                .filter(|(owner, _)| *owner == hash)
+                .map(|(_, ended)| *ended)
+        })
     }
 
     fn shared_line(&self) -> Option<Arc<dyn crate::session::line::SharedLine>> {
@@ -852,6 +883,7 @@ impl Allocator for Agones {
             return;
         }
         self.forget_deleted();
+        self.remember_releases();
         let now = SystemTime::now();
         let mut by_user: HashMap<String, Vec<Arc<GameServer>>> = HashMap::new();
         for gs in self.cache.state() {
