@@ -4,6 +4,7 @@
 
 pub mod agones;
 mod busy_probe;
+pub mod shared;
 mod static_pool;
 
 use std::collections::HashSet;
@@ -16,6 +17,7 @@ use http::uri::Authority;
 use tokio_util::sync::CancellationToken;
 
 pub use busy_probe::BusyProbe;
+pub use shared::Shared;
 pub use static_pool::{Probe, StaticPool};
 
 use crate::auth::Identity;
