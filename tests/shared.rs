@@ -43,7 +43,7 @@ async fn watching(issuer: &IapIssuer, api: &FakeEndpoints, max: usize, session: 
 fn config(issuer: &IapIssuer, session: &str, shared: &str) -> String {
     format!(
         "{head}\n[admin]\nemails = [\"boss@example.com\"]\n[session]\nretry_after = \"2s\"\n{session}\n[backend]\nkind = \"shared\"\nconnect_timeout = \"1s\"\n[backend.shared]\n{shared}\n",
-        head = iap_head(issuer, "", ""),
+        head = iap_head(issuer, "metrics_listen = \"127.0.0.1:0\"", ""),
     )
 }
 
@@ -287,4 +287,77 @@ async fn the_endpoint_watch_follows_slices_appearing_becoming_not_ready_and_empt
         "{:?}",
         api.calls()
     );
+}
+
+#[tokio::test]
+async fn the_admin_page_and_metrics_show_each_backends_users_and_release_frees_the_right_one() {
+    let issuer = IapIssuer::start().await;
+    let pods = pods(2).await;
+    let router = listed(&issuer, &[&pods[0], &pods[1]], 3, "").await;
+    for user in ["alice", "bob", "carol"] {
+        pod_of(&router, &issuer.user(user)).await;
+    }
+    let boss = issuer.token("boss", "boss@example.com").sign();
+    let admin: Value = client()
+        .get(router.url("/_router/admin"))
+        .header(ASSERTION, &boss)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let loads: Vec<(String, u64, u64)> = admin["shared_backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            (
+                b["backend"].as_str().unwrap().to_string(),
+                b["users"].as_u64().unwrap(),
+                b["max_users"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        loads,
+        [("shared-00".to_string(), 2, 3), ("shared-01".to_string(), 1, 3)]
+    );
+    let html = support::text_of(
+        client()
+            .get(router.url("/_router/admin"))
+            .header(ASSERTION, &boss)
+            .header("accept", "text/html"),
+    )
+    .await;
+    assert!(html.contains("<td>shared-00</td>") && html.contains("2 of 3"), "{html}");
+    let metrics_addr = router.state.metrics_addr().expect("metrics listener");
+    let metrics = support::text_of(client().get(format!("http://{metrics_addr}/metrics"))).await;
+    assert!(
+        metrics.contains("session_router_shared_backend_users{backend=\"shared-00\"} 2"),
+        "{metrics}"
+    );
+
+    // Carol shares shared-00 with Alice: the page's Release names Carol.
+    assert!(html.contains(r#"name="target" value="carol@example.com""#), "{html}");
+    let released = client()
+        .post(router.url("/_router/admin/release"))
+        .header(ASSERTION, &boss)
+        .header("origin", router.url(""))
+        .form(&[("target", "carol@example.com")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(released.status(), 200, "{}", released.text().await.unwrap());
+    let status: Value = client()
+        .get(router.url("/_router/status"))
+        .header(ASSERTION, issuer.user("alice"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_ne!(status["session"], Value::Null, "Alice keeps her slot");
+    assert_eq!(capacity(&router, &issuer).await["allocated"], 2);
 }

@@ -29,7 +29,7 @@ use http::Uri;
 use tokio_util::sync::CancellationToken;
 
 use super::static_pool::{accepts, every};
-use super::{AllocError, Allocator, Capacity, Lease, Probe};
+use super::{AllocError, Allocator, Capacity, Lease, Probe, SharedLoad};
 use crate::auth::Identity;
 use crate::locked;
 use crate::metrics::Metrics;
@@ -163,16 +163,6 @@ impl Shared {
         }
     }
 
-    /// `(backend, users)` for each backend, in order: for the admin page
-    /// and tests.
-    pub fn load(&self) -> Vec<(Lease, usize)> {
-        locked(&self.backends)
-            .list
-            .iter()
-            .map(|b| (b.lease.clone(), b.users.len()))
-            .collect()
-    }
-
     fn free_slots(&self, backends: &Backends) -> usize {
         backends
             .list
@@ -289,6 +279,20 @@ impl Allocator for Shared {
         self.free_slots(&backends) > 0
     }
 
+    fn shared_load(&self) -> Vec<SharedLoad> {
+        locked(&self.backends)
+            .list
+            .iter()
+            .map(|b| SharedLoad {
+                backend: b.lease.backend.to_string(),
+                upstream: b.lease.upstream.to_string(),
+                users: b.users.len(),
+                max_users: self.max_users,
+                down: b.down,
+            })
+            .collect()
+    }
+
     fn down(&self) -> Vec<Lease> {
         locked(&self.backends)
             .list
@@ -352,7 +356,11 @@ mod tests {
     }
 
     fn counts(shared: &Shared) -> Vec<usize> {
-        shared.load().into_iter().map(|(_, n)| n).collect()
+        shared.shared_load().into_iter().map(|b| b.users).collect()
+    }
+
+    fn nth(shared: &Shared, i: usize) -> Lease {
+        locked(&shared.backends).list[i].lease.clone()
     }
 
     #[tokio::test]
@@ -385,11 +393,11 @@ mod tests {
     #[tokio::test]
     async fn a_cookie_adopts_its_backend_only_while_it_exists_and_has_room() {
         let shared = shared(2, 1);
-        let b1 = shared.load()[1].0.clone();
+        let b1 = nth(&shared, 1);
         assert_eq!(shared.adopt(&user("a"), &pin_for(&b1)), Some(b1.clone()));
         assert_eq!(shared.adopt(&user("a"), &pin_for(&b1)), Some(b1.clone()), "again: same");
         assert_eq!(shared.adopt(&user("b"), &pin_for(&b1)), None, "full");
-        let b0 = shared.load()[0].0.clone();
+        let b0 = nth(&shared, 0);
         assert_eq!(shared.adopt(&user("a"), &pin_for(&b0)), None, "never a second backend");
         shared.set_backends(vec![b0.clone()]);
         assert_eq!(shared.adopt(&user("c"), &pin_for(&b1)), None, "gone");
