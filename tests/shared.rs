@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use support::fake_endpoints::{Condition, FakeEndpoints, NAMESPACE, SERVICE};
+use support::gpu_box::GpuBox;
 use support::{client, eventually, iap_head, pods, set_cookie, upstream_list, DemoPod, IapIssuer, TestRouter};
 
 const ASSERTION: &str = "x-goog-iap-jwt-assertion";
@@ -360,4 +361,46 @@ async fn the_admin_page_and_metrics_show_each_backends_users_and_release_frees_t
         .unwrap();
     assert_ne!(status["session"], Value::Null, "Alice keeps her slot");
     assert_eq!(capacity(&router, &issuer).await["allocated"], 2);
+}
+
+#[tokio::test]
+async fn a_listed_backend_that_refuses_connections_moves_its_users_while_another_has_room() {
+    let issuer = IapIssuer::start().await;
+    let (a, b) = (GpuBox::start("box-a").await, GpuBox::start("box-b").await);
+    let router = TestRouter::start(&config(
+        &issuer,
+        "",
+        &format!(
+            "upstreams = [{}, {}]\nmax_users_per_backend = 2\nprobe_interval = \"1h\"",
+            a.url(),
+            b.url()
+        ),
+    ))
+    .await;
+    let answer = |user: &str| {
+        let request = client().get(router.url("/")).header(ASSERTION, issuer.user(user));
+        async move {
+            let response = request.send().await.unwrap();
+            (response.status().as_u16(), response.text().await.unwrap())
+        }
+    };
+    assert_eq!(answer("alice").await, (200, "box-a".to_string()));
+    assert_eq!(answer("bob").await, (200, "box-b".to_string()));
+    assert_eq!(answer("carol").await, (200, "box-a".to_string()));
+
+    a.stop().await;
+    // As on `static`: the request that found the box dead gets the 502
+    // page, and the next one lands on a backend with room.
+    assert_eq!(answer("alice").await.0, 502);
+    assert_eq!(
+        answer("alice").await,
+        (200, "box-b".to_string()),
+        "moved: box-b had room"
+    );
+    for _ in 0..2 {
+        let (status, _) = answer("carol").await;
+        assert_eq!(status, 502, "box-b is full now: Carol keeps hers until it answers");
+    }
+    assert_eq!(answer("bob").await, (200, "box-b".to_string()));
+    assert_eq!(answer("dave").await.0, 503, "no slot left that answers");
 }
