@@ -96,17 +96,14 @@ pub async fn build(config: Config) -> Result<AppState, AllocError> {
     let allocator: Arc<dyn Allocator> = match config.backend.kind {
         BackendKind::Static => {
             let pool = &config.backend.static_pool;
-            Arc::new(StaticPool::new(&pool.upstreams).probing(Probe {
-                interval: pool.probe_interval,
-                timeout: config.backend.connect_timeout.min(pool.probe_interval),
-            }))
+            Arc::new(
+                StaticPool::new(&pool.upstreams)
+                    .probing(Probe::every(pool.probe_interval, config.backend.connect_timeout)),
+            )
         }
         BackendKind::Shared => {
             let shared = &config.backend.shared;
-            let probe = Probe {
-                interval: shared.probe_interval,
-                timeout: config.backend.connect_timeout.min(shared.probe_interval),
-            };
+            let probe = Probe::every(shared.probe_interval, config.backend.connect_timeout);
             let max = shared.max_users_per_backend;
             let backends = match &shared.service {
                 Some(service) => Shared::watching(Endpoints::connect(shared, service).await?, max, probe),

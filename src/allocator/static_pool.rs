@@ -43,6 +43,17 @@ pub struct Probe {
     pub timeout: Duration,
 }
 
+impl Probe {
+    /// Probes every `interval`, each no longer than a connection to a user's
+    /// backend may take (`connect_timeout`) nor than the interval itself.
+    pub fn every(interval: Duration, connect_timeout: Duration) -> Probe {
+        Probe {
+            interval,
+            timeout: connect_timeout.min(interval),
+        }
+    }
+}
+
 impl Default for Probe {
     fn default() -> Self {
         Probe {
