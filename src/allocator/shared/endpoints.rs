@@ -10,7 +10,7 @@
 //! empty, and an endpoint that cannot be understood is skipped on its own,
 //! so one odd object never fails the watch. While the watch is broken the
 //! last view stands: a backend that has gone meanwhile refuses connections,
-//! and its users move (see [`Shared::refused`](super::Shared)).
+//! and its users move (as `Shared`'s `Allocator::refused` says).
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
