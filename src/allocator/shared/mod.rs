@@ -103,16 +103,18 @@ impl Shared {
         }
     }
 
-    /// A fixed list of backends, named `shared-0`, `shared-1`, … in order.
+    /// A fixed list of backends, named `shared-00`, `shared-01`, … in
+    /// order (zero-padded, so that sorting by name keeps the list's order).
     pub fn listed(upstreams: &[Uri], max_users: usize, probe: Probe) -> Self {
         let shared = Shared::new(max_users, probe);
+        let width = upstreams.len().to_string().len().max(2);
         shared.set_backends(
             upstreams
                 .iter()
                 .enumerate()
                 .filter_map(|(i, uri)| {
                     Some(Lease {
-                        backend: format!("shared-{i:02}").into(),
+                        backend: format!("shared-{i:0width$}").into(),
                         upstream: uri.authority()?.clone(),
                     })
                 })
@@ -458,6 +460,19 @@ mod tests {
         shared.release(&user("a"), &a, "user").await.unwrap();
         assert_eq!(counts(&shared), [1]);
         assert!(shared.still_held(&user("b"), &a));
+    }
+
+    #[tokio::test]
+    async fn a_long_list_is_filled_in_its_own_order() {
+        let uris: Vec<Uri> = (0..120)
+            .map(|i| format!("http://10.0.{}.{}:7860", i / 100, i % 100).parse().unwrap())
+            .collect();
+        let shared = Shared::listed(&uris, 1, Probe::default());
+        for i in 0..12 {
+            let lease = shared.allocate(&user(&format!("u{i}"))).await.unwrap();
+            assert_eq!(lease.upstream.as_str(), format!("10.0.0.{i}:7860"));
+        }
+        assert_eq!(&*nth(&shared, 0).backend, "shared-000");
     }
 
     #[test]
