@@ -16,7 +16,7 @@ use http::HeaderMap;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::allocator::{BackendSession, Capacity};
+use crate::allocator::{BackendSession, Capacity, SharedLoad};
 use crate::auth::{origin, Identity};
 use crate::error::RouterError;
 use crate::pages::{self, escape};
@@ -89,7 +89,12 @@ fn rows(state: &AppState) -> Vec<Row> {
     recorded
         .into_iter()
         .map(|r| {
-            let here = local.iter().find(|s| *s.lease.backend == r.backend);
+            // A shared backend has several users: theirs is the session.
+            let mut on_backend = local.iter().filter(|s| *s.lease.backend == r.backend);
+            let here = on_backend
+                .clone()
+                .find(|s| s.identity.email.eq_ignore_ascii_case(&r.user))
+                .or_else(|| on_backend.next());
             let local_activity = here.map(|s| now - s.activity.idle_for());
             let last_activity = r.last_activity.max(local_activity);
             Row {
@@ -120,6 +125,7 @@ pub async fn view(State(state): Shared, headers: HeaderMap) -> Result<Response, 
         .iter()
         .map(ToString::to_string)
         .collect();
+    let shared = state.registry.allocator().shared_load();
     if !pages::wants_html(&headers) {
         return Ok(Json(json!({
             "backend": state.config.backend.kind.label(),
@@ -127,6 +133,7 @@ pub async fn view(State(state): Shared, headers: HeaderMap) -> Result<Response, 
             "capacity": capacity,
             "waiting_on_this_replica": waiting,
             "down": down,
+            "shared_backends": shared,
         }))
         .into_response());
     }
@@ -136,12 +143,21 @@ pub async fn view(State(state): Shared, headers: HeaderMap) -> Result<Response, 
         waiting,
         state.config.session.idle_timeout.as_secs(),
         &down,
+        &shared,
     ))
     .into_response())
 }
 
-/// `down`: backends that do not answer, as `name (host:port)`.
-fn page(rows: &[Row], capacity: Capacity, waiting: usize, idle_timeout: u64, down: &[String]) -> String {
+/// `down`: backends that do not answer, as `name (host:port)`; `shared`:
+/// each shared backend's load (empty unless backends are shared).
+fn page(
+    rows: &[Row],
+    capacity: Capacity,
+    waiting: usize,
+    idle_timeout: u64,
+    down: &[String],
+    shared: &[SharedLoad],
+) -> String {
     let dash = || "—".to_string();
     let body_rows: String = rows
         .iter()
@@ -162,7 +178,8 @@ fn page(rows: &[Row], capacity: Capacity, waiting: usize, idle_timeout: u64, dow
                 } else {
                     format!(
                         r#"<form method="post" action="/_router/admin/release"><input type="hidden" name="target" value="{}"><button type="submit">Release</button></form>"#,
-                        escape(&r.backend)
+                        // A shared backend's name is several users': name the user.
+                        escape(if shared.is_empty() { &r.backend } else { &r.user })
                     )
                 },
             )
@@ -186,16 +203,51 @@ fn page(rows: &[Row], capacity: Capacity, waiting: usize, idle_timeout: u64, dow
             names.join(", ")
         )
     };
+    let (loads, release) = if shared.is_empty() {
+        (
+            String::new(),
+            "deletes the user's backend now (reason <code>admin</code>); the fleet replaces it",
+        )
+    } else {
+        (
+            shared_table(shared),
+            "frees the user's slot now (reason <code>admin</code>); the backend keeps serving the others",
+        )
+    };
     let body = format!(
         r#"<p>Backends: {ready} ready, {allocated} allocated, {reserved} reserved, {total} in all. Users waiting on this replica: {waiting}. Idle timeout: {idle_timeout} s.</p>
-{down}{table}
-<p class="muted">Release deletes the user's backend now (reason <code>admin</code>); the fleet replaces it.</p>"#,
+{down}{loads}{table}
+<p class="muted">Release {release}.</p>"#,
         ready = capacity.ready,
         allocated = capacity.allocated,
         reserved = capacity.reserved,
         total = capacity.total,
     );
     pages::document("Sessions", &body, None).replace("max-width:36rem", "max-width:72rem")
+}
+
+/// Shared backends (slots, not servers) with this replica's users on each.
+fn shared_table(shared: &[SharedLoad]) -> String {
+    let rows: String = shared
+        .iter()
+        .map(|b| {
+            format!(
+                "<tr><td>{}</td><td>{}</td><td>{} of {}</td><td>{}</td></tr>\n",
+                escape(&b.backend),
+                escape(&b.upstream),
+                b.users,
+                b.max_users,
+                if b.down { "not answering" } else { "" }
+            )
+        })
+        .collect();
+    format!(
+        r#"<p>Shared backends (users counted by this replica):</p>
+<table border="1" cellpadding="4" cellspacing="0">
+<tr><th>Backend</th><th>Address</th><th>Users</th><th></th></tr>
+{rows}</table>
+"#
+    )
 }
 
 #[derive(Deserialize)]

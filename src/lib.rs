@@ -14,7 +14,7 @@
 //! | [`config`] | TOML + environment → a validated [`config::Config`]; every problem named by key |
 //! | [`auth`] | IAP JWT verification (`iap`, `jwks`), dev sign-in, allowlists, origin checks |
 //! | [`session`] | the session table (single-flight allocation), signed pinning cookie, activity, which requests may allocate, why a backend was released |
-//! | [`allocator`] | the `Allocator` trait and its backends: `static` pool, Agones (Kubernetes API or allocator service) |
+//! | [`allocator`] | the `Allocator` trait and its backends: `static` pool, Agones (Kubernetes API or allocator service), `shared` (several users per backend: a list or a Service's endpoints) |
 //! | [`proxy`] | streaming forwarder, header rules, WebSocket relay |
 //! | [`reaper`] | idle and max-lifetime release |
 //! | [`admin`] | the operator's sessions view and forced release |
@@ -51,7 +51,8 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 
 use crate::allocator::agones::Agones;
-use crate::allocator::{AllocError, Allocator, Probe, StaticPool};
+use crate::allocator::shared::Endpoints;
+use crate::allocator::{AllocError, Allocator, Probe, Shared, StaticPool};
 use crate::config::{BackendKind, Config};
 use crate::metrics::Metrics;
 use crate::server::AppState;
@@ -95,10 +96,20 @@ pub async fn build(config: Config) -> Result<AppState, AllocError> {
     let allocator: Arc<dyn Allocator> = match config.backend.kind {
         BackendKind::Static => {
             let pool = &config.backend.static_pool;
-            Arc::new(StaticPool::new(&pool.upstreams).probing(Probe {
-                interval: pool.probe_interval,
-                timeout: config.backend.connect_timeout.min(pool.probe_interval),
-            }))
+            Arc::new(
+                StaticPool::new(&pool.upstreams)
+                    .probing(Probe::every(pool.probe_interval, config.backend.connect_timeout)),
+            )
+        }
+        BackendKind::Shared => {
+            let shared = &config.backend.shared;
+            let probe = Probe::every(shared.probe_interval, config.backend.connect_timeout);
+            let max = shared.max_users_per_backend;
+            let backends = match &shared.service {
+                Some(service) => Shared::watching(Endpoints::connect(shared, service).await?, max, probe),
+                None => Shared::listed(&shared.upstreams, max, probe),
+            };
+            Arc::new(backends.reporting(metrics.clone()))
         }
         kind @ (BackendKind::Agones | BackendKind::AgonesAllocator) => {
             Arc::new(Agones::connect(&config.backend.agones, kind, metrics.clone()).await?)

@@ -80,6 +80,9 @@ pub struct Metrics {
     /// Backends known not to answer (static upstreams that refused a
     /// connection or a probe), read from the allocator when scraped.
     pub upstreams_down: Arc<Sampled>,
+    /// Users this replica has pinned to each `shared` backend, by
+    /// `backend` (bounded by the backends the config or Service has).
+    pub shared_backend_users: IntGaugeVec,
     /// The Fleet size the FleetAutoscaler webhook last answered.
     pub autoscaler_desired_replicas: IntGauge,
     /// FleetAutoscaler reviews, by `outcome`: [`AUTOSCALER_OUTCOMES`].
@@ -301,6 +304,15 @@ impl Metrics {
                 "session_router_upstreams_down",
                 "Backends known not to answer (skipped for new users).",
             ),
+            shared_backend_users: {
+                let opts = Opts::new(
+                    "session_router_shared_backend_users",
+                    "Users this replica has pinned to each shared backend.",
+                );
+                let metric = IntGaugeVec::new(opts, &["backend"]).expect("valid metric");
+                r.register(Box::new(metric.clone())).expect("unique metric");
+                metric
+            },
             autoscaler_desired_replicas: gauge(
                 &r,
                 "session_router_autoscaler_desired_replicas",

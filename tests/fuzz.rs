@@ -415,6 +415,8 @@ fn toml_value() -> impl Strategy<Value = String> {
             Just("static"),
             Just("agones"),
             Just("agones-allocator"),
+            Just("shared"),
+            Just("sd15"),
             Just("http://127.0.0.1:1"),
             Just("http://127.0.0.1:99999"),
             Just("https://x"),
@@ -482,6 +484,18 @@ const SECTIONS: &[(&str, &[&str])] = &[
     ("autoscaler", &["buffer", "min_replicas", "max_replicas"]),
     ("backend", &["kind", "connect_timeout"]),
     ("backend.static", &["upstreams", "probe_interval"]),
+    (
+        "backend.shared",
+        &[
+            "upstreams",
+            "service",
+            "namespace",
+            "port_name",
+            "max_users_per_backend",
+            "probe_interval",
+            "kube_api_url",
+        ],
+    ),
     (
         "backend.agones",
         &[

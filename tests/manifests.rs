@@ -34,6 +34,9 @@ const SECRET: &[u8] = b"a-test-cookie-secret-of-at-least-32-bytes";
 const CONFIG_PATH: &str = "/etc/session-router/config.toml";
 const ROUTER_CONTAINER: &str = "session-router";
 const TRANSPORT: &str = "src/allocator/agones/transport.rs";
+/// The `shared` kind's EndpointSlice watch: only the shared-model overlay
+/// runs it, so only its Role grants what it calls.
+const SHARED_WATCH: &str = "src/allocator/shared/endpoints.rs";
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -63,6 +66,10 @@ fn webhook_overlay() -> Deploy {
     render("k8s/overlays/webhook-autoscaler")
 }
 
+fn shared_overlay() -> Deploy {
+    render("k8s/overlays/shared-model")
+}
+
 fn render(dir: &'static str) -> Deploy {
     let rendered = kustomize::build(&root().join(dir));
     let bundle = Bundle::parse(&rendered.objects);
@@ -77,7 +84,7 @@ fn render(dir: &'static str) -> Deploy {
 
 impl Deploy {
     fn deployment(&self) -> &Deployment {
-        one(&self.bundle.deployments, &format!("Deployment in {}", self.dir))
+        router_deployment(&self.bundle, self.dir)
     }
     fn pod(&self) -> &PodSpec {
         pod_spec(self.deployment())
@@ -106,6 +113,17 @@ impl Deploy {
             .unwrap_or_else(|| panic!("{}: {kind} {name} has no namespace", self.dir))
             .to_string()
     }
+}
+
+/// The router's Deployment (an overlay may add others, e.g. a model's).
+fn router_deployment<'a>(bundle: &'a Bundle, dir: &str) -> &'a Deployment {
+    let routers: Vec<&Deployment> = bundle
+        .deployments
+        .iter()
+        .filter(|d| d.metadata.name.as_deref() == Some(ROUTER_CONTAINER))
+        .collect();
+    assert_eq!(routers.len(), 1, "{dir}: expected one Deployment {ROUTER_CONTAINER}");
+    routers[0]
 }
 
 fn pod_spec(d: &Deployment) -> &PodSpec {
@@ -211,8 +229,7 @@ fn quantity(q: &str) -> f64 {
 /// mounted Secret volume; for validation they are stood in for by temporary
 /// files, since the real ones only exist in the pod.
 fn router_config(dir: &str, bundle: &Bundle) -> Config {
-    let deployment = one(&bundle.deployments, "Deployment");
-    let pod = pod_spec(deployment);
+    let pod = pod_spec(router_deployment(bundle, dir));
     let router = container(pod, ROUTER_CONTAINER);
     let (config_dir, config_file) = CONFIG_PATH.rsplit_once('/').unwrap();
     let mount = router
@@ -425,6 +442,7 @@ fn every_file_under_k8s_is_used_by_a_kustomization() {
     used(&k8s, &mut referenced);
     used(&k8s.join("overlays/agones-allocator"), &mut referenced);
     used(&k8s.join("overlays/webhook-autoscaler"), &mut referenced);
+    used(&k8s.join("overlays/shared-model"), &mut referenced);
     let normalize = |set: BTreeSet<PathBuf>| -> BTreeSet<PathBuf> {
         set.into_iter()
             .map(|p| std::fs::canonicalize(&p).unwrap_or(p))
@@ -795,7 +813,7 @@ fn the_load_balancer_chain_is_wired_service_backendconfig_ingress_certificate() 
 #[test]
 fn the_role_grants_exactly_the_api_calls_the_code_makes() {
     let calls = code::api_calls();
-    let needed: BTreeSet<_> = calls.keys().cloned().collect();
+    let needed = code::needed_except(&calls, &[SHARED_WATCH]);
     assert!(!needed.is_empty(), "the source reader found no Kubernetes calls at all");
     let granted = role_permissions(base().role());
     let missing: BTreeSet<_> = needed.difference(&granted).cloned().collect();
@@ -806,10 +824,10 @@ fn the_role_grants_exactly_the_api_calls_the_code_makes() {
         .collect();
     assert!(
         missing.is_empty() && extra.is_empty(),
-        "k8s/router/rbac.yaml must grant exactly what the code uses.\nmissing: {}\n{}\nnot used by any code in {}: {}",
+        "k8s/router/rbac.yaml must grant exactly what the code uses (but {SHARED_WATCH}).\nmissing: {}\n{}\nnot used by any code in {:?}: {}",
         describe(&missing),
         evidence.join("\n"),
-        code::KUBE_DIR,
+        code::KUBE_DIRS,
         describe(&extra)
     );
 }
@@ -824,11 +842,7 @@ fn the_allocator_overlay_drops_only_the_allocation_permission_and_mounts_its_cer
         !allocation.is_empty(),
         "{TRANSPORT} allocates through the Kubernetes API"
     );
-    let needed: BTreeSet<_> = calls
-        .iter()
-        .filter(|(_, evidence)| evidence.iter().any(|e| !e.starts_with(&format!("{TRANSPORT}:"))))
-        .map(|(p, _)| p.clone())
-        .collect();
+    let needed = code::needed_except(&calls, &[TRANSPORT, SHARED_WATCH]);
     let overlay = allocator_overlay();
     assert_eq!(
         role_permissions(overlay.role()),
@@ -1369,6 +1383,187 @@ fn no_secret_is_committed_and_the_guide_creates_the_ones_referenced() {
 
 /// Where kubectl is installed, the real kustomize must render exactly what
 /// the other tests checked (ConfigMap names aside: kustomize appends a hash).
+/// The model Deployment of the shared-model overlay: the one that is not
+/// the router.
+fn model_deployment(deploy: &Deploy) -> &Deployment {
+    let models: Vec<&Deployment> = deploy
+        .bundle
+        .deployments
+        .iter()
+        .filter(|d| d.metadata.name.as_deref() != Some(ROUTER_CONTAINER))
+        .collect();
+    match models[..] {
+        [model] => model,
+        _ => panic!(
+            "expected one model Deployment in the shared-model overlay, found {}",
+            models.len()
+        ),
+    }
+}
+
+#[test]
+fn the_shared_model_overlay_grants_the_endpoint_watch_and_nothing_else() {
+    let calls = code::api_calls();
+    let watch = code::calls_in(&calls, SHARED_WATCH);
+    let expected: BTreeSet<code::Permission> = ["list", "watch"]
+        .iter()
+        .map(|verb| ("discovery.k8s.io".into(), "endpointslices".into(), verb.to_string()))
+        .collect();
+    assert_eq!(watch, expected, "{SHARED_WATCH} lists and watches EndpointSlices");
+    let overlay = role_permissions(shared_overlay().role());
+    let base = role_permissions(base().role());
+    let added: BTreeSet<_> = overlay.difference(&base).cloned().collect();
+    assert_eq!(describe(&added), describe(&expected), "what the overlay's Role adds");
+    assert!(base.is_subset(&overlay), "the overlay keeps the base's rules");
+    let all: BTreeSet<_> = calls.keys().cloned().collect();
+    assert_eq!(overlay, all, "the overlay's Role grants exactly what the code uses");
+}
+
+#[test]
+fn the_shared_model_overlay_points_the_router_at_a_model_deployment_its_service_and_an_hpa() {
+    let overlay = shared_overlay();
+    let shared = &overlay.config.backend.shared;
+    assert_eq!(overlay.config.backend.kind, BackendKind::Shared);
+    let without_backend = |generated: &BTreeMap<String, BTreeMap<String, PathBuf>>| -> toml::Table {
+        let file = &generated["session-router-config"]["config.toml"];
+        let mut t: toml::Table = std::fs::read_to_string(file).unwrap().parse().unwrap();
+        t.remove("backend");
+        t
+    };
+    assert_eq!(
+        without_backend(&base().rendered.generated),
+        without_backend(&overlay.rendered.generated),
+        "k8s/overlays/shared-model/config.toml must equal k8s/router/config.toml except [backend]"
+    );
+
+    // The config names the Service, in its namespace, by a port it has.
+    let service_name = shared.service.as_deref().expect("backend.shared.service");
+    let service = overlay
+        .bundle
+        .services
+        .iter()
+        .find(|s| s.metadata.name.as_deref() == Some(service_name))
+        .unwrap_or_else(|| panic!("no Service {service_name} rendered"));
+    assert_eq!(
+        shared.namespace.as_deref(),
+        Some(overlay.namespace_of("Service", service_name).as_str()),
+        "backend.shared.namespace is the Service's"
+    );
+    let port_name = shared.port_name.as_deref().expect("backend.shared.port_name");
+    let spec = service.spec.as_ref().unwrap();
+    let port = spec
+        .ports
+        .iter()
+        .flatten()
+        .find(|p| p.name.as_deref() == Some(port_name))
+        .unwrap_or_else(|| panic!("Service {service_name} has no port {port_name}"));
+    assert_eq!(
+        overlay.namespace_of("Role", "session-router"),
+        overlay.namespace_of("Service", service_name),
+        "the Role reaches the Service's EndpointSlices"
+    );
+
+    // The Service selects the model's pods and reaches the WebUI.
+    let model = model_deployment(&overlay);
+    let name = model.metadata.name.clone().unwrap();
+    let labels = template_labels(model);
+    let selector = spec.selector.clone().unwrap_or_default();
+    assert!(
+        selects(&map_selector(&selector), &labels),
+        "Service {service_name} selects {name}'s pods"
+    );
+    assert!(
+        selects(&model.spec.as_ref().unwrap().selector, &labels),
+        "{name} selects its own pods"
+    );
+    let pod = pod_spec(model);
+    let webui = container(pod, "stable-diffusion-webui");
+    assert_eq!(service_target(port, webui), 7860, "the WebUI's port");
+    assert!(
+        webui.readiness_probe.is_some(),
+        "only a WebUI that answers is an endpoint"
+    );
+    assert!(
+        model.spec.as_ref().unwrap().replicas.is_none(),
+        "the HPA owns the replica count"
+    );
+
+    // The original's shape: the Fleet's image, one GPU, the model folder
+    // from the Fleet's shared volume.
+    let base = base();
+    let fleet_pod = base.fleet().spec.template.spec.template.spec.as_ref().unwrap();
+    let fleet_webui = container(fleet_pod, "stable-diffusion-webui");
+    assert_eq!(webui.image, fleet_webui.image, "the same WebUI image as the Fleet");
+    let gpus = webui
+        .resources
+        .as_ref()
+        .and_then(|r| r.limits.as_ref())
+        .and_then(|l| l.get("nvidia.com/gpu"));
+    assert_eq!(gpus.map(|q| q.0.as_str()), Some("1"), "one GPU a replica");
+    let claim = |pod: &PodSpec, c: &Container, path: &str| -> Option<(String, Option<String>)> {
+        let mount = c.volume_mounts.iter().flatten().find(|m| m.mount_path == path)?;
+        let pvc = volume(pod, &mount.name).persistent_volume_claim.as_ref()?;
+        Some((pvc.claim_name.clone(), mount.sub_path.clone()))
+    };
+    let (fleet_claim, _) = claim(fleet_pod, fleet_webui, "/sd_dir").expect("the Fleet mounts the shared volume");
+    let (model_claim, folder) = claim(pod, webui, "/stable-diffusion-webui/models/Stable-diffusion")
+        .expect("the model folder is mounted where the WebUI reads checkpoints");
+    assert_eq!(model_claim, fleet_claim, "from the Fleet's shared volume");
+    assert!(
+        folder.is_some_and(|f| !f.is_empty()),
+        "only the model's folder (a subPath)"
+    );
+
+    // An HPA scales the model Deployment.
+    let hpa = one(&overlay.bundle.horizontal_autoscalers, "HorizontalPodAutoscaler");
+    let hpa_spec = hpa.spec.as_ref().unwrap();
+    let target = &hpa_spec.scale_target_ref;
+    assert_eq!(
+        (
+            target.api_version.as_deref(),
+            target.kind.as_str(),
+            target.name.as_str()
+        ),
+        (Some("apps/v1"), "Deployment", name.as_str())
+    );
+    assert!(hpa_spec.min_replicas.unwrap_or(1) >= 1 && hpa_spec.max_replicas >= hpa_spec.min_replicas.unwrap_or(1));
+    let cpu_metric = hpa_spec
+        .metrics
+        .iter()
+        .flatten()
+        .any(|m| m.resource.as_ref().is_some_and(|r| r.name == "cpu"));
+    let cpu_requested = webui
+        .resources
+        .as_ref()
+        .and_then(|r| r.requests.as_ref())
+        .is_some_and(|r| r.contains_key("cpu"));
+    assert!(
+        !cpu_metric || cpu_requested,
+        "a CPU-utilization HPA needs a CPU request"
+    );
+
+    // Only the router reaches the model's pods.
+    let policy = overlay
+        .bundle
+        .network_policies
+        .iter()
+        .find(|p| {
+            selects(
+                &p.spec.as_ref().unwrap().pod_selector.clone().unwrap_or_default(),
+                &labels,
+            )
+        })
+        .expect("a NetworkPolicy selects the model's pods");
+    let ingress = policy.spec.as_ref().unwrap().ingress.clone().unwrap_or_default();
+    assert!(
+        ingress.iter().all(|rule| rule.from.iter().flatten().all(|peer| peer
+            .pod_selector
+            .as_ref()
+            .is_some_and(|s| selects(s, &overlay.pod_labels())))),
+        "only the router's pods may connect"
+    );
+}
+
 #[test]
 fn kubectl_kustomize_renders_what_the_tests_check() {
     let Ok(version) = std::process::Command::new("kubectl")
@@ -1383,6 +1578,7 @@ fn kubectl_kustomize_renders_what_the_tests_check() {
         "k8s",
         "k8s/overlays/agones-allocator",
         "k8s/overlays/webhook-autoscaler",
+        "k8s/overlays/shared-model",
     ] {
         let out = std::process::Command::new("kubectl")
             .args(["kustomize", dir])

@@ -4,6 +4,7 @@
 
 pub mod agones;
 mod busy_probe;
+pub mod shared;
 mod static_pool;
 
 use std::collections::HashSet;
@@ -16,6 +17,7 @@ use http::uri::Authority;
 use tokio_util::sync::CancellationToken;
 
 pub use busy_probe::BusyProbe;
+pub use shared::Shared;
 pub use static_pool::{Probe, StaticPool};
 
 use crate::auth::Identity;
@@ -176,6 +178,12 @@ pub trait Allocator: Send + Sync + 'static {
     /// How many backends are free, taken and in total.
     fn capacity(&self) -> Capacity;
 
+    /// Each backend that several users share, with how many this replica
+    /// has on it, for the admin page. Empty: every backend is one user's.
+    fn shared_load(&self) -> Vec<SharedLoad> {
+        Vec::new()
+    }
+
     /// Releases a backend by name for an operator, whichever replica holds
     /// it. `Ok(false)` if there is no such user backend.
     async fn release_backend(&self, _backend: &str, _reason: &'static str) -> Result<bool, AllocError> {
@@ -202,6 +210,19 @@ pub struct BackendSession {
     pub allocated_at: Option<SystemTime>,
     #[serde(skip)]
     pub last_activity: Option<SystemTime>,
+}
+
+/// One shared backend's load as this replica counts it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SharedLoad {
+    pub backend: String,
+    pub upstream: String,
+    /// Users this replica has pinned to it.
+    pub users: usize,
+    /// `backend.shared.max_users_per_backend`.
+    pub max_users: usize,
+    /// Refused a connection or its last probe: no new users.
+    pub down: bool,
 }
 
 /// Backend counts for the admin view.

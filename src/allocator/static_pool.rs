@@ -43,6 +43,17 @@ pub struct Probe {
     pub timeout: Duration,
 }
 
+impl Probe {
+    /// Probes every `interval`, each no longer than a connection to a user's
+    /// backend may take (`connect_timeout`) nor than the interval itself.
+    pub fn every(interval: Duration, connect_timeout: Duration) -> Probe {
+        Probe {
+            interval,
+            timeout: connect_timeout.min(interval),
+        }
+    }
+}
+
 impl Default for Probe {
     fn default() -> Self {
         Probe {
@@ -125,13 +136,10 @@ impl StaticPool {
     /// One round of probes, all at once: each upstream is up if a TCP
     /// connection to it opens within the probe's timeout.
     async fn probe_all(&self) {
-        let timeout = self.probe.timeout;
-        let probes = self.leases.iter().map(|lease| async move {
-            match tokio::time::timeout(timeout, TcpStream::connect(lease.upstream.as_str())).await {
-                Ok(Ok(_)) => true,
-                Ok(Err(_)) | Err(_) => false,
-            }
-        });
+        let probes = self
+            .leases
+            .iter()
+            .map(|lease| accepts(&lease.upstream, self.probe.timeout));
         for (index, accepted) in futures_util::future::join_all(probes).await.into_iter().enumerate() {
             self.set_down(index, !accepted, "probe failed");
         }
@@ -219,18 +227,35 @@ impl Allocator for StaticPool {
     }
 
     async fn maintain(&self, stop: CancellationToken) {
-        let mut rounds = tokio::time::interval(self.probe.interval);
-        rounds.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // The first tick is immediate: the upstreams start out up, and the
-        // first probe is due after one interval.
-        rounds.tick().await;
-        loop {
-            tokio::select! {
-                _ = rounds.tick() => {}
-                _ = stop.cancelled() => return,
-            }
-            self.probe_all().await;
+        every(self.probe.interval, stop, || self.probe_all()).await;
+    }
+}
+
+/// Whether `upstream` accepts a TCP connection within `timeout`: the health
+/// probe of a backend that is a fixed address.
+pub(super) async fn accepts(upstream: &Authority, timeout: Duration) -> bool {
+    matches!(
+        tokio::time::timeout(timeout, TcpStream::connect(upstream.as_str())).await,
+        Ok(Ok(_))
+    )
+}
+
+/// Runs `round` every `interval` until `stop`, the first time one interval
+/// from now: backends start out up.
+pub(super) async fn every<F, Fut>(interval: Duration, stop: CancellationToken, mut round: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let mut rounds = tokio::time::interval(interval);
+    rounds.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    rounds.tick().await;
+    loop {
+        tokio::select! {
+            _ = rounds.tick() => {}
+            _ = stop.cancelled() => return,
         }
+        round().await;
     }
 }
 

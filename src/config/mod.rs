@@ -32,6 +32,9 @@ const MAX_REPLICAS: u64 = 100_000;
 /// recovered box unused too long.
 const MIN_PROBE_INTERVAL: Duration = Duration::from_millis(100);
 const MAX_PROBE_INTERVAL: Duration = Duration::from_secs(3600);
+/// Users of one shared WebUI beyond this is a typo: its one GPU would give
+/// each a sliver.
+const MAX_USERS_PER_BACKEND: u64 = 1000;
 
 /// The validated configuration of one router process.
 #[derive(Debug, Clone, Serialize)]
@@ -184,6 +187,7 @@ pub struct BackendConfig {
     #[serde(rename = "static")]
     pub static_pool: StaticConfig,
     pub agones: AgonesConfig,
+    pub shared: SharedConfig,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -195,6 +199,8 @@ pub enum BackendKind {
     Agones,
     /// The agones-allocator service's REST API (release still via Kubernetes).
     AgonesAllocator,
+    /// Backends shared by several users each (one Deployment per model).
+    Shared,
 }
 
 impl BackendKind {
@@ -204,7 +210,14 @@ impl BackendKind {
             BackendKind::Static => "static",
             BackendKind::Agones => "agones",
             BackendKind::AgonesAllocator => "agones-allocator",
+            BackendKind::Shared => "shared",
         }
+    }
+
+    /// Whether this kind allocates Agones GameServers (and so reads
+    /// `[backend.agones]`).
+    pub fn is_agones(self) -> bool {
+        matches!(self, BackendKind::Agones | BackendKind::AgonesAllocator)
     }
 }
 
@@ -256,6 +269,32 @@ pub struct StaticConfig {
     /// accepts is used again.
     #[serde(serialize_with = "as_duration")]
     pub probe_interval: Duration,
+}
+
+/// `[backend.shared]`: WebUI processes each serving several users at once,
+/// listed here or found as the ready endpoints of a Kubernetes Service.
+#[derive(Debug, Clone, Serialize)]
+pub struct SharedConfig {
+    /// A fixed list of backends; exactly one of this and `service`.
+    #[serde(serialize_with = "as_uris")]
+    pub upstreams: Vec<Uri>,
+    /// The Service whose ready endpoints (EndpointSlices) are the backends.
+    pub service: Option<String>,
+    /// The Service's namespace; unset = the router's own (in a cluster),
+    /// else the kubeconfig's.
+    pub namespace: Option<String>,
+    /// The EndpointSlice port (by name) the WebUI listens on; unset = the
+    /// slice's first port (a Service with one port).
+    pub port_name: Option<String>,
+    /// How many users one backend serves at once, counted per replica.
+    pub max_users_per_backend: usize,
+    /// Every backend gets a TCP connect this often; one that refused a
+    /// connection is used again once it accepts.
+    #[serde(serialize_with = "as_duration")]
+    pub probe_interval: Duration,
+    /// Kubernetes API base URL; unset = in-cluster service account, else
+    /// `KUBECONFIG` / `~/.kube/config`.
+    pub kube_api_url: Option<String>,
 }
 
 /// Key material that must never reach a log line or `check-config` output.
@@ -861,10 +900,11 @@ fn read_backend(root: &mut Section<'_>, idle_timeout: Duration, problems: &mut V
         "static" => BackendKind::Static,
         "agones" => BackendKind::Agones,
         "agones-allocator" => BackendKind::AgonesAllocator,
+        "shared" => BackendKind::Shared,
         other => {
             problems.push(Problem::new(
                 &kind_key,
-                format!("{other:?} is not one of \"static\", \"agones\", \"agones-allocator\""),
+                format!("{other:?} is not one of \"static\", \"agones\", \"agones-allocator\", \"shared\""),
             ));
             BackendKind::Static
         }
@@ -873,17 +913,7 @@ fn read_backend(root: &mut Section<'_>, idle_timeout: Duration, problems: &mut V
     let mut pool = backend.section("static", problems);
     let upstreams_key = pool.key("upstreams");
     let pool_present = pool.is_present("upstreams");
-    let mut upstreams = Vec::new();
-    for (i, text) in pool.strings("upstreams", problems).into_iter().enumerate() {
-        match parse_upstream(&text) {
-            Ok(uri) if upstreams.contains(&uri) => problems.push(Problem::new(
-                &format!("{upstreams_key}[{i}]"),
-                format!("{text:?} is listed twice; each upstream serves one user"),
-            )),
-            Ok(uri) => upstreams.push(uri),
-            Err(reason) => problems.push(Problem::new(&format!("{upstreams_key}[{i}]"), reason)),
-        }
-    }
+    let upstreams = read_upstreams(&mut pool, problems);
     if kind == BackendKind::Static
         && upstreams.is_empty()
         && !problems.iter().any(|p| p.key.starts_with(&upstreams_key))
@@ -895,16 +925,10 @@ fn read_backend(root: &mut Section<'_>, idle_timeout: Duration, problems: &mut V
         };
         problems.push(Problem::new(&upstreams_key, reason.into()));
     }
-    let probe_key = pool.key("probe_interval");
-    let probe_interval = pool.duration("probe_interval", Duration::from_secs(10), problems);
-    if !(MIN_PROBE_INTERVAL..=MAX_PROBE_INTERVAL).contains(&probe_interval) {
-        problems.push(Problem::new(
-            &probe_key,
-            "must be between 100ms and 1h: a down upstream is used again only once a probe finds it up".into(),
-        ));
-    }
+    let probe_interval = read_probe_interval(&mut pool, problems);
     pool.finish(problems);
     let agones = read_agones(&mut backend, kind, idle_timeout, problems);
+    let shared = read_shared(&mut backend, kind, problems);
     backend.finish(problems);
     BackendConfig {
         kind,
@@ -914,7 +938,117 @@ fn read_backend(root: &mut Section<'_>, idle_timeout: Duration, problems: &mut V
             probe_interval,
         },
         agones,
+        shared,
     }
+}
+
+/// `upstreams`: http:// URLs of backends, each listed once (a second entry
+/// would count one box twice).
+fn read_upstreams(section: &mut Section<'_>, problems: &mut Vec<Problem>) -> Vec<Uri> {
+    let key = section.key("upstreams");
+    let mut upstreams = Vec::new();
+    for (i, text) in section.strings("upstreams", problems).into_iter().enumerate() {
+        match parse_upstream(&text) {
+            Ok(uri) if upstreams.contains(&uri) => problems.push(Problem::new(
+                &format!("{key}[{i}]"),
+                format!("{text:?} is listed twice; each upstream is one backend"),
+            )),
+            Ok(uri) => upstreams.push(uri),
+            Err(reason) => problems.push(Problem::new(&format!("{key}[{i}]"), reason)),
+        }
+    }
+    upstreams
+}
+
+/// `probe_interval` of a pool whose backends are probed with a TCP connect.
+fn read_probe_interval(section: &mut Section<'_>, problems: &mut Vec<Problem>) -> Duration {
+    let probe_interval = section.duration("probe_interval", Duration::from_secs(10), problems);
+    if !(MIN_PROBE_INTERVAL..=MAX_PROBE_INTERVAL).contains(&probe_interval) {
+        problems.push(Problem::new(
+            &section.key("probe_interval"),
+            "must be between 100ms and 1h: a down upstream is used again only once a probe finds it up".into(),
+        ));
+    }
+    probe_interval
+}
+
+/// `[backend.shared]`. Its rules apply only when `backend.kind = "shared"`;
+/// otherwise its keys are still read (a typo is still reported).
+fn read_shared(backend: &mut Section<'_>, kind: BackendKind, problems: &mut Vec<Problem>) -> SharedConfig {
+    let in_use = kind == BackendKind::Shared;
+    let mut shared = backend.section("shared", problems);
+    let upstreams_key = shared.key("upstreams");
+    let service_key = shared.key("service");
+    let listed = shared.is_present("upstreams");
+    let upstreams = read_upstreams(&mut shared, problems);
+    let service = Some(shared.string("service", "", problems)).filter(|s| !s.is_empty());
+    if let Some(name) = &service {
+        if !is_dns_label(name) {
+            problems.push(Problem::new(
+                &service_key,
+                format!("{name:?} is not a Service name (lower-case letters, digits and '-', at most 63)"),
+            ));
+        }
+    }
+    let upstream_problem = problems.iter().any(|p| p.key.starts_with(&upstreams_key));
+    if in_use && !upstream_problem {
+        match (upstreams.is_empty(), &service) {
+            (false, Some(_)) => problems.push(Problem::new(
+                &service_key,
+                format!("set together with {upstreams_key}: give the backends either as a list or as a Service, not both"),
+            )),
+            (true, None) if listed => problems.push(Problem::new(
+                &upstreams_key,
+                format!("must list at least one upstream, or leave it out and set {service_key}"),
+            )),
+            (true, None) => problems.push(Problem::new(
+                &service_key,
+                format!("required when backend.kind = \"shared\" (or {upstreams_key}): the Service whose ready endpoints are the backends"),
+            )),
+            _ => {}
+        }
+    }
+    let namespace = Some(shared.string("namespace", "", problems)).filter(|s| !s.is_empty());
+    if let Some(name) = namespace.as_ref().filter(|n| !is_dns_label(n)) {
+        problems.push(Problem::new(
+            &shared.key("namespace"),
+            format!("{name:?} is not a namespace name (lower-case letters, digits and '-', at most 63)"),
+        ));
+    }
+    let port_name = Some(shared.string("port_name", "", problems)).filter(|s| !s.is_empty());
+    let max_key = shared.key("max_users_per_backend");
+    let max_users = shared.integer("max_users_per_backend", 4, problems);
+    if !(1..=MAX_USERS_PER_BACKEND).contains(&max_users) {
+        problems.push(Problem::new(
+            &max_key,
+            format!("must be between 1 and {MAX_USERS_PER_BACKEND}: how many users one WebUI serves at once"),
+        ));
+    }
+    let probe_interval = read_probe_interval(&mut shared, problems);
+    let url_key = shared.key("kube_api_url");
+    let kube_api_url = optional_url(&mut shared, "kube_api_url", &url_key, problems);
+    shared.finish(problems);
+    SharedConfig {
+        upstreams,
+        service,
+        namespace,
+        port_name,
+        max_users_per_backend: max_users.clamp(1, MAX_USERS_PER_BACKEND) as usize,
+        probe_interval,
+        kube_api_url,
+    }
+}
+
+/// An RFC 1123 label as Kubernetes names Services and namespaces: at most
+/// 63 lower-case letters, digits and '-', neither first nor last a '-'.
+fn is_dns_label(name: &str) -> bool {
+    name.len() <= 63
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.is_empty()
 }
 
 fn read_agones(
@@ -923,7 +1057,7 @@ fn read_agones(
     idle_timeout: Duration,
     problems: &mut Vec<Problem>,
 ) -> AgonesConfig {
-    let in_use = kind != BackendKind::Static;
+    let in_use = kind.is_agones();
     let mut agones = backend.section("agones", problems);
     let namespace = agones.string("namespace", "default", problems);
     let fleet_key = agones.key("fleet");
@@ -1539,6 +1673,90 @@ mod tests {
             assert!(found.iter().any(|p| p.starts_with(key)), "{key} not in {found:#?}");
         }
         assert_eq!(found.len(), 5, "{found:#?}");
+    }
+
+    const SHARED: &str = r#"
+        [auth]
+        audiences = ["/projects/1/global/backendServices/2"]
+        [backend]
+        kind = "shared"
+        [backend.shared]
+    "#;
+
+    #[test]
+    fn shared_backends_are_a_list_or_a_service_never_both_nor_neither() {
+        let with = |lines: &str| problems(&format!("{SHARED}{lines}\n"), Some(SECRET));
+        assert_eq!(
+            with(""),
+            ["backend.shared.service: required when backend.kind = \"shared\" (or backend.shared.upstreams): the Service whose ready endpoints are the backends"]
+        );
+        assert_eq!(
+            with("upstreams = []"),
+            ["backend.shared.upstreams: must list at least one upstream, or leave it out and set backend.shared.service"]
+        );
+        let both = with("upstreams = [\"http://10.0.0.5:7860\"]\nservice = \"sd15\"");
+        assert_eq!(both.len(), 1, "{both:#?}");
+        assert!(both[0].starts_with("backend.shared.service: set together with backend.shared.upstreams"));
+        assert!(with("service = \"sd15\"").is_empty());
+        assert!(with("upstreams = [\"http://10.0.0.5:7860\"]").is_empty());
+        // Not in use: its rules are moot, its typos are not.
+        let static_kind = MINIMAL_IAP.to_string() + "\n[backend.shared]\nmax_user = 3\n";
+        assert_eq!(
+            problems(&static_kind, Some(SECRET)),
+            ["backend.shared.max_user: unknown key"]
+        );
+    }
+
+    #[test]
+    fn every_bad_shared_key_is_named_at_once() {
+        let text = format!(
+            "{SHARED}upstreams = [\"http://10.0.0.5:7860\", \"ftp://x\", \"http://10.0.0.5:7860\"]\nmax_users_per_backend = 0\nnamespace = \"Bad_NS\"\nprobe_interval = \"1ms\"\nkube_api_url = \"nope\"\n"
+        );
+        let found = problems(&text, Some(SECRET));
+        for key in [
+            "backend.shared.upstreams[1]: \"ftp://x\": only http:// upstreams",
+            "backend.shared.upstreams[2]: \"http://10.0.0.5:7860\" is listed twice",
+            "backend.shared.max_users_per_backend: must be between 1 and 1000",
+            "backend.shared.namespace: \"Bad_NS\" is not a namespace name",
+            "backend.shared.probe_interval: must be between 100ms and 1h",
+            "backend.shared.kube_api_url: \"nope\" is not an http(s) URL",
+        ] {
+            assert!(found.iter().any(|p| p.starts_with(key)), "{key} not in {found:#?}");
+        }
+        assert_eq!(found.len(), 6, "{found:#?}");
+        let service = problems(&format!("{SHARED}service = \"SD 1.5\"\n"), Some(SECRET));
+        assert!(
+            service[0].starts_with("backend.shared.service: \"SD 1.5\" is not a Service name"),
+            "{service:#?}"
+        );
+    }
+
+    #[test]
+    fn shared_defaults_are_four_users_a_backend_and_the_routers_namespace() {
+        let c = Config::from_toml(&format!("{SHARED}service = \"sd15\"\n"), Some(SECRET.to_vec())).unwrap();
+        let shared = &c.backend.shared;
+        assert_eq!(shared.max_users_per_backend, 4);
+        assert_eq!((shared.namespace.as_deref(), shared.port_name.as_deref()), (None, None));
+        assert!(
+            problems(&format!("{SHARED}service = \"sd15\"\n"), Some(SECRET))
+                .iter()
+                .all(|p| !p.starts_with("backend.agones")),
+            "no fleet is required"
+        );
+    }
+
+    #[test]
+    fn a_rendered_shared_config_reads_back_the_same() {
+        for lines in [
+            "service = \"sd15\"\nnamespace = \"models\"\nport_name = \"http\"\nmax_users_per_backend = 2",
+            "upstreams = [\"http://10.0.0.5:7860\", \"http://10.0.0.6:7860\"]",
+        ] {
+            let c = Config::from_toml(&format!("{SHARED}{lines}\n"), Some(SECRET.to_vec())).unwrap();
+            let text = c.render();
+            let again = Config::from_toml(&text, Some(SECRET.to_vec())).unwrap_or_else(|e| panic!("{e}\n{text}"));
+            assert_eq!(again.render(), text);
+            assert_eq!(again.backend.kind, BackendKind::Shared);
+        }
     }
 
     #[test]

@@ -7,20 +7,22 @@
 //! with it; a method maps to an RBAC verb, `T` to its API group and resource
 //! through its own `kube::Resource` impl. A method or a type this module does
 //! not know fails the test instead of being skipped, and so does Kubernetes
-//! API use outside `src/allocator/agones/`.
+//! API use outside [`KUBE_DIRS`].
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Resource;
 use session_router::allocator::agones::types::{GameServer, GameServerAllocation};
 
 /// (API group, resource, verb).
 pub type Permission = (String, String, String);
 
-/// Where the code Kubernetes lives in.
-pub const KUBE_DIR: &str = "src/allocator/agones";
+/// Where the code that calls Kubernetes lives: the Agones backends, and the
+/// `shared` kind's EndpointSlice watch.
+pub const KUBE_DIRS: [&str; 2] = ["src/allocator/agones", "src/allocator/shared"];
 
 /// Every permission the code needs, with the `file: call` lines that need it.
 pub fn api_calls() -> BTreeMap<Permission, Vec<String>> {
@@ -30,10 +32,10 @@ pub fn api_calls() -> BTreeMap<Permission, Vec<String>> {
         let relative = file.strip_prefix(root).unwrap().display().to_string();
         let code = strip_tests(&strip_comments(&std::fs::read_to_string(&file).unwrap()));
         let uses_kube = code.contains("kube::") || code.contains("Api<") || code.contains("watcher(");
-        if !relative.starts_with(KUBE_DIR) {
+        if !KUBE_DIRS.iter().any(|dir| relative.starts_with(dir)) {
             assert!(
                 !uses_kube,
-                "{relative} uses the Kubernetes API outside {KUBE_DIR}: teach tests/manifests/code.rs to read it"
+                "{relative} uses the Kubernetes API outside {KUBE_DIRS:?}: teach tests/manifests/code.rs to read it"
             );
             continue;
         }
@@ -50,6 +52,20 @@ pub fn api_calls() -> BTreeMap<Permission, Vec<String>> {
         }
     }
     calls
+}
+
+/// The permissions some call outside `files` needs: what a deployment that
+/// never runs `files` (the allocation transport, the shared kind's watch)
+/// must be granted.
+pub fn needed_except(all: &BTreeMap<Permission, Vec<String>>, files: &[&str]) -> BTreeSet<Permission> {
+    all.iter()
+        .filter(|(_, evidence)| {
+            evidence
+                .iter()
+                .any(|e| !files.iter().any(|file| e.starts_with(&format!("{file}:"))))
+        })
+        .map(|(p, _)| p.clone())
+        .collect()
 }
 
 /// The calls made by `file` alone (e.g. the allocation transport).
@@ -83,6 +99,7 @@ fn resource_of(type_name: &str, file: &str) -> (String, String) {
             GameServerAllocation::plural(&()).into(),
         ),
         "Lease" => (Lease::group(&()).into(), <Lease as Resource>::plural(&()).into()),
+        "EndpointSlice" => (EndpointSlice::group(&()).into(), EndpointSlice::plural(&()).into()),
         other => panic!("{file}: Api<{other}> is new to tests/manifests/code.rs: add its resource there"),
     }
 }

@@ -9,6 +9,7 @@
 //! at the wrong level) and fails the test.
 
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{ConfigMap, PodTemplateSpec, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::{Ingress, NetworkPolicy};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -276,6 +277,7 @@ pub struct Bundle {
     pub fleets: Vec<Fleet>,
     pub autoscalers: Vec<FleetAutoscaler>,
     pub pod_monitorings: Vec<PodMonitoring>,
+    pub horizontal_autoscalers: Vec<HorizontalPodAutoscaler>,
 }
 
 impl Bundle {
@@ -300,6 +302,7 @@ impl Bundle {
                 ("agones.dev/v1", "Fleet") => b.fleets.push(typed(o)),
                 ("autoscaling.agones.dev/v1", "FleetAutoscaler") => b.autoscalers.push(typed(o)),
                 ("monitoring.googleapis.com/v1", "PodMonitoring") => b.pod_monitorings.push(typed(o)),
+                ("autoscaling/v2", "HorizontalPodAutoscaler") => b.horizontal_autoscalers.push(typed(o)),
                 (v, k) => panic!("{}: {v} {k} has no typed schema in this test; add one", o.source),
             }
         }

@@ -6,6 +6,8 @@
 pub mod api_pod;
 pub mod browser;
 pub mod fake_agones;
+pub mod fake_endpoints;
+pub mod gpu_box;
 pub mod iap;
 
 use std::net::SocketAddr;
