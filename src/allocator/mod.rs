@@ -239,3 +239,25 @@ impl fmt::Display for Lease {
         write!(f, "{} ({})", self.backend, self.upstream)
     }
 }
+
+/// What the backends' unit tests share: a user and the pin a cookie would
+/// carry for a lease.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::Lease;
+    use crate::auth::Identity;
+    use crate::session::cookie::PinnedBackend;
+
+    pub fn user(name: &str) -> Identity {
+        Identity::new(name, &format!("{name}@example.com"), None)
+    }
+
+    pub fn pin_for(lease: &Lease) -> PinnedBackend {
+        PinnedBackend {
+            backend: lease.backend.to_string(),
+            upstream: lease.upstream.to_string(),
+            allocated_at: 0,
+            expires: u64::MAX,
+        }
+    }
+}

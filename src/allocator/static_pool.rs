@@ -262,25 +262,13 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::allocator::testing::{pin_for, user};
 
     fn pool(n: usize) -> StaticPool {
         let uris: Vec<Uri> = (0..n)
             .map(|i| format!("http://127.0.0.1:{}", 7860 + i).parse().unwrap())
             .collect();
         StaticPool::new(&uris)
-    }
-
-    fn user(name: &str) -> Identity {
-        Identity::new(name, &format!("{name}@example.com"), None)
-    }
-
-    fn pin_for(lease: &Lease) -> PinnedBackend {
-        PinnedBackend {
-            backend: lease.backend.to_string(),
-            upstream: lease.upstream.to_string(),
-            allocated_at: 0,
-            expires: u64::MAX,
-        }
     }
 
     #[tokio::test]

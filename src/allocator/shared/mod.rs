@@ -330,6 +330,7 @@ impl Allocator for Shared {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::allocator::testing::{pin_for, user};
 
     fn lease(name: &str, port: u16) -> Lease {
         Lease {
@@ -342,19 +343,6 @@ mod tests {
         let shared = Shared::new(max, Probe::default());
         shared.set_backends((0..n).map(|i| lease(&format!("b{i}"), 7860 + i)).collect());
         shared
-    }
-
-    fn user(name: &str) -> Identity {
-        Identity::new(name, &format!("{name}@example.com"), None)
-    }
-
-    fn pin_for(lease: &Lease) -> PinnedBackend {
-        PinnedBackend {
-            backend: lease.backend.to_string(),
-            upstream: lease.upstream.to_string(),
-            allocated_at: 0,
-            expires: u64::MAX,
-        }
     }
 
     fn counts(shared: &Shared) -> Vec<usize> {
