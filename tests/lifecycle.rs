@@ -451,6 +451,22 @@ async fn background_requests_do_not_join_the_line_but_a_navigation_does() {
 
 /// `n` stand-in pods and a fake Agones whose Ready GameServers `gs-1` …
 /// `gs-n` point at them.
+/// Alice, served by pod-1 of a fleet of two, whose pod has just died.
+async fn alice_whose_pod_died(issuer: &IapIssuer) -> (Vec<DemoPod>, support::FakeAgones, TestRouter, Tab) {
+    let (mut pods, fake) = fleet(2).await;
+    let router = TestRouter::agones(issuer, &fake, "agones", "", "").await;
+    let mut alice = Tab::new(issuer, "alice");
+    let first = alice.get(&router, "/whoami", Sent::Navigation).await;
+    assert_eq!(first.json::<Value>().await.unwrap()["pod"], "pod-1");
+    drop(pods.remove(0));
+    (pods, fake, router, alice)
+}
+
+fn assert_alice_holds_no_gameserver(fake: &support::FakeAgones) {
+    let label = session_router::allocator::agones::label::user_label_value("alice@example.com");
+    assert!(fake.held_by(&label).is_empty(), "a GameServer was allocated to alice");
+}
+
 async fn fleet(n: usize) -> (Vec<DemoPod>, support::FakeAgones) {
     let pods = pods(n).await;
     let fake = support::FakeAgones::start().await;
@@ -476,41 +492,14 @@ async fn on_agones_a_replica_that_did_not_release_the_gpu_shows_the_released_pag
     let (reason, _) = released_page(alice.get(&b, "/", Sent::Navigation).await, "/").await;
     assert_eq!(reason, "idle");
     assert_eq!(allocations(&b), 0);
-    assert!(
-        fake.held_by(&session_router::allocator::agones::label::user_label_value(
-            "alice@example.com"
-        ))
-        .is_empty(),
-        "a GameServer was allocated to alice again"
-    );
+    assert_alice_holds_no_gameserver(&fake);
 }
 
 #[tokio::test]
-async fn a_dead_pods_user_lands_on_a_new_pod_on_reload_not_on_the_released_page() {
+async fn a_dead_pods_open_page_allocates_nothing_until_the_user_reloads_onto_a_new_pod() {
     let issuer = IapIssuer::start().await;
-    let (mut pods, fake) = fleet(2).await;
-    let router = TestRouter::agones(&issuer, &fake, "agones", "", "").await;
-    let mut alice = Tab::new(&issuer, "alice");
-    let first = alice.get(&router, "/whoami", Sent::Navigation).await;
-    assert_eq!(first.json::<Value>().await.unwrap()["pod"], "pod-1");
-    drop(pods.remove(0));
+    let (_pods, fake, router, mut alice) = alice_whose_pod_died(&issuer).await;
     // A POST is not sent again: the page gets a 502 and its pod is released.
-    let post = alice.send(&router, "POST", "/upload", Sent::Fetch).await;
-    assert_eq!(post.status(), 502);
-    let reload = alice.get(&router, "/whoami", Sent::Navigation).await;
-    assert_eq!(reload.status(), 200, "the released page for a dead pod");
-    assert_eq!(reload.json::<Value>().await.unwrap()["pod"], "pod-2");
-}
-
-#[tokio::test]
-async fn a_dead_pods_open_page_allocates_nothing_until_the_user_reloads() {
-    let issuer = IapIssuer::start().await;
-    let (mut pods, fake) = fleet(2).await;
-    let router = TestRouter::agones(&issuer, &fake, "agones", "", "").await;
-    let mut alice = Tab::new(&issuer, "alice");
-    let first = alice.get(&router, "/whoami", Sent::Navigation).await;
-    assert_eq!(first.json::<Value>().await.unwrap()["pod"], "pod-1");
-    drop(pods.remove(0));
     let post = alice.send(&router, "POST", "/upload", Sent::Fetch).await;
     assert_eq!(post.status(), 502);
     // The open page keeps polling: its fetches find no backend and take none.
@@ -519,8 +508,7 @@ async fn a_dead_pods_open_page_allocates_nothing_until_the_user_reloads() {
         assert_eq!(poll.status(), 409);
         assert_eq!(poll.json::<Value>().await.unwrap()["error"], "no_session");
     }
-    let alice_label = session_router::allocator::agones::label::user_label_value("alice@example.com");
-    assert!(fake.held_by(&alice_label).is_empty(), "a page's fetch took a GPU");
+    assert_alice_holds_no_gameserver(&fake);
     let reload = alice.get(&router, "/whoami", Sent::Navigation).await;
     assert_eq!(reload.json::<Value>().await.unwrap()["pod"], "pod-2");
 }
@@ -560,29 +548,19 @@ async fn on_agones_every_replica_tells_a_user_an_administrator_released_their_gp
     assert_eq!(ping.status(), 409);
     let (reason, _) = released_page(alice.get(&b, "/", Sent::Navigation).await, "/").await;
     assert_eq!(reason, "admin");
-    let alice_label = session_router::allocator::agones::label::user_label_value("alice@example.com");
-    assert!(
-        fake.held_by(&alice_label).is_empty(),
-        "a GameServer was allocated to alice again"
-    );
+    assert_alice_holds_no_gameserver(&fake);
 }
 
 #[tokio::test]
 async fn a_dead_pods_page_polls_and_pings_take_no_new_gpu() {
     let issuer = IapIssuer::start().await;
-    let (mut pods, fake) = fleet(2).await;
-    let router = TestRouter::agones(&issuer, &fake, "agones", "", "").await;
-    let mut alice = Tab::new(&issuer, "alice");
-    let first = alice.get(&router, "/whoami", Sent::Navigation).await;
-    assert_eq!(first.json::<Value>().await.unwrap()["pod"], "pod-1");
-    drop(pods.remove(0));
+    let (_pods, fake, router, mut alice) = alice_whose_pod_died(&issuer).await;
     // A poll that could be sent again is not: it is no intent to start.
     let poll = alice.get(&router, "/whoami", Sent::Fetch).await;
     assert_eq!(poll.status(), 502);
     let ping = alice.get(&router, "/internal/ping", Sent::Fetch).await;
     assert_eq!(ping.status(), 409);
-    let alice_label = session_router::allocator::agones::label::user_label_value("alice@example.com");
-    assert!(fake.held_by(&alice_label).is_empty(), "a page's poll took a GPU");
+    assert_alice_holds_no_gameserver(&fake);
     let reload = alice.get(&router, "/whoami", Sent::Navigation).await;
     assert_eq!(reload.json::<Value>().await.unwrap()["pod"], "pod-2");
 }
@@ -599,11 +577,7 @@ async fn on_agones_a_release_through_another_replica_is_remembered_as_the_users_
     assert_eq!(release.json::<Value>().await.unwrap()["released"], true);
     let (reason, _) = released_page(alice.get(&b, "/", Sent::Navigation).await, "/").await;
     assert_eq!(reason, "user");
-    let alice_label = session_router::allocator::agones::label::user_label_value("alice@example.com");
-    assert!(
-        fake.held_by(&alice_label).is_empty(),
-        "a GameServer was allocated to alice again"
-    );
+    assert_alice_holds_no_gameserver(&fake);
 }
 
 #[tokio::test]
