@@ -44,6 +44,7 @@ pub mod routes;
 pub mod server;
 pub mod session;
 pub mod telemetry;
+pub mod util;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -56,19 +57,6 @@ use crate::allocator::{AllocError, Allocator, Probe, Shared, StaticPool};
 use crate::config::{BackendKind, Config};
 use crate::metrics::Metrics;
 use crate::server::AppState;
-
-/// A concurrent map with a fast hash. Only for keys an attacker cannot
-/// choose freely (verified tokens and subjects, the router's own backend
-/// addresses), so flooding it with colliding keys is not possible: the
-/// default SipHash costs a third of a microsecond on a 600-byte token.
-pub(crate) type FastMap<K, V> = dashmap::DashMap<K, V, foldhash::fast::RandomState>;
-
-/// Locks `mutex`, also after a panic elsewhere poisoned it: what these
-/// mutexes guard (buffers, pools, a cached value) stays usable, and a
-/// request must not fail because another one panicked.
-pub(crate) fn locked<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
 
 /// Why the router could not run. Each variant says what failed and leaves
 /// the cause to its `source()`: the binary prints the whole chain

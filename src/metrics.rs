@@ -18,7 +18,7 @@ use prometheus::{
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::locked;
+use crate::util::locked;
 
 /// Latency buckets (seconds) from 1 ms to 2 min: upstream answers range
 /// from a cached asset to a long generation.

@@ -28,10 +28,11 @@ use crate::error::RouterError;
 use crate::pages::{self, escape};
 use crate::proxy::{headers::is_upgrade, BoxError, Exchange, ProxyError, UpstreamBody};
 use crate::server::AppState;
-use crate::session::cookie::{set_cookie, unix, Pin};
+use crate::session::cookie::{set_cookie, Pin};
 use crate::session::ended::{self, Notice};
 use crate::session::{Claim, Ended, Intent, Place, ReleaseReason, Session, SessionError};
 use crate::telemetry;
+use crate::util::unix;
 
 type Shared = State<Arc<AppState>>;
 

@@ -18,7 +18,7 @@ use http::HeaderMap;
 
 use crate::config::{AuthConfig, AuthMode, Secret};
 use crate::metrics::Metrics;
-use crate::session::cookie::Signer;
+use crate::util::seal::Signer;
 
 /// A verified user. Cheap to clone.
 #[derive(Debug, Clone, PartialEq, Eq)]

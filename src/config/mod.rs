@@ -333,6 +333,14 @@ impl Secret {
     }
 }
 
+/// The key bytes, for [`Signer`](crate::util::seal::Signer), which takes
+/// any bytes so that sealing needs nothing of the configuration.
+impl AsRef<[u8]> for Secret {
+    fn as_ref(&self) -> &[u8] {
+        self.expose()
+    }
+}
+
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "Secret(<{} bytes redacted>)", self.bytes.len())

@@ -18,7 +18,7 @@ use http::uri::Authority;
 
 use super::upstream::RequestFraming;
 use crate::auth::Identity;
-use crate::session::cookie::cookies_without;
+use crate::util::cookies::cookies_without;
 
 /// Identity headers a client could forge if it bypassed IAP. Never
 /// forwarded as received.

@@ -47,7 +47,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::BoxError;
-use crate::locked;
+use crate::util::locked;
 
 /// Read buffer of a connection; a body streams through it in reads of up
 /// to this size.

@@ -31,9 +31,10 @@ use crate::metrics::Metrics;
 use crate::proxy::Forwarder;
 use crate::reaper;
 use crate::routes;
-use crate::session::cookie::{CookieCodec, Signer};
+use crate::session::cookie::CookieCodec;
 use crate::session::Registry;
 use crate::telemetry::access::{self, Peer};
+use crate::util::seal::Signer;
 use connection::{ConnState, GuardedIo, Limits, Timeouts};
 use service::Handler;
 

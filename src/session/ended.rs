@@ -100,7 +100,7 @@ impl Ended {
     pub fn new(reason: ReleaseReason, at: SystemTime) -> Self {
         Ended {
             reason,
-            at: super::cookie::unix(at),
+            at: crate::util::unix(at),
         }
     }
 
@@ -144,7 +144,7 @@ pub fn presumed(
     max_lifetime: Duration,
     now: SystemTime,
 ) -> Option<Ended> {
-    let unix = super::cookie::unix;
+    let unix = crate::util::unix;
     let now = unix(now);
     let last = allocated_at.max(last_active).max(elsewhere.map_or(0, unix));
     let lag = stamp_interval(idle_timeout).as_secs();
@@ -194,7 +194,7 @@ mod tests {
     #[test]
     fn stamps_tell_idle_from_lifetime_and_from_still_in_use() {
         let t0 = UNIX_EPOCH + Duration::from_secs(1_000_000);
-        let a = super::super::cookie::unix(t0);
+        let a = crate::util::unix(t0);
         let idle = 10 * MINUTE;
         // Active a minute ago: nothing can be said.
         assert_eq!(presumed(a, a + 540, None, idle, Duration::ZERO, t0 + idle), None);

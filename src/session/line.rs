@@ -27,9 +27,9 @@ use tokio::time::Instant;
 
 use crate::allocator::{AllocError, Allocator};
 use crate::auth::Identity;
-use crate::locked;
 use crate::metrics::Metrics;
 use crate::telemetry;
+use crate::util::locked;
 
 /// Where a waiting user stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -29,7 +29,7 @@ pub use registry::{Claim, Registry, SessionError};
 
 use crate::allocator::Lease;
 use crate::auth::Identity;
-use crate::locked;
+use crate::util::locked;
 
 /// One user's hold on one backend.
 pub struct Session {

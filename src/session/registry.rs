@@ -14,7 +14,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use crate::FastMap;
+use crate::util::FastMap;
 use tokio::sync::OnceCell;
 use tokio::time::Instant;
 

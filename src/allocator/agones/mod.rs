@@ -235,19 +235,19 @@ impl Agones {
             Err(CallError::NotFound) => Deleted::AlreadyGone,
             Err(e) => return Err(e.into()),
         };
-        crate::locked(&self.deleted_here).insert(name.to_string());
+        crate::util::locked(&self.deleted_here).insert(name.to_string());
         Ok(deleted)
     }
 
     /// Whether `gs` is alive as far as this replica knows: not terminating,
     /// and not deleted here.
     fn is_live(&self, gs: &GameServer) -> bool {
-        !gs.is_terminating() && !crate::locked(&self.deleted_here).contains(gs.name())
+        !gs.is_terminating() && !crate::util::locked(&self.deleted_here).contains(gs.name())
     }
 
     /// Forgets deletions the view now shows.
     fn forget_deleted(&self) {
-        let mut deleted = crate::locked(&self.deleted_here);
+        let mut deleted = crate::util::locked(&self.deleted_here);
         deleted.retain(|name| self.cached(name).is_some_and(|gs| !gs.is_terminating()));
     }
 
@@ -404,7 +404,7 @@ impl Agones {
     /// longer than a reaper period), and forgets the old ones.
     fn remember_releases(&self) {
         let now = SystemTime::now();
-        let mut seen = crate::locked(&self.releases_seen);
+        let mut seen = crate::util::locked(&self.releases_seen);
         for gs in self.cache.state() {
             let record = gs
                 .annotation(RELEASED)
@@ -841,7 +841,7 @@ impl Allocator for Agones {
             .and_then(|gs| serde_json::from_str(gs.annotation(RELEASED)?).ok());
         lingering.or_else(|| {
             let hash = label::user_hash(&user.email);
-            let seen = crate::locked(&self.releases_seen);
+            let seen = crate::util::locked(&self.releases_seen);
             seen.get(backend)
                 .filter(|(owner, _)| *owner == hash)
                 .map(|(_, ended)| *ended)

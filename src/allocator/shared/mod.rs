@@ -31,9 +31,9 @@ use tokio_util::sync::CancellationToken;
 use super::static_pool::{accepts, every};
 use super::{AllocError, Allocator, Capacity, Lease, Probe, SharedLoad};
 use crate::auth::Identity;
-use crate::locked;
 use crate::metrics::Metrics;
 use crate::session::cookie::PinnedBackend;
+use crate::util::locked;
 
 /// The shared backends and who is on each.
 pub struct Shared {
