@@ -46,6 +46,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use super::hop::{is_hop_by_hop, tokens};
 use super::BoxError;
 use crate::util::locked;
 
@@ -666,11 +667,6 @@ fn head_status(buf: &[u8]) -> Result<Option<(usize, StatusCode)>, UpstreamError>
     parse_with(buf, status_of)
 }
 
-/// Header names that describe one connection (RFC 9110 §7.6.1).
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    super::headers::HOP_BY_HOP.contains(name)
-}
-
 /// A header kept for the client: its name, and where its value is in the
 /// head.
 struct Kept {
@@ -726,15 +722,13 @@ fn head_facts(response: &httparse::Response<'_, '_>, start: usize) -> Result<Hea
         .iter()
         .filter(|h| h.name.eq_ignore_ascii_case("connection"))
     {
-        for token in std::str::from_utf8(h.value).unwrap_or("").split(',').map(str::trim) {
+        for token in tokens(std::str::from_utf8(h.value).unwrap_or("")) {
             if token.eq_ignore_ascii_case("close") {
                 keep_alive = false;
             } else if token.eq_ignore_ascii_case("keep-alive") {
                 keep_alive |= http10;
             }
-            if !token.is_empty() {
-                named.push(token);
-            }
+            named.push(token);
         }
     }
 
