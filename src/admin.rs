@@ -16,12 +16,12 @@ use http::HeaderMap;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use crate::allocator::ReleaseReason;
 use crate::allocator::{BackendSession, Capacity, SharedLoad};
 use crate::auth::{origin, Identity};
 use crate::error::RouterError;
 use crate::pages::{self, escape};
 use crate::server::AppState;
-use crate::session::ReleaseReason;
 
 type Shared = State<Arc<AppState>>;
 

@@ -23,6 +23,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::allocator::Lease;
+use crate::allocator::{Ended, ReleaseReason};
 use crate::auth::{origin, Identity};
 use crate::error::RouterError;
 use crate::pages::{self, escape};
@@ -30,7 +31,7 @@ use crate::proxy::{headers::is_upgrade, BoxError, Exchange, ProxyError, Upstream
 use crate::server::AppState;
 use crate::session::cookie::{set_cookie, Pin};
 use crate::session::ended::{self, Notice};
-use crate::session::{Claim, Ended, Intent, Place, ReleaseReason, Session, SessionError};
+use crate::session::{Claim, Intent, Place, Session, SessionError};
 use crate::telemetry;
 use crate::util::unix;
 

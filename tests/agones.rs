@@ -630,7 +630,7 @@ trait AdoptCheck {
 impl AdoptCheck for Agones {
     /// True once the cache shows the lease as the user's Allocated server.
     fn adopt_check(&self, user: &Identity, lease: &session_router::allocator::Lease) -> bool {
-        let pin = session_router::session::cookie::PinnedBackend {
+        let pin = session_router::allocator::PinnedBackend {
             backend: lease.backend.to_string(),
             upstream: lease.upstream.to_string(),
             allocated_at: 0,

@@ -19,9 +19,8 @@ use http::Uri;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use super::{AllocError, Allocator, Capacity, Lease};
+use super::{AllocError, Allocator, Capacity, Lease, PinnedBackend};
 use crate::auth::Identity;
-use crate::session::cookie::PinnedBackend;
 
 pub struct StaticPool {
     leases: Vec<Lease>,

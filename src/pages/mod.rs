@@ -11,7 +11,8 @@ use http::header::{HeaderValue, ACCEPT, CACHE_CONTROL, LOCATION, RETRY_AFTER};
 use http::{HeaderMap, StatusCode, Uri};
 use serde_json::json;
 
-use crate::session::{Ended, Place};
+use crate::allocator::Ended;
+use crate::session::Place;
 
 /// Where "Start again" posts to.
 pub const START: &str = "/_router/start";
@@ -340,7 +341,7 @@ mod tests {
 
     #[test]
     fn an_ended_session_is_a_409_that_says_why_and_offers_to_start_again() {
-        let ended = Ended::new(crate::session::ReleaseReason::Idle, std::time::UNIX_EPOCH);
+        let ended = Ended::new(crate::allocator::ReleaseReason::Idle, std::time::UNIX_EPOCH);
         let uri = Uri::from_static("/");
         for wants_html in [true, false] {
             for ended in [Some(&ended), None] {

@@ -12,30 +12,12 @@ use std::time::{Duration, SystemTime};
 use http::{HeaderMap, HeaderValue};
 use serde::{Deserialize, Serialize};
 
-use super::ended::Ended;
-use crate::allocator::Lease;
+use crate::allocator::{Ended, Lease, PinnedBackend};
 use crate::util::cookies::{find_cookie, Lookup};
 use crate::util::seal::Signer;
 use crate::util::unix;
 
 const VERSION: &str = "v1";
-
-/// What the pinning cookie remembers about a user's backend.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PinnedBackend {
-    /// The backend's id (a static slot or a GameServer name).
-    #[serde(rename = "b")]
-    pub backend: String,
-    /// `host:port` the backend was reached at.
-    #[serde(rename = "u")]
-    pub upstream: String,
-    /// Unix seconds when the backend was allocated.
-    #[serde(rename = "a")]
-    pub allocated_at: u64,
-    /// Unix seconds after which the cookie is ignored.
-    #[serde(rename = "e")]
-    pub expires: u64,
-}
 
 /// The pinning cookie's payload: the backend, the user's last activity as
 /// far as the issuing replica knew, and, once the backend was released,
@@ -361,7 +343,7 @@ mod tests {
         let codec = codec();
         let now = SystemTime::now();
         let mut ended = pin(now);
-        ended.ended = Some(Ended::new(super::super::ended::ReleaseReason::Idle, now));
+        ended.ended = Some(Ended::new(crate::allocator::ReleaseReason::Idle, now));
         let (header, _) = codec.issue("alice", ended.clone(), now);
         let headers = request_with(header.to_str().unwrap().split(';').next().unwrap());
         assert!(!codec.is_fresh(&headers, "alice", "static-0", None, now, None));

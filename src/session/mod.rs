@@ -22,7 +22,6 @@ use std::time::SystemTime;
 use tokio_util::sync::CancellationToken;
 
 pub use activity::{Activity, InFlight};
-pub use ended::{Ended, ReleaseReason};
 pub use intent::Intent;
 pub use line::Place;
 pub use registry::{Claim, Registry, SessionError};

@@ -18,11 +18,11 @@ use crate::util::FastMap;
 use tokio::sync::OnceCell;
 use tokio::time::Instant;
 
-use super::cookie::PinnedBackend;
-use super::ended::{Ended, Notice, ReleaseReason};
+use super::ended::Notice;
 use super::line::{Admission, Line, Place};
 use super::Session;
-use crate::allocator::{AllocError, Allocator, Lease};
+use crate::allocator::{AllocError, Allocator, Lease, PinnedBackend};
+use crate::allocator::{Ended, ReleaseReason};
 use crate::auth::Identity;
 use crate::metrics::Metrics;
 use crate::telemetry;
@@ -496,7 +496,7 @@ mod tests {
         let now = SystemTime::now();
         registry.forget_old_releases(now + Duration::from_secs(3600));
         assert!(registry.ended(&alice, "static-0").is_some(), "an hour later: kept");
-        registry.forget_old_releases(now + super::super::ended::REMEMBERED_FOR + Duration::from_secs(2));
+        registry.forget_old_releases(now + crate::allocator::REMEMBERED_FOR + Duration::from_secs(2));
         assert!(registry.ended.is_empty(), "a day later: forgotten");
     }
 

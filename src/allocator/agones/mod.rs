@@ -37,12 +37,11 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, Preconditions
 use kube::runtime::reflector::{ObjectRef, Store};
 use rand::Rng;
 
-use super::{AllocError, Allocator, BackendSession, BusyProbe, Capacity, Lease};
+use super::{AllocError, Allocator, BackendSession, BusyProbe, Capacity, Ended, Lease, PinnedBackend, ReleaseReason};
 use crate::auth::Identity;
 use crate::config::{AgonesConfig, BackendKind};
 use crate::metrics::Metrics;
-use crate::session::cookie::PinnedBackend;
-use crate::session::{Ended, ReleaseReason};
+
 use transport::{Outcome, Transport};
 use types::GameServer;
 use watch::{Trust, ViewHealth};
@@ -80,7 +79,7 @@ pub struct Agones {
     /// GameServer name → (user hash label, why it was released), for every
     /// [`RELEASED`] record the view showed while its server lingered: the
     /// reason outlives the object, on every replica, for
-    /// [`crate::session::ended::REMEMBERED_FOR`].
+    /// [`crate::allocator::REMEMBERED_FOR`].
     releases_seen: std::sync::Mutex<HashMap<String, (String, Ended)>>,
     /// The waiting line every replica shares.
     line: Arc<line::LeaseLine>,
@@ -848,7 +847,7 @@ impl Allocator for Agones {
         })
     }
 
-    fn shared_line(&self) -> Option<Arc<dyn crate::session::line::SharedLine>> {
+    fn shared_line(&self) -> Option<Arc<dyn super::SharedLine>> {
         Some(self.line.clone())
     }
 

@@ -29,10 +29,10 @@ use http::Uri;
 use tokio_util::sync::CancellationToken;
 
 use super::static_pool::{accepts, every};
-use super::{AllocError, Allocator, Capacity, Lease, Probe, SharedLoad};
+use super::{AllocError, Allocator, Capacity, Lease, PinnedBackend, Probe, SharedLoad};
 use crate::auth::Identity;
 use crate::metrics::Metrics;
-use crate::session::cookie::PinnedBackend;
+
 use crate::util::locked;
 
 /// The shared backends and who is on each.
