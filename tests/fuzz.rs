@@ -16,12 +16,13 @@ use std::time::{Duration, SystemTime};
 use http::{HeaderMap, HeaderValue};
 use proptest::prelude::*;
 use proptest::test_runner::Config as ProptestConfig;
-use session_router::allocator::agones::label::{check_key, is_valid_value, user_label_value};
+use session_router::allocator::agones::label::user_label_value;
 use session_router::auth::iap::IapVerifier;
 use session_router::auth::jwks::KeyStore;
 use session_router::config::{Config, Secret};
 use session_router::session::cookie::CookieCodec;
 use session_router::util::cookies::{cookies_without, find_cookie, Lookup};
+use session_router::util::label::{check_key, is_valid_value};
 use session_router::util::seal::Signer;
 
 // ---------------------------------------------------------------------------

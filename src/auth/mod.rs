@@ -147,6 +147,7 @@ pub struct Authenticator {
 
 impl Authenticator {
     pub fn new(config: &AuthConfig, secret: &Secret, dev_cookie_name: String, metrics: Arc<Metrics>) -> Self {
+        metrics.start_token_rejections_at_zero(&AuthError::CLASSES);
         let method = match config.mode {
             AuthMode::Iap => {
                 let keys = jwks::KeyStore::new(config.jwks_url.clone(), config.jwks_refetch_interval)

@@ -222,6 +222,21 @@ impl BackendKind {
 }
 
 /// `[backend.agones]`: used by both Agones backends.
+/// The pseudo-type naming `status.address`.
+pub const PRIMARY_ADDRESS: &str = "address";
+/// Address types Agones reports, plus [`PRIMARY_ADDRESS`]: what
+/// `address_preference` may list. Declared with the setting it checks, so
+/// validating needs nothing of the Agones backend.
+pub const KNOWN_KINDS: [&str; 7] = [
+    "PodIP",
+    "InternalIP",
+    "ExternalIP",
+    "Hostname",
+    "InternalDNS",
+    "ExternalDNS",
+    PRIMARY_ADDRESS,
+];
+
 #[derive(Debug, Clone, Serialize)]
 pub struct AgonesConfig {
     pub namespace: String,
@@ -1079,7 +1094,7 @@ fn read_agones(
     let port_name = agones.string("port_name", "sd", problems);
     let label_key = agones.key("user_label");
     let user_label = agones.string("user_label", "user", problems);
-    if let Err(reason) = crate::allocator::agones::label::check_key(&user_label) {
+    if let Err(reason) = crate::util::label::check_key(&user_label) {
         problems.push(Problem::new(&label_key, format!("invalid label key {reason}")));
     }
     let preference_key = agones.key("address_preference");
@@ -1089,13 +1104,10 @@ fn read_agones(
         vec!["PodIP".into(), "InternalIP".into(), "address".into()]
     };
     for (i, kind) in address_preference.iter().enumerate() {
-        if !crate::allocator::agones::address::KNOWN_KINDS.contains(&kind.as_str()) {
+        if !KNOWN_KINDS.contains(&kind.as_str()) {
             problems.push(Problem::new(
                 &format!("{preference_key}[{i}]"),
-                format!(
-                    "{kind:?} is not one of {:?}",
-                    crate::allocator::agones::address::KNOWN_KINDS
-                ),
+                format!("{kind:?} is not one of {:?}", KNOWN_KINDS),
             ));
         }
     }

@@ -2,6 +2,7 @@
 //! the bottom of the stack, so that using them never ties two layers.
 
 pub mod cookies;
+pub mod label;
 pub mod seal;
 
 use std::time::{SystemTime, UNIX_EPOCH};
