@@ -28,20 +28,15 @@
 //! | [`body`] | the body wrapper through which those watch bytes go by |
 //! | [`demo`] | stand-in WebUI pods and the one-command demo |
 
-pub mod admin;
 pub mod allocator;
+pub mod app;
 pub mod auth;
-pub mod autoscaler;
 pub mod body;
 pub mod config;
 pub mod demo;
-pub mod error;
 pub mod metrics;
-pub mod pages;
+pub mod net;
 pub mod proxy;
-pub mod reaper;
-pub mod routes;
-pub mod server;
 pub mod session;
 pub mod telemetry;
 pub mod util;
@@ -54,9 +49,9 @@ use tokio::net::TcpListener;
 use crate::allocator::agones::Agones;
 use crate::allocator::shared::Endpoints;
 use crate::allocator::{AllocError, Allocator, Probe, Shared, StaticPool};
+use crate::app::AppState;
 use crate::config::{BackendKind, Config};
 use crate::metrics::Metrics;
-use crate::server::AppState;
 
 /// Why the router could not run. Each variant says what failed and leaves
 /// the cause to its `source()`: the binary prints the whole chain
@@ -74,7 +69,7 @@ pub enum RunError {
 /// until `shutdown` resolves, then drains.
 pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
     let state = Arc::new(build(config).await?);
-    server::serve(listener, state, shutdown).await?;
+    app::serve(listener, state, shutdown).await?;
     Ok(())
 }
 

@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::metrics::Metrics;
-use crate::server::connection::GuardedIo;
+use crate::net::connection::GuardedIo;
 use crate::session::Session;
 use activity_io::{ActivityBody, ActivityIo, Touch};
 use headers::Forwarded;

@@ -7,6 +7,9 @@ pub mod seal;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use http::header::ACCEPT;
+use http::HeaderMap;
+
 /// A concurrent map with a fast hash. Only for keys an attacker cannot
 /// choose freely (verified tokens and subjects, the router's own backend
 /// addresses), so flooding it with colliding keys is not possible: the
@@ -24,4 +27,14 @@ pub(crate) fn locked<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_
 /// carry time.
 pub fn unix(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// True when the client prefers an HTML page to JSON: pages answer so,
+/// and only a browser's navigation may start a session.
+pub fn wants_html(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("text/html"))
 }

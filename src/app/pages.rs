@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use axum::response::{Html, IntoResponse, Response};
 use axum::Json;
-use http::header::{HeaderValue, ACCEPT, CACHE_CONTROL, LOCATION, RETRY_AFTER};
-use http::{HeaderMap, StatusCode, Uri};
+use http::header::{HeaderValue, CACHE_CONTROL, LOCATION, RETRY_AFTER};
+use http::{StatusCode, Uri};
 use serde_json::json;
 
 use crate::allocator::Ended;
@@ -16,15 +16,6 @@ use crate::session::Place;
 
 /// Where "Start again" posts to.
 pub const START: &str = "/_router/start";
-
-/// True when the client prefers an HTML page to JSON.
-pub fn wants_html(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(ACCEPT)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .any(|v| v.contains("text/html"))
-}
 
 /// Escapes text for HTML element content and attribute values.
 pub fn escape(text: &str) -> String {

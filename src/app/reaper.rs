@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::allocator::BusyProbe;
 use crate::allocator::ReleaseReason;
-use crate::server::AppState;
+use crate::app::AppState;
 use crate::session::Session;
 use crate::telemetry;
 
