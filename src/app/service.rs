@@ -5,7 +5,7 @@
 //!    (time limits, see [`connection`](crate::net::connection));
 //! 2. the access log and request metrics observe the request and its final
 //!    response ([`access`]);
-//! 3. over-long URIs are refused ([`check_uri`]; a request line too long
+//! 3. over-long URIs are refused (`check_uri`; a request line too long
 //!    to buffer was answered 414 on the socket already, in `net`);
 //! 4. the router's own endpoints go to their axum routes; everything else
 //!    is proxied to the user's backend ([`routes::proxy`]);

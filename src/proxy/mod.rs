@@ -2,7 +2,7 @@
 //! never buffering, with WebSocket (any `Upgrade`) relayed as raw bytes.
 //!
 //! - [`headers`]: the request head as forwarded: hop-by-hop removal, identity and `X-Forwarded-*` headers.
-//! - [`hop`]: which headers are hop-by-hop, shared by both directions.
+//! - `hop`: which headers are hop-by-hop, shared by both directions.
 //! - [`upstream`]: the pooled HTTP/1.1 client that talks to the backend.
 //! - [`activity_io`]: body and socket wrappers that report activity.
 

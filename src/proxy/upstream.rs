@@ -100,7 +100,7 @@ impl UpstreamError {
 
 /// The pooled connections: one pool per serving thread, so that checking
 /// a connection out and back in touches nothing another core touches (the
-/// threads serve their own connections, see `server::serve`), and a
+/// threads serve their own connections, see `app::serve`), and a
 /// socket is only ever used from the thread whose runtime registered it.
 pub struct Upstreams {
     /// Tells this instance's pools apart from another's in a thread's list.
