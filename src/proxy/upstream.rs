@@ -453,20 +453,9 @@ impl Conn {
                 Ok(Some(_)) | Err(_) => return Poll::Ready(()),
                 Ok(None) => {}
             }
-            if buf.capacity() - buf.len() < READ_BUFFER_BYTES / 4 {
-                buf.reserve(READ_BUFFER_BYTES);
-            }
-            let mut spare = ReadBuf::uninit(buf.spare_capacity_mut());
-            match Pin::new(&mut reader).poll_read(cx, &mut spare) {
-                Poll::Ready(Ok(())) => {
-                    let n = spare.filled().len();
-                    // SAFETY: `n` bytes of the spare capacity were just initialised by the read.
-                    unsafe { buf.set_len(buf.len() + n) };
-                    if n == 0 {
-                        return Poll::Ready(());
-                    }
-                }
-                Poll::Ready(Err(_)) => return Poll::Ready(()),
+            match poll_fill(&mut reader, buf, cx) {
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(()),
+                Poll::Ready(Ok(_)) => {}
                 Poll::Pending => return Poll::Pending,
             }
         });
@@ -510,20 +499,7 @@ impl Conn {
     }
 
     fn poll_read_more(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        if self.buf.capacity() - self.buf.len() < READ_BUFFER_BYTES / 4 {
-            self.buf.reserve(READ_BUFFER_BYTES);
-        }
-        let mut spare = ReadBuf::uninit(self.buf.spare_capacity_mut());
-        match Pin::new(&mut self.io).poll_read(cx, &mut spare) {
-            Poll::Ready(Ok(())) => {
-                let n = spare.filled().len();
-                // SAFETY: `n` bytes of the spare capacity were just initialised by the read.
-                unsafe { self.buf.set_len(self.buf.len() + n) };
-                Poll::Ready(Ok(n))
-            }
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Pending => Poll::Pending,
-        }
+        poll_fill(&mut self.io, &mut self.buf, cx)
     }
 
     fn into_response(mut self, parsed: ParsedHead, head_request: bool) -> ResponseHead {
@@ -570,6 +546,23 @@ impl ResponseHead {
     pub fn take_upgraded(&mut self) -> Option<Upgraded> {
         self.upgraded.take()
     }
+}
+
+/// Reads once from `io` into the spare capacity of `buf` (grown by
+/// [`READ_BUFFER_BYTES`] when little is left), without zeroing it first;
+/// how many bytes came, 0 at end of stream. The one place that reads a
+/// backend's bytes into a buffer, for the head while a body is still being
+/// sent and for everything after.
+fn poll_fill<R: AsyncRead + Unpin>(io: &mut R, buf: &mut BytesMut, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+    if buf.capacity() - buf.len() < READ_BUFFER_BYTES / 4 {
+        buf.reserve(READ_BUFFER_BYTES);
+    }
+    let mut spare = ReadBuf::uninit(buf.spare_capacity_mut());
+    ready!(Pin::new(io).poll_read(cx, &mut spare))?;
+    let n = spare.filled().len();
+    // SAFETY: `n` bytes of the spare capacity were just initialised by the read.
+    unsafe { buf.set_len(buf.len() + n) };
+    Poll::Ready(Ok(n))
 }
 
 /// Appends `data` to `out`, as a chunk when `chunked`.
