@@ -82,10 +82,10 @@ pub trait Allocator: Send + Sync + 'static {
     fn adopt(&self, user: &Identity, pin: &PinnedBackend) -> Option<Lease>;
 
     /// Gives the backend back. `Ok` means the release is confirmed (or the
-    /// backend is already gone). `reason` is `user`, `idle`, `max_lifetime`,
-    /// `dead_pod`, …; an `idle` release must abort if the backend changed
-    /// since the idle decision (another replica saw activity).
-    async fn release(&self, user: &Identity, lease: &Lease, reason: &'static str) -> Result<(), AllocError>;
+    /// backend is already gone). An [`ReleaseReason::Idle`] release must
+    /// abort if the backend changed since the idle decision (another replica
+    /// saw activity).
+    async fn release(&self, user: &Identity, lease: &Lease, reason: ReleaseReason) -> Result<(), AllocError>;
 
     /// Why and when `backend`, which the user's cookie names, was released,
     /// if the backend system recorded that where every replica sees it,
@@ -206,7 +206,7 @@ pub trait Allocator: Send + Sync + 'static {
 
     /// Releases a backend by name for an operator, whichever replica holds
     /// it. `Ok(false)` if there is no such user backend.
-    async fn release_backend(&self, _backend: &str, _reason: &'static str) -> Result<bool, AllocError> {
+    async fn release_backend(&self, _backend: &str, _reason: ReleaseReason) -> Result<bool, AllocError> {
         Ok(false)
     }
 

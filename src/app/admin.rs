@@ -289,7 +289,7 @@ pub async fn release(
             let done = state
                 .registry
                 .allocator()
-                .release_backend(&backend, ReleaseReason::Admin.as_str())
+                .release_backend(&backend, ReleaseReason::Admin)
                 .await
                 .map_err(crate::session::SessionError::from)?;
             done.then_some(backend)

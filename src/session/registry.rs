@@ -270,7 +270,7 @@ impl Registry {
         let user_id = telemetry::user_id(&session.identity.sub);
         let backend = &session.lease.backend;
         let reason = why.as_str();
-        if let Err(e) = self.allocator.release(&session.identity, &session.lease, reason).await {
+        if let Err(e) = self.allocator.release(&session.identity, &session.lease, why).await {
             session.releasing.store(false, Ordering::Release);
             self.metrics.release(reason, false);
             tracing::warn!(%user_id, %backend, reason, error = %e, "release failed; will retry");
@@ -393,7 +393,7 @@ mod tests {
                 at: 7,
             })
         }
-        async fn release(&self, user: &Identity, lease: &Lease, reason: &'static str) -> Result<(), AllocError> {
+        async fn release(&self, user: &Identity, lease: &Lease, reason: ReleaseReason) -> Result<(), AllocError> {
             if self.fail_releases.load(Ordering::SeqCst) {
                 return Err(AllocError::Backend {
                     backend: "test",

@@ -377,14 +377,14 @@ impl Agones {
             );
             let deleted = self.delete(extra.name(), extra.metadata.resource_version.clone()).await;
             if matches!(deleted, Ok(Deleted::Now)) {
-                self.count_release(&extra, "duplicate");
+                self.count_release(&extra, ReleaseReason::Duplicate);
             }
         }
     }
 
     /// Counts and logs the confirmed release of a server no session here
     /// held: its hold as the server records it; its activity is unknown.
-    fn count_release(&self, gs: &GameServer, reason: &'static str) {
+    fn count_release(&self, gs: &GameServer, reason: ReleaseReason) {
         let held = held_since(gs).map(|since| SystemTime::now().duration_since(since).unwrap_or_default());
         crate::telemetry::released(
             &self.metrics,
@@ -392,7 +392,7 @@ impl Agones {
                 sub: None,
                 email: gs.annotation(EMAIL_ANNOTATION),
                 backend: gs.name(),
-                reason,
+                reason: reason.as_str(),
                 held,
                 active: None,
             },
@@ -418,14 +418,10 @@ impl Agones {
     /// Writes why `name` was released onto it (see [`RELEASED`]), for
     /// releases that end the user's session. A failure only costs the
     /// reason: another replica then works it out from the user's cookie.
-    async fn record_release(&self, name: &str, reason: &'static str) {
-        let Some(reason) = ReleaseReason::ALL
-            .into_iter()
-            .find(|r| r.as_str() == reason)
-            .filter(|r| r.ends_session())
-        else {
+    async fn record_release(&self, name: &str, reason: ReleaseReason) {
+        if !reason.ends_session() {
             return;
-        };
+        }
         let record = serde_json::to_string(&Ended::new(reason, SystemTime::now())).unwrap_or_default();
         let patch = serde_json::json!({ "metadata": { "annotations": { RELEASED: record } } });
         let (params, patch) = (PatchParams::default(), Patch::Merge(&patch));
@@ -693,18 +689,18 @@ impl Allocator for Agones {
         (lease.upstream.as_str() == pin.upstream).then_some(lease)
     }
 
-    async fn release(&self, user: &Identity, lease: &Lease, reason: &'static str) -> Result<(), AllocError> {
+    async fn release(&self, user: &Identity, lease: &Lease, reason: ReleaseReason) -> Result<(), AllocError> {
         let email = &user.email;
         let cached = self.cached(&lease.backend).filter(|gs| self.is_users(gs, email));
         let known = match (&cached, reason) {
             // An idle decision was made on the cached copy, which may lag
             // behind activity another replica recorded: confirm it on a
             // fresh copy, released only if unchanged since (precondition).
-            (_, "idle") | (None, _) => self.get(&lease.backend).await?,
+            (_, ReleaseReason::Idle) | (None, _) => self.get(&lease.backend).await?,
             (Some(gs), _) => Some((**gs).clone()),
         };
         let Some(gs) = known else { return Ok(()) };
-        if reason == "idle" && last_seen(&gs) > cached.as_deref().and_then(last_seen) {
+        if reason == ReleaseReason::Idle && last_seen(&gs) > cached.as_deref().and_then(last_seen) {
             tracing::debug!(
                 gameserver = gs.name(),
                 "activity recorded elsewhere since the idle decision; kept"
@@ -719,7 +715,7 @@ impl Allocator for Agones {
             Ok(deleted) => Ok(deleted),
             // An idle release decided on what it saw; if that changed,
             // someone was active: abort. Other releases insist.
-            Err(AllocError::Conflict) if reason != "idle" => {
+            Err(AllocError::Conflict) if reason != ReleaseReason::Idle => {
                 let Some(fresh) = self.get(&lease.backend).await? else {
                     return Ok(());
                 };
@@ -811,7 +807,7 @@ impl Allocator for Agones {
         capacity
     }
 
-    async fn release_backend(&self, backend: &str, reason: &'static str) -> Result<bool, AllocError> {
+    async fn release_backend(&self, backend: &str, reason: ReleaseReason) -> Result<bool, AllocError> {
         let Some(gs) = self.get(backend).await? else {
             return Ok(false);
         };
@@ -826,7 +822,7 @@ impl Allocator for Agones {
                 self.count_release(&gs, reason)
             }
             Ok(Deleted::AlreadyGone) => {}
-            Err(_) => self.metrics.release(reason, false),
+            Err(_) => self.metrics.release(reason.as_str(), false),
         }
         deleted.map(|d| matches!(d, Deleted::Now))
     }
@@ -905,7 +901,7 @@ impl Allocator for Agones {
             servers.sort_by_key(|gs| age_key(gs));
             for (i, gs) in servers.iter().enumerate() {
                 let reason = if i > 0 {
-                    "duplicate"
+                    ReleaseReason::Duplicate
                 } else if held_here.contains(gs.name()) {
                     continue;
                 } else {
@@ -929,7 +925,7 @@ impl Allocator for Agones {
                             continue;
                         }
                     }
-                    "idle"
+                    ReleaseReason::Idle
                 };
                 match self.delete(gs.name(), gs.metadata.resource_version.clone()).await {
                     Ok(Deleted::Now) => {
@@ -941,7 +937,7 @@ impl Allocator for Agones {
                         tracing::debug!(gameserver = gs.name(), "GameServer changed meanwhile; not released")
                     }
                     Err(e) => {
-                        self.metrics.release(reason, false);
+                        self.metrics.release(reason.as_str(), false);
                         tracing::warn!(gameserver = gs.name(), error = %e, "release failed; will retry")
                     }
                 }
