@@ -1,49 +1,46 @@
 //! session-router: one dedicated GPU backend per signed-in user, behind
 //! Cloud IAP.
 //!
-//! A request's path: [`server`] accepts it → [`auth`] verifies the IAP JWT
-//! (or the dev sign-in) → [`session`] finds the user's backend, allocating
-//! one through an [`allocator::Allocator`] on first use → [`proxy`] streams
-//! it there and back → [`reaper`] gives the backend back once the user has
-//! been idle. Failures become pages in one place, [`error`].
+//! A request's path: [`net`] accepts it → [`app`] runs it in one function
+//! (`app::service`) → [`auth`] verifies the IAP JWT (or the dev sign-in) →
+//! [`session`] finds the user's backend, allocating one through an
+//! [`allocator::Allocator`] on first use → [`proxy`] streams it there and
+//! back → the app's reaper gives the backend back once the user has been
+//! idle. Failures become pages in one place, `app::error`.
 //!
 //! # Layout
 //!
+//! Top to bottom: each layer imports only those below it, and no two files
+//! import each other (`tests/layout.rs` keeps it so).
+//!
 //! | module | concern |
 //! |---|---|
-//! | [`config`] | TOML + environment → a validated [`config::Config`]; every problem named by key |
-//! | [`auth`] | IAP JWT verification (`iap`, `jwks`), dev sign-in, allowlists, origin checks |
-//! | [`session`] | the session table (single-flight allocation), signed pinning cookie, activity, which requests may allocate, why a backend was released |
-//! | [`allocator`] | the `Allocator` trait and its backends: `static` pool, Agones (Kubernetes API or allocator service), `shared` (several users per backend: a list or a Service's endpoints) |
-//! | [`proxy`] | streaming forwarder, header rules, WebSocket relay |
-//! | [`reaper`] | idle and max-lifetime release |
-//! | [`admin`] | the operator's sessions view and forced release |
-//! | [`routes`] | request handlers: the proxy path and `/_router/*`, `/healthz`, `/readyz` |
-//! | [`server`] | shared state, route table and layers, accept loop, drain |
-//! | [`error`] | `RouterError` and its single mapping to HTTP |
-//! | [`pages`] | the HTML/JSON pages the router serves itself |
-//! | [`metrics`] | Prometheus metrics on their own listener |
-//! | [`autoscaler`] | the Agones FleetAutoscaler webhook on its own listener: allocated + waiting + buffer |
-//! | [`telemetry`] | Cloud Logging JSON logs, the access log, request metrics |
-//! | [`body`] | the body wrapper through which those watch bytes go by |
 //! | [`demo`] | stand-in WebUI pods and the one-command demo |
+//! | this file | [`run`] and [`build`]: the backend chosen by the config |
+//! | [`app`] | shared state, route table, background tasks; the request path (`service`), handlers (`routes`), `admin`, `reaper`, `autoscaler`, `error` (`RouterError` and its single mapping to HTTP), `pages` |
+//! | [`proxy`] | streaming forwarder, header rules (`hop`: hop-by-hop, both directions), upstream client, WebSocket relay |
+//! | [`session`] | the session table (single-flight allocation), signed pinning cookie, activity, the waiting line, which requests may allocate, how a release is told |
+//! | [`allocator`] | the `Allocator` trait, what it is given and says (pinned backend, release reasons, the shared-line contract) and its backends: `static` pool, Agones (Kubernetes API or allocator service), `shared` (several users per backend: a list or a Service's endpoints) |
+//! | [`auth`] | IAP JWT verification (`iap`, `jwks`), dev sign-in, allowlists, origin checks |
+//! | [`net`] | accept loop, serving threads and drain, generic over the per-request service; guarded sockets and the raw 414 |
+//! | [`telemetry`] | Cloud Logging JSON logs, the access log, request metrics |
+//! | [`config`] | TOML + environment → a validated [`config::Config`]; every problem named by key |
+//! | [`metrics`] | Prometheus metrics on their own listener |
+//! | [`body`] | the body wrapper through which those watch bytes go by |
+//! | [`util`] | `locked`, `FastMap`, HMAC sealing, Cookie-header parsing, label syntax: the bottom, importing nothing of ours |
 
-pub mod admin;
 pub mod allocator;
+pub mod app;
 pub mod auth;
-pub mod autoscaler;
 pub mod body;
 pub mod config;
 pub mod demo;
-pub mod error;
 pub mod metrics;
-pub mod pages;
+pub mod net;
 pub mod proxy;
-pub mod reaper;
-pub mod routes;
-pub mod server;
 pub mod session;
 pub mod telemetry;
+pub mod util;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -53,22 +50,9 @@ use tokio::net::TcpListener;
 use crate::allocator::agones::Agones;
 use crate::allocator::shared::Endpoints;
 use crate::allocator::{AllocError, Allocator, Probe, Shared, StaticPool};
+use crate::app::AppState;
 use crate::config::{BackendKind, Config};
 use crate::metrics::Metrics;
-use crate::server::AppState;
-
-/// A concurrent map with a fast hash. Only for keys an attacker cannot
-/// choose freely (verified tokens and subjects, the router's own backend
-/// addresses), so flooding it with colliding keys is not possible: the
-/// default SipHash costs a third of a microsecond on a 600-byte token.
-pub(crate) type FastMap<K, V> = dashmap::DashMap<K, V, foldhash::fast::RandomState>;
-
-/// Locks `mutex`, also after a panic elsewhere poisoned it: what these
-/// mutexes guard (buffers, pools, a cached value) stays usable, and a
-/// request must not fail because another one panicked.
-pub(crate) fn locked<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
 
 /// Why the router could not run. Each variant says what failed and leaves
 /// the cause to its `source()`: the binary prints the whole chain
@@ -86,7 +70,7 @@ pub enum RunError {
 /// until `shutdown` resolves, then drains.
 pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
     let state = Arc::new(build(config).await?);
-    server::serve(listener, state, shutdown).await?;
+    app::serve(listener, state, shutdown).await?;
     Ok(())
 }
 

@@ -121,7 +121,7 @@ fn run_demo(options: DemoOptions) -> anyhow::Result<()> {
 }
 
 /// Single-threaded: the server starts one runtime per `server.threads`, and
-/// this one is the first (see `server::serve`).
+/// this one is the first (see `app::serve`).
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -18,7 +18,7 @@ use prometheus::{
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::locked;
+use crate::util::locked;
 
 /// Latency buckets (seconds) from 1 ms to 2 min: upstream answers range
 /// from a cached asset to a long generation.
@@ -334,7 +334,8 @@ impl Metrics {
     /// and alerts see them before the first event (a missing series is not
     /// a zero in PromQL).
     /// (`requests`, `proxied_bytes` and the accepted `token_checks` already
-    /// exist: [`HotSeries`] made them.)
+    /// exist: [`HotSeries`] made them; the rejected ones are the
+    /// authenticator's, [`Metrics::start_token_rejections_at_zero`].)
     fn start_at_zero(&self) {
         for outcome in ["allocated", "unallocated", "contention", "error"] {
             self.allocations.with_label_values(&[outcome]);
@@ -346,9 +347,6 @@ impl Metrics {
         }
         for outcome in AUTOSCALER_OUTCOMES {
             self.autoscaler_reviews.with_label_values(&[outcome]);
-        }
-        for reason in crate::auth::AuthError::CLASSES {
-            self.token_checks.with_label_values(&["rejected", reason]);
         }
         for outcome in ["ok", "error"] {
             self.jwks_refreshes.with_label_values(&[outcome]);
@@ -382,6 +380,16 @@ impl Metrics {
     /// `proxied_bytes` towards the client (response bodies).
     pub fn to_client_bytes(&self) -> &IntCounter {
         &self.hot.to_client
+    }
+
+    /// Creates the rejected `token_checks` series of every `reason` class at
+    /// 0, as [`Metrics::new`] does for the other bounded label sets. The
+    /// classes are the authenticator's, so it passes them in: metrics knows
+    /// no layer above it.
+    pub fn start_token_rejections_at_zero(&self, reasons: &[&str]) {
+        for reason in reasons {
+            self.token_checks.with_label_values(&["rejected", reason]);
+        }
     }
 
     /// Counts one identity check: `result` cached, verified or rejected,

@@ -9,6 +9,7 @@ use std::time::{Duration, SystemTime};
 use serde_json::Value;
 use session_router::allocator::agones::label::{self, user_label_value};
 use session_router::allocator::agones::Agones;
+use session_router::allocator::ReleaseReason;
 use session_router::allocator::{AllocError, Allocator};
 use session_router::auth::Identity;
 use session_router::config::Config;
@@ -322,7 +323,7 @@ async fn an_idle_delete_aborts_when_the_gameserver_changed_meanwhile() {
     fake.pause_watch();
     // Another replica records activity: the resourceVersion moves on.
     fake.annotate("gs-1", "session-router.dev/last-activity", "2099-01-01T00:00:00Z");
-    let idle = agones.release(&alice, &lease, "idle").await;
+    let idle = agones.release(&alice, &lease, ReleaseReason::Idle).await;
     assert!(matches!(idle, Err(AllocError::Conflict)), "{idle:?}");
     assert!(!fake.deleted("gs-1"), "the idle delete went through despite the change");
     assert!(
@@ -330,7 +331,7 @@ async fn an_idle_delete_aborts_when_the_gameserver_changed_meanwhile() {
         "the fresh copy shows the activity: no delete is even attempted"
     );
     // The user's own release insists with the fresh version.
-    agones.release(&alice, &lease, "user").await.unwrap();
+    agones.release(&alice, &lease, ReleaseReason::User).await.unwrap();
     assert!(fake.deleted("gs-1"));
     fake.resume_watch();
 }
@@ -630,7 +631,7 @@ trait AdoptCheck {
 impl AdoptCheck for Agones {
     /// True once the cache shows the lease as the user's Allocated server.
     fn adopt_check(&self, user: &Identity, lease: &session_router::allocator::Lease) -> bool {
-        let pin = session_router::session::cookie::PinnedBackend {
+        let pin = session_router::allocator::PinnedBackend {
             backend: lease.backend.to_string(),
             upstream: lease.upstream.to_string(),
             allocated_at: 0,

@@ -16,11 +16,14 @@ use std::time::{Duration, SystemTime};
 use http::{HeaderMap, HeaderValue};
 use proptest::prelude::*;
 use proptest::test_runner::Config as ProptestConfig;
-use session_router::allocator::agones::label::{check_key, is_valid_value, user_label_value};
+use session_router::allocator::agones::label::user_label_value;
 use session_router::auth::iap::IapVerifier;
 use session_router::auth::jwks::KeyStore;
 use session_router::config::{Config, Secret};
-use session_router::session::cookie::{cookies_without, find_cookie, CookieCodec, Lookup, Signer};
+use session_router::session::cookie::CookieCodec;
+use session_router::util::cookies::{cookies_without, find_cookie, Lookup};
+use session_router::util::label::{check_key, is_valid_value};
+use session_router::util::seal::Signer;
 
 // ---------------------------------------------------------------------------
 // Allocation accounting: bytes requested on this thread, per measurement.
@@ -87,7 +90,7 @@ const COOKIE: &str = "session_router";
 
 fn codec() -> CookieCodec {
     CookieCodec::new(
-        Signer::new(&Secret::new(SECRET.to_vec())),
+        Signer::new(Secret::new(SECRET.to_vec())),
         COOKIE.into(),
         Duration::from_secs(3600),
     )
@@ -222,7 +225,7 @@ fn a_huge_cookie_is_refused_before_any_decoding() {
     let (pin, bytes) = allocated_by(|| codec.read(&headers, "accounts.google.com:alice", SystemTime::now()));
     assert!(pin.is_none());
     assert!(bytes < 4096, "{bytes} bytes allocated for a 1 MiB cookie");
-    let signer = Signer::new(&Secret::new(SECRET.to_vec()));
+    let signer = Signer::new(Secret::new(SECRET.to_vec()));
     let sealed = format!("{}.{}", "A".repeat(1 << 20), "B".repeat(43));
     let (opened, bytes) = allocated_by(|| signer.open("ctx", "sub", &sealed));
     assert!(opened.is_none());

@@ -20,7 +20,8 @@ use p256::ecdsa::{Signature, SigningKey};
 use serde_json::{json, Value};
 use session_router::config::{Config, Secret};
 use session_router::demo::DemoPod;
-use session_router::session::cookie::{CookieCodec, Signer};
+use session_router::session::cookie::CookieCodec;
+use session_router::util::seal::Signer;
 use support::{client, pods, FakeAgones, IapIssuer, TestRouter, AUDIENCE, SECRET};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -848,7 +849,7 @@ fn jsonwebtoken_is_pinned_at_10_3_or_later_with_an_explicit_crypto_backend() {
 // 2. Cookies
 
 fn codec(secret: &[u8], ttl: Duration) -> CookieCodec {
-    CookieCodec::new(Signer::new(&Secret::new(secret.to_vec())), COOKIE.into(), ttl)
+    CookieCodec::new(Signer::new(Secret::new(secret.to_vec())), COOKIE.into(), ttl)
 }
 
 /// `session_router=…` pinning `sub` to `backend` at `upstream`, issued at `now`.

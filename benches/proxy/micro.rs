@@ -10,13 +10,13 @@ use anyhow::Context;
 use async_trait::async_trait;
 use futures_util::FutureExt;
 use rand::seq::SliceRandom;
-use session_router::allocator::{AllocError, Allocator, Capacity, Lease};
+use session_router::allocator::PinnedBackend;
+use session_router::allocator::{AllocError, Allocator, Capacity, Lease, ReleaseReason};
 use session_router::auth::iap::IapVerifier;
 use session_router::auth::jwks::KeyStore;
 use session_router::auth::Identity;
 use session_router::config::Config;
 use session_router::metrics::Metrics;
-use session_router::session::cookie::PinnedBackend;
 use session_router::session::{Claim, Registry};
 
 use crate::contenders::AUDIENCE;
@@ -33,7 +33,7 @@ impl Allocator for OneBackend {
     fn adopt(&self, _user: &Identity, _pin: &PinnedBackend) -> Option<Lease> {
         None
     }
-    async fn release(&self, _user: &Identity, _lease: &Lease, _reason: &'static str) -> Result<(), AllocError> {
+    async fn release(&self, _user: &Identity, _lease: &Lease, _reason: ReleaseReason) -> Result<(), AllocError> {
         Ok(())
     }
     fn capacity(&self) -> Capacity {

@@ -4,6 +4,8 @@
 
 pub mod agones;
 mod busy_probe;
+mod line;
+mod release;
 pub mod shared;
 mod static_pool;
 
@@ -17,12 +19,12 @@ use http::uri::Authority;
 use tokio_util::sync::CancellationToken;
 
 pub use busy_probe::BusyProbe;
+pub use line::{SharedLine, SharedWaiter};
+pub use release::{Ended, ReleaseReason, REMEMBERED_FOR};
 pub use shared::Shared;
 pub use static_pool::{Probe, StaticPool};
 
 use crate::auth::Identity;
-use crate::session::cookie::PinnedBackend;
-use crate::session::Ended;
 
 /// One user's hold on one backend.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,6 +33,24 @@ pub struct Lease {
     pub backend: Arc<str>,
     /// Where requests go: `host:port`, spoken to over plain HTTP/1.1.
     pub upstream: Authority,
+}
+
+/// What the pinning cookie remembers about a user's backend: what
+/// [`Allocator::adopt`] re-attaches the user to. Serialised inside the cookie.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PinnedBackend {
+    /// The backend's id (a static slot or a GameServer name).
+    #[serde(rename = "b")]
+    pub backend: String,
+    /// `host:port` the backend was reached at.
+    #[serde(rename = "u")]
+    pub upstream: String,
+    /// Unix seconds when the backend was allocated.
+    #[serde(rename = "a")]
+    pub allocated_at: u64,
+    /// Unix seconds after which the cookie is ignored.
+    #[serde(rename = "e")]
+    pub expires: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -62,10 +82,10 @@ pub trait Allocator: Send + Sync + 'static {
     fn adopt(&self, user: &Identity, pin: &PinnedBackend) -> Option<Lease>;
 
     /// Gives the backend back. `Ok` means the release is confirmed (or the
-    /// backend is already gone). `reason` is `user`, `idle`, `max_lifetime`,
-    /// `dead_pod`, …; an `idle` release must abort if the backend changed
-    /// since the idle decision (another replica saw activity).
-    async fn release(&self, user: &Identity, lease: &Lease, reason: &'static str) -> Result<(), AllocError>;
+    /// backend is already gone). An [`ReleaseReason::Idle`] release must
+    /// abort if the backend changed since the idle decision (another replica
+    /// saw activity).
+    async fn release(&self, user: &Identity, lease: &Lease, reason: ReleaseReason) -> Result<(), AllocError>;
 
     /// Why and when `backend`, which the user's cookie names, was released,
     /// if the backend system recorded that where every replica sees it,
@@ -154,7 +174,7 @@ pub trait Allocator: Send + Sync + 'static {
 
     /// Where the waiting line lives when it spans replicas; `None`: in
     /// this process.
-    fn shared_line(&self) -> Option<Arc<dyn crate::session::line::SharedLine>> {
+    fn shared_line(&self) -> Option<Arc<dyn SharedLine>> {
         None
     }
 
@@ -186,7 +206,7 @@ pub trait Allocator: Send + Sync + 'static {
 
     /// Releases a backend by name for an operator, whichever replica holds
     /// it. `Ok(false)` if there is no such user backend.
-    async fn release_backend(&self, _backend: &str, _reason: &'static str) -> Result<bool, AllocError> {
+    async fn release_backend(&self, _backend: &str, _reason: ReleaseReason) -> Result<bool, AllocError> {
         Ok(false)
     }
 
@@ -244,9 +264,8 @@ impl fmt::Display for Lease {
 /// carry for a lease.
 #[cfg(test)]
 pub(crate) mod testing {
-    use super::Lease;
+    use super::{Lease, PinnedBackend};
     use crate::auth::Identity;
-    use crate::session::cookie::PinnedBackend;
 
     pub fn user(name: &str) -> Identity {
         Identity::new(name, &format!("{name}@example.com"), None)

@@ -19,9 +19,8 @@ use http::Uri;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use super::{AllocError, Allocator, Capacity, Lease};
+use super::{AllocError, Allocator, Capacity, Lease, PinnedBackend, ReleaseReason};
 use crate::auth::Identity;
-use crate::session::cookie::PinnedBackend;
 
 pub struct StaticPool {
     leases: Vec<Lease>,
@@ -193,7 +192,7 @@ impl Allocator for StaticPool {
         }
     }
 
-    async fn release(&self, user: &Identity, lease: &Lease, _reason: &'static str) -> Result<(), AllocError> {
+    async fn release(&self, user: &Identity, lease: &Lease, _reason: ReleaseReason) -> Result<(), AllocError> {
         let mut holders = self.holders();
         if let Some(index) = self.index_of(lease) {
             if holders[index].as_deref() == Some(&*user.sub) {
@@ -279,7 +278,7 @@ mod tests {
         assert_ne!(a.backend, b.backend);
         assert_eq!(pool.allocate(&user("a")).await.unwrap(), a);
         assert!(matches!(pool.allocate(&user("c")).await, Err(AllocError::NoCapacity)));
-        pool.release(&user("a"), &a, "user").await.unwrap();
+        pool.release(&user("a"), &a, ReleaseReason::User).await.unwrap();
         assert_eq!(pool.allocate(&user("c")).await.unwrap(), a);
     }
 
@@ -349,7 +348,7 @@ mod tests {
     async fn releasing_someone_elses_lease_does_nothing() {
         let pool = pool(1);
         let a = pool.allocate(&user("a")).await.unwrap();
-        pool.release(&user("b"), &a, "user").await.unwrap();
+        pool.release(&user("b"), &a, ReleaseReason::User).await.unwrap();
         assert_eq!(pool.free(), 0);
     }
 }

@@ -5,7 +5,8 @@
 use http::HeaderMap;
 
 use super::{AuthError, Identity};
-use crate::session::cookie::{find_cookie, Lookup, Signer};
+use crate::util::cookies::{find_cookie, Lookup};
+use crate::util::seal::Signer;
 
 const CONTEXT: &str = "session-router/dev-sign-in/v1";
 /// Longest name the sign-in form accepts.
@@ -72,7 +73,7 @@ mod tests {
     use crate::config::Secret;
 
     fn dev() -> DevSignIn {
-        DevSignIn::new(Signer::new(&Secret::random()), "sr_dev".into())
+        DevSignIn::new(Signer::new(Secret::random()), "sr_dev".into())
     }
 
     #[test]

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::FastMap;
+use crate::util::FastMap;
 use jsonwebtoken::{Algorithm, Validation};
 use serde::Deserialize;
 

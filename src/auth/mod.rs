@@ -18,7 +18,7 @@ use http::HeaderMap;
 
 use crate::config::{AuthConfig, AuthMode, Secret};
 use crate::metrics::Metrics;
-use crate::session::cookie::Signer;
+use crate::util::seal::Signer;
 
 /// A verified user. Cheap to clone.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -147,6 +147,7 @@ pub struct Authenticator {
 
 impl Authenticator {
     pub fn new(config: &AuthConfig, secret: &Secret, dev_cookie_name: String, metrics: Arc<Metrics>) -> Self {
+        metrics.start_token_rejections_at_zero(&AuthError::CLASSES);
         let method = match config.mode {
             AuthMode::Iap => {
                 let keys = jwks::KeyStore::new(config.jwks_url.clone(), config.jwks_refetch_interval)

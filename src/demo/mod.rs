@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 
+use crate::app::serve;
 use crate::config::{Config, ConfigError};
-use crate::server::serve;
 pub use pod::DemoPod;
 
 /// Knobs of the demo, all with defaults from the command line.

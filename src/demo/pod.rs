@@ -23,7 +23,7 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 
-use crate::pages::{document, escape};
+use crate::app::pages::{document, escape};
 use crate::proxy::headers::{EMAIL_HEADER, USER_HEADER};
 
 struct Pod {

@@ -16,9 +16,10 @@ use http::header::{self, HeaderMap, HeaderName};
 use http::request::Parts;
 use http::uri::Authority;
 
+use super::hop::connection_tokens;
 use super::upstream::RequestFraming;
 use crate::auth::Identity;
-use crate::session::cookie::cookies_without;
+use crate::util::cookies::cookies_without;
 
 /// Identity headers a client could forge if it bypassed IAP. Never
 /// forwarded as received.
@@ -30,29 +31,9 @@ pub const EMAIL_HEADER: &str = "x-session-router-email";
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
-pub(super) const HOP_BY_HOP: [HeaderName; 7] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-];
-
 /// True for a request asking to switch protocols (WebSocket and friends).
 pub fn is_upgrade(headers: &HeaderMap) -> bool {
     headers.contains_key(header::UPGRADE) && connection_tokens(headers).any(|t| t.eq_ignore_ascii_case("upgrade"))
-}
-
-fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
 }
 
 /// What the router adds to every request it forwards.
@@ -204,6 +185,7 @@ fn write_parts(out: &mut Vec<u8>, parts: &[&[u8]]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proxy::hop::HOP_BY_HOP;
 
     fn identity() -> Identity {
         Identity::new("accounts.google.com:1", "alice@example.com", None)

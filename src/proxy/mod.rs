@@ -1,11 +1,14 @@
 //! Forwarding one request to the user's backend: streaming both ways,
 //! never buffering, with WebSocket (any `Upgrade`) relayed as raw bytes.
 //!
-//! - [`headers`]: hop-by-hop removal, identity and `X-Forwarded-*` headers.
+//! - [`headers`]: the request head as forwarded: hop-by-hop removal, identity and `X-Forwarded-*` headers.
+//! - `hop`: which headers are hop-by-hop, shared by both directions.
+//! - [`upstream`]: the pooled HTTP/1.1 client that talks to the backend.
 //! - [`activity_io`]: body and socket wrappers that report activity.
 
 pub mod activity_io;
 pub mod headers;
+mod hop;
 pub mod upstream;
 
 use std::io;
@@ -26,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::metrics::Metrics;
-use crate::server::connection::GuardedIo;
+use crate::net::connection::GuardedIo;
 use crate::session::Session;
 use activity_io::{ActivityBody, ActivityIo, Touch};
 use headers::Forwarded;

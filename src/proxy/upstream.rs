@@ -46,8 +46,9 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use super::hop::{is_hop_by_hop, tokens};
 use super::BoxError;
-use crate::locked;
+use crate::util::locked;
 
 /// Read buffer of a connection; a body streams through it in reads of up
 /// to this size.
@@ -99,7 +100,7 @@ impl UpstreamError {
 
 /// The pooled connections: one pool per serving thread, so that checking
 /// a connection out and back in touches nothing another core touches (the
-/// threads serve their own connections, see `server::serve`), and a
+/// threads serve their own connections, see `app::serve`), and a
 /// socket is only ever used from the thread whose runtime registered it.
 pub struct Upstreams {
     /// Tells this instance's pools apart from another's in a thread's list.
@@ -452,20 +453,9 @@ impl Conn {
                 Ok(Some(_)) | Err(_) => return Poll::Ready(()),
                 Ok(None) => {}
             }
-            if buf.capacity() - buf.len() < READ_BUFFER_BYTES / 4 {
-                buf.reserve(READ_BUFFER_BYTES);
-            }
-            let mut spare = ReadBuf::uninit(buf.spare_capacity_mut());
-            match Pin::new(&mut reader).poll_read(cx, &mut spare) {
-                Poll::Ready(Ok(())) => {
-                    let n = spare.filled().len();
-                    // SAFETY: `n` bytes of the spare capacity were just initialised by the read.
-                    unsafe { buf.set_len(buf.len() + n) };
-                    if n == 0 {
-                        return Poll::Ready(());
-                    }
-                }
-                Poll::Ready(Err(_)) => return Poll::Ready(()),
+            match poll_fill(&mut reader, buf, cx) {
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(()),
+                Poll::Ready(Ok(_)) => {}
                 Poll::Pending => return Poll::Pending,
             }
         });
@@ -509,20 +499,7 @@ impl Conn {
     }
 
     fn poll_read_more(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        if self.buf.capacity() - self.buf.len() < READ_BUFFER_BYTES / 4 {
-            self.buf.reserve(READ_BUFFER_BYTES);
-        }
-        let mut spare = ReadBuf::uninit(self.buf.spare_capacity_mut());
-        match Pin::new(&mut self.io).poll_read(cx, &mut spare) {
-            Poll::Ready(Ok(())) => {
-                let n = spare.filled().len();
-                // SAFETY: `n` bytes of the spare capacity were just initialised by the read.
-                unsafe { self.buf.set_len(self.buf.len() + n) };
-                Poll::Ready(Ok(n))
-            }
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Pending => Poll::Pending,
-        }
+        poll_fill(&mut self.io, &mut self.buf, cx)
     }
 
     fn into_response(mut self, parsed: ParsedHead, head_request: bool) -> ResponseHead {
@@ -569,6 +546,23 @@ impl ResponseHead {
     pub fn take_upgraded(&mut self) -> Option<Upgraded> {
         self.upgraded.take()
     }
+}
+
+/// Reads once from `io` into the spare capacity of `buf` (grown by
+/// [`READ_BUFFER_BYTES`] when little is left), without zeroing it first;
+/// how many bytes came, 0 at end of stream. The one place that reads a
+/// backend's bytes into a buffer, for the head while a body is still being
+/// sent and for everything after.
+fn poll_fill<R: AsyncRead + Unpin>(io: &mut R, buf: &mut BytesMut, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+    if buf.capacity() - buf.len() < READ_BUFFER_BYTES / 4 {
+        buf.reserve(READ_BUFFER_BYTES);
+    }
+    let mut spare = ReadBuf::uninit(buf.spare_capacity_mut());
+    ready!(Pin::new(io).poll_read(cx, &mut spare))?;
+    let n = spare.filled().len();
+    // SAFETY: `n` bytes of the spare capacity were just initialised by the read.
+    unsafe { buf.set_len(buf.len() + n) };
+    Poll::Ready(Ok(n))
 }
 
 /// Appends `data` to `out`, as a chunk when `chunked`.
@@ -666,11 +660,6 @@ fn head_status(buf: &[u8]) -> Result<Option<(usize, StatusCode)>, UpstreamError>
     parse_with(buf, status_of)
 }
 
-/// Header names that describe one connection (RFC 9110 §7.6.1).
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    super::headers::HOP_BY_HOP.contains(name)
-}
-
 /// A header kept for the client: its name, and where its value is in the
 /// head.
 struct Kept {
@@ -726,15 +715,13 @@ fn head_facts(response: &httparse::Response<'_, '_>, start: usize) -> Result<Hea
         .iter()
         .filter(|h| h.name.eq_ignore_ascii_case("connection"))
     {
-        for token in std::str::from_utf8(h.value).unwrap_or("").split(',').map(str::trim) {
+        for token in tokens(std::str::from_utf8(h.value).unwrap_or("")) {
             if token.eq_ignore_ascii_case("close") {
                 keep_alive = false;
             } else if token.eq_ignore_ascii_case("keep-alive") {
                 keep_alive |= http10;
             }
-            if !token.is_empty() {
-                named.push(token);
-            }
+            named.push(token);
         }
     }
 

@@ -7,81 +7,17 @@
 //! the cookie. Anything that does not verify is simply ignored: the request is
 //! then routed by the verified identity alone.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
-use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
-use base64::Engine;
-use hmac::{Hmac, Mac};
 use http::{HeaderMap, HeaderValue};
 use serde::{Deserialize, Serialize};
-use sha2::Sha256;
 
-use super::ended::Ended;
-use crate::allocator::Lease;
-use crate::config::Secret;
+use crate::allocator::{Ended, Lease, PinnedBackend};
+use crate::util::cookies::{find_cookie, Lookup};
+use crate::util::seal::Signer;
+use crate::util::unix;
 
-/// Browsers cap a cookie near 4 KiB; a longer value is not ours.
-const MAX_COOKIE_BYTES: usize = 4096;
 const VERSION: &str = "v1";
-
-/// HMAC-SHA256 with the router's secret. Verification is constant-time.
-#[derive(Clone)]
-pub struct Signer {
-    key: Hmac<Sha256>,
-}
-
-impl Signer {
-    pub fn new(secret: &Secret) -> Self {
-        Signer {
-            key: Hmac::new_from_slice(secret.expose()).expect("HMAC takes any key length"),
-        }
-    }
-
-    fn mac(&self, context: &str, subject: &str, payload: &[u8]) -> Hmac<Sha256> {
-        let mut mac = self.key.clone();
-        for part in [context.as_bytes(), subject.as_bytes(), payload] {
-            mac.update(&(part.len() as u64).to_be_bytes());
-            mac.update(part);
-        }
-        mac
-    }
-
-    /// `payload.tag`, both base64url.
-    pub fn seal(&self, context: &str, subject: &str, payload: &[u8]) -> String {
-        let tag = self.mac(context, subject, payload).finalize().into_bytes();
-        format!("{}.{}", B64.encode(payload), B64.encode(tag))
-    }
-
-    /// The payload of a value made by [`Signer::seal`] with the same context
-    /// and subject, or `None`.
-    pub fn open(&self, context: &str, subject: &str, sealed: &str) -> Option<Vec<u8>> {
-        if sealed.len() > MAX_COOKIE_BYTES {
-            return None;
-        }
-        let (payload, tag) = sealed.split_once('.')?;
-        let payload = B64.decode(payload).ok()?;
-        let tag = B64.decode(tag).ok()?;
-        self.mac(context, subject, &payload).verify_slice(&tag).ok()?;
-        Some(payload)
-    }
-}
-
-/// What the pinning cookie remembers about a user's backend.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PinnedBackend {
-    /// The backend's id (a static slot or a GameServer name).
-    #[serde(rename = "b")]
-    pub backend: String,
-    /// `host:port` the backend was reached at.
-    #[serde(rename = "u")]
-    pub upstream: String,
-    /// Unix seconds when the backend was allocated.
-    #[serde(rename = "a")]
-    pub allocated_at: u64,
-    /// Unix seconds after which the cookie is ignored.
-    #[serde(rename = "e")]
-    pub expires: u64,
-}
 
 /// The pinning cookie's payload: the backend, the user's last activity as
 /// far as the issuing replica knew, and, once the backend was released,
@@ -241,73 +177,14 @@ pub fn set_cookie(name: &str, value: &str, max_age: Option<Duration>) -> HeaderV
     HeaderValue::from_str(&text).expect("cookie names and values are validated ASCII")
 }
 
-pub fn unix(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
-}
-
-/// The result of looking a cookie name up across all `Cookie` headers.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Lookup<'a> {
-    None,
-    One(&'a str),
-    /// The name appears more than once: which one is meant is unknowable, so
-    /// none is trusted.
-    Ambiguous,
-}
-
-pub fn find_cookie<'a>(headers: &'a HeaderMap, name: &str) -> Lookup<'a> {
-    let mut found = Lookup::None;
-    for (key, value) in cookie_pairs(headers) {
-        if key == name {
-            found = match found {
-                Lookup::None => Lookup::One(value),
-                _ => return Lookup::Ambiguous,
-            };
-        }
-    }
-    found
-}
-
-fn cookie_pairs(headers: &HeaderMap) -> impl Iterator<Item = (&str, &str)> {
-    headers
-        .get_all(http::header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|line| line.split(';'))
-        .filter_map(|pair| {
-            let (k, v) = pair.split_once('=')?;
-            Some((k.trim(), v.trim()))
-        })
-}
-
-/// The cookies a backend may see: every pair of the `Cookie` headers but
-/// the `names`d ones (the router's own), in order. `None` when none of
-/// those is present, so the headers can go as they are.
-pub fn cookies_without<'a, S: AsRef<str>>(
-    headers: &'a HeaderMap,
-    names: &'a [S],
-) -> Option<impl Iterator<Item = &'a str> + 'a> {
-    let named = move |key: &str| names.iter().any(|n| n.as_ref() == key);
-    if !cookie_pairs(headers).any(|(k, _)| named(k)) {
-        return None;
-    }
-    Some(
-        headers
-            .get_all(http::header::COOKIE)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|line| line.split(';'))
-            .filter(|pair| {
-                let key = pair.split_once('=').map_or(pair.trim(), |(k, _)| k.trim());
-                !key.is_empty() && !names.iter().any(|n| n.as_ref() == key)
-            })
-            .map(str::trim),
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+    use base64::Engine;
+
+    use crate::config::Secret;
+    use crate::util::cookies::cookies_without;
 
     fn codec() -> CookieCodec {
         let secret = Secret::new(b"0123456789abcdef0123456789abcdef".to_vec());
@@ -466,7 +343,7 @@ mod tests {
         let codec = codec();
         let now = SystemTime::now();
         let mut ended = pin(now);
-        ended.ended = Some(Ended::new(super::super::ended::ReleaseReason::Idle, now));
+        ended.ended = Some(Ended::new(crate::allocator::ReleaseReason::Idle, now));
         let (header, _) = codec.issue("alice", ended.clone(), now);
         let headers = request_with(header.to_str().unwrap().split(';').next().unwrap());
         assert!(!codec.is_fresh(&headers, "alice", "static-0", None, now, None));

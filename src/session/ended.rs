@@ -1,4 +1,5 @@
-//! Why a user's backend was given back, and how every replica can tell.
+//! How every replica can tell why a user's backend was given back (the
+//! reasons themselves, [`ReleaseReason`], belong to the allocator).
 //!
 //! A user whose GPU was released must be told so, not silently given a new
 //! one by the next background request of their open tab. Several replicas
@@ -16,103 +17,9 @@
 //!    active (refreshed at most every [`stamp_interval`]), so "lifetime
 //!    reached" and "idle" follow from the configuration.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
-use serde::{Deserialize, Serialize};
-
-/// Why a backend was released. The strings are the `reason` label of the
-/// release metrics and log lines.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ReleaseReason {
-    /// The user asked (`POST /_router/release`).
-    User,
-    /// Nothing moved for `idle_timeout`.
-    Idle,
-    /// Held for `max_lifetime`.
-    MaxLifetime,
-    /// The backend refused connections and was replaced.
-    DeadPod,
-    /// An operator released it from the admin page.
-    Admin,
-    /// The user held two backends; this one went.
-    Duplicate,
-}
-
-impl ReleaseReason {
-    pub const ALL: [ReleaseReason; 6] = [
-        ReleaseReason::User,
-        ReleaseReason::Idle,
-        ReleaseReason::MaxLifetime,
-        ReleaseReason::DeadPod,
-        ReleaseReason::Admin,
-        ReleaseReason::Duplicate,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ReleaseReason::User => "user",
-            ReleaseReason::Idle => "idle",
-            ReleaseReason::MaxLifetime => "max_lifetime",
-            ReleaseReason::DeadPod => "dead_pod",
-            ReleaseReason::Admin => "admin",
-            ReleaseReason::Duplicate => "duplicate",
-        }
-    }
-
-    /// Whether the release ends the user's session, so they are told and
-    /// start again by choice; a dead pod or a duplicate is replaced on the
-    /// user's next request instead.
-    pub fn ends_session(self) -> bool {
-        !matches!(self, ReleaseReason::DeadPod | ReleaseReason::Duplicate)
-    }
-
-    /// The end of "Your GPU was released …", for the user.
-    pub fn sentence(self) -> &'static str {
-        match self {
-            ReleaseReason::User => "because you released it",
-            ReleaseReason::Idle => "because it was idle",
-            ReleaseReason::MaxLifetime => "because the session reached its maximum lifetime",
-            ReleaseReason::DeadPod => "because its server stopped answering",
-            ReleaseReason::Admin => "by an administrator",
-            ReleaseReason::Duplicate => "because you held two",
-        }
-    }
-}
-
-/// A release as the user is told about it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Ended {
-    #[serde(rename = "r")]
-    pub reason: ReleaseReason,
-    /// Unix seconds of the release (for `idle` found from the cookie's
-    /// stamps: when the idle timeout ran out).
-    #[serde(rename = "t")]
-    pub at: u64,
-}
-
-/// How long a release is remembered where the cookie does not carry it
-/// (this replica's memory, a replica's view of a released GameServer):
-/// longer than a user stays away with a tab open on any ordinary day.
-pub const REMEMBERED_FOR: Duration = Duration::from_secs(24 * 3600);
-
-impl Ended {
-    pub fn new(reason: ReleaseReason, at: SystemTime) -> Self {
-        Ended {
-            reason,
-            at: super::cookie::unix(at),
-        }
-    }
-
-    pub fn at(&self) -> SystemTime {
-        UNIX_EPOCH + Duration::from_secs(self.at)
-    }
-
-    /// Whether the release is past [`REMEMBERED_FOR`] at `now`.
-    pub fn is_forgotten(&self, now: SystemTime) -> bool {
-        now.duration_since(self.at()).is_ok_and(|age| age >= REMEMBERED_FOR)
-    }
-}
+use crate::allocator::{Ended, ReleaseReason};
 
 /// A release as answered to one of the user's requests: what to say, and
 /// the cookie that records it for every replica (none when the user's
@@ -144,7 +51,7 @@ pub fn presumed(
     max_lifetime: Duration,
     now: SystemTime,
 ) -> Option<Ended> {
-    let unix = super::cookie::unix;
+    let unix = crate::util::unix;
     let now = unix(now);
     let last = allocated_at.max(last_active).max(elsewhere.map_or(0, unix));
     let lag = stamp_interval(idle_timeout).as_secs();
@@ -167,22 +74,11 @@ pub fn presumed(
 
 #[cfg(test)]
 mod tests {
+    use std::time::UNIX_EPOCH;
+
     use super::*;
 
     const MINUTE: Duration = Duration::from_secs(60);
-
-    #[test]
-    fn reasons_keep_their_metric_labels_in_the_cookie_too() {
-        for reason in ReleaseReason::ALL {
-            let json = serde_json::to_string(&reason).unwrap();
-            assert_eq!(json, format!("\"{}\"", reason.as_str()));
-            assert_eq!(serde_json::from_str::<ReleaseReason>(&json).unwrap(), reason);
-        }
-        assert_eq!(
-            ReleaseReason::ALL.map(ReleaseReason::as_str),
-            crate::metrics::RELEASE_REASONS
-        );
-    }
 
     #[test]
     fn the_stamp_is_refreshed_a_quarter_of_the_idle_timeout_apart_within_bounds() {
@@ -194,7 +90,7 @@ mod tests {
     #[test]
     fn stamps_tell_idle_from_lifetime_and_from_still_in_use() {
         let t0 = UNIX_EPOCH + Duration::from_secs(1_000_000);
-        let a = super::super::cookie::unix(t0);
+        let a = crate::util::unix(t0);
         let idle = 10 * MINUTE;
         // Active a minute ago: nothing can be said.
         assert_eq!(presumed(a, a + 540, None, idle, Duration::ZERO, t0 + idle), None);

@@ -12,7 +12,7 @@
 
 use http::{HeaderMap, Method};
 
-use crate::pages::wants_html;
+use crate::util::wants_html;
 
 /// What a request says about the user's intent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -9,7 +9,7 @@
 //! they come back.
 //!
 //! On `static` the line is this process's (the whole deployment). On Agones
-//! it is shared through Kubernetes, the only shared state ([`SharedLine`]:
+//! it is shared through Kubernetes, the only shared state ([`SharedLine`], declared by the allocator that implements it:
 //! one `coordination.k8s.io` Lease per waiter, acquired when they joined,
 //! renewed when they last asked), so every replica sees the same order.
 //!
@@ -22,14 +22,13 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use async_trait::async_trait;
 use tokio::time::Instant;
 
-use crate::allocator::{AllocError, Allocator};
+use crate::allocator::{AllocError, Allocator, SharedLine, SharedWaiter};
 use crate::auth::Identity;
-use crate::locked;
 use crate::metrics::Metrics;
 use crate::telemetry;
+use crate::util::locked;
 
 /// Where a waiting user stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,30 +44,6 @@ struct Waiter {
     email: Arc<str>,
     joined: Instant,
     last_asked: Instant,
-}
-
-/// One waiter of a line kept outside this process.
-#[derive(Debug, Clone)]
-pub struct SharedWaiter {
-    pub key: String,
-    pub joined: SystemTime,
-    pub last_asked: SystemTime,
-}
-
-/// A line kept where every replica sees it.
-#[async_trait]
-pub trait SharedLine: Send + Sync + 'static {
-    /// The user's key in the line.
-    fn key(&self, user: &Identity) -> String;
-    /// Everyone in line, stale ones included, in no particular order.
-    async fn waiters(&self) -> Result<Vec<SharedWaiter>, AllocError>;
-    /// Puts the user in line at `now`; `false` if they were in it already
-    /// (then only renewed).
-    async fn join(&self, user: &Identity, now: SystemTime) -> Result<bool, AllocError>;
-    /// Records that the user asked again at `now`.
-    async fn renew(&self, user: &Identity, now: SystemTime) -> Result<(), AllocError>;
-    /// Takes `key` out of the line; when it was in it, since when.
-    async fn leave(&self, key: &str) -> Result<Option<SystemTime>, AllocError>;
 }
 
 /// What the line says to a user without a backend.

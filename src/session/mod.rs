@@ -22,14 +22,13 @@ use std::time::SystemTime;
 use tokio_util::sync::CancellationToken;
 
 pub use activity::{Activity, InFlight};
-pub use ended::{Ended, ReleaseReason};
 pub use intent::Intent;
 pub use line::Place;
 pub use registry::{Claim, Registry, SessionError};
 
 use crate::allocator::Lease;
 use crate::auth::Identity;
-use crate::locked;
+use crate::util::locked;
 
 /// One user's hold on one backend.
 pub struct Session {

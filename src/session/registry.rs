@@ -14,15 +14,15 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use crate::FastMap;
+use crate::util::FastMap;
 use tokio::sync::OnceCell;
 use tokio::time::Instant;
 
-use super::cookie::PinnedBackend;
-use super::ended::{Ended, Notice, ReleaseReason};
+use super::ended::Notice;
 use super::line::{Admission, Line, Place};
 use super::Session;
-use crate::allocator::{AllocError, Allocator, Lease};
+use crate::allocator::{AllocError, Allocator, Lease, PinnedBackend};
+use crate::allocator::{Ended, ReleaseReason};
 use crate::auth::Identity;
 use crate::metrics::Metrics;
 use crate::telemetry;
@@ -270,7 +270,7 @@ impl Registry {
         let user_id = telemetry::user_id(&session.identity.sub);
         let backend = &session.lease.backend;
         let reason = why.as_str();
-        if let Err(e) = self.allocator.release(&session.identity, &session.lease, reason).await {
+        if let Err(e) = self.allocator.release(&session.identity, &session.lease, why).await {
             session.releasing.store(false, Ordering::Release);
             self.metrics.release(reason, false);
             tracing::warn!(%user_id, %backend, reason, error = %e, "release failed; will retry");
@@ -393,7 +393,7 @@ mod tests {
                 at: 7,
             })
         }
-        async fn release(&self, user: &Identity, lease: &Lease, reason: &'static str) -> Result<(), AllocError> {
+        async fn release(&self, user: &Identity, lease: &Lease, reason: ReleaseReason) -> Result<(), AllocError> {
             if self.fail_releases.load(Ordering::SeqCst) {
                 return Err(AllocError::Backend {
                     backend: "test",
@@ -496,7 +496,7 @@ mod tests {
         let now = SystemTime::now();
         registry.forget_old_releases(now + Duration::from_secs(3600));
         assert!(registry.ended(&alice, "static-0").is_some(), "an hour later: kept");
-        registry.forget_old_releases(now + super::super::ended::REMEMBERED_FOR + Duration::from_secs(2));
+        registry.forget_old_releases(now + crate::allocator::REMEMBERED_FOR + Duration::from_secs(2));
         assert!(registry.ended.is_empty(), "a day later: forgotten");
     }
 

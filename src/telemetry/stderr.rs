@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use tracing_subscriber::fmt::MakeWriter;
 
-use crate::locked;
+use crate::util::locked;
 
 /// How long a line may wait in its thread's buffer.
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(100);

@@ -14,9 +14,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use session_router::app::{serve, AppState};
 use session_router::config::Config;
 pub use session_router::demo::DemoPod;
-use session_router::server::{serve, AppState};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 

@@ -9,19 +9,7 @@
 use http::uri::Authority;
 
 use super::types::{AllocationStatus, GameServer};
-
-/// The pseudo-type naming `status.address`.
-pub const PRIMARY_ADDRESS: &str = "address";
-/// Address types Agones reports, plus [`PRIMARY_ADDRESS`].
-pub const KNOWN_KINDS: [&str; 7] = [
-    "PodIP",
-    "InternalIP",
-    "ExternalIP",
-    "Hostname",
-    "InternalDNS",
-    "ExternalDNS",
-    PRIMARY_ADDRESS,
-];
+use crate::config::PRIMARY_ADDRESS;
 
 /// The first usable `host:port` by `preference`, or why there is none.
 pub fn upstream(

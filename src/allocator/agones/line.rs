@@ -15,10 +15,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 
 use super::{call_api, label, CallError};
-use crate::allocator::AllocError;
+use crate::allocator::{AllocError, SharedLine, SharedWaiter};
 use crate::auth::Identity;
 use crate::metrics::Metrics;
-use crate::session::line::{SharedLine, SharedWaiter};
 
 /// The label that marks a Lease as a place in this fleet's line.
 pub const LINE_LABEL: &str = "session-router.dev/line";

@@ -37,12 +37,11 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, Preconditions
 use kube::runtime::reflector::{ObjectRef, Store};
 use rand::Rng;
 
-use super::{AllocError, Allocator, BackendSession, BusyProbe, Capacity, Lease};
+use super::{AllocError, Allocator, BackendSession, BusyProbe, Capacity, Ended, Lease, PinnedBackend, ReleaseReason};
 use crate::auth::Identity;
 use crate::config::{AgonesConfig, BackendKind};
 use crate::metrics::Metrics;
-use crate::session::cookie::PinnedBackend;
-use crate::session::{Ended, ReleaseReason};
+
 use transport::{Outcome, Transport};
 use types::GameServer;
 use watch::{Trust, ViewHealth};
@@ -80,7 +79,7 @@ pub struct Agones {
     /// GameServer name → (user hash label, why it was released), for every
     /// [`RELEASED`] record the view showed while its server lingered: the
     /// reason outlives the object, on every replica, for
-    /// [`crate::session::ended::REMEMBERED_FOR`].
+    /// [`crate::allocator::REMEMBERED_FOR`].
     releases_seen: std::sync::Mutex<HashMap<String, (String, Ended)>>,
     /// The waiting line every replica shares.
     line: Arc<line::LeaseLine>,
@@ -235,19 +234,19 @@ impl Agones {
             Err(CallError::NotFound) => Deleted::AlreadyGone,
             Err(e) => return Err(e.into()),
         };
-        crate::locked(&self.deleted_here).insert(name.to_string());
+        crate::util::locked(&self.deleted_here).insert(name.to_string());
         Ok(deleted)
     }
 
     /// Whether `gs` is alive as far as this replica knows: not terminating,
     /// and not deleted here.
     fn is_live(&self, gs: &GameServer) -> bool {
-        !gs.is_terminating() && !crate::locked(&self.deleted_here).contains(gs.name())
+        !gs.is_terminating() && !crate::util::locked(&self.deleted_here).contains(gs.name())
     }
 
     /// Forgets deletions the view now shows.
     fn forget_deleted(&self) {
-        let mut deleted = crate::locked(&self.deleted_here);
+        let mut deleted = crate::util::locked(&self.deleted_here);
         deleted.retain(|name| self.cached(name).is_some_and(|gs| !gs.is_terminating()));
     }
 
@@ -378,14 +377,14 @@ impl Agones {
             );
             let deleted = self.delete(extra.name(), extra.metadata.resource_version.clone()).await;
             if matches!(deleted, Ok(Deleted::Now)) {
-                self.count_release(&extra, "duplicate");
+                self.count_release(&extra, ReleaseReason::Duplicate);
             }
         }
     }
 
     /// Counts and logs the confirmed release of a server no session here
     /// held: its hold as the server records it; its activity is unknown.
-    fn count_release(&self, gs: &GameServer, reason: &'static str) {
+    fn count_release(&self, gs: &GameServer, reason: ReleaseReason) {
         let held = held_since(gs).map(|since| SystemTime::now().duration_since(since).unwrap_or_default());
         crate::telemetry::released(
             &self.metrics,
@@ -393,7 +392,7 @@ impl Agones {
                 sub: None,
                 email: gs.annotation(EMAIL_ANNOTATION),
                 backend: gs.name(),
-                reason,
+                reason: reason.as_str(),
                 held,
                 active: None,
             },
@@ -404,7 +403,7 @@ impl Agones {
     /// longer than a reaper period), and forgets the old ones.
     fn remember_releases(&self) {
         let now = SystemTime::now();
-        let mut seen = crate::locked(&self.releases_seen);
+        let mut seen = crate::util::locked(&self.releases_seen);
         for gs in self.cache.state() {
             let record = gs
                 .annotation(RELEASED)
@@ -419,14 +418,10 @@ impl Agones {
     /// Writes why `name` was released onto it (see [`RELEASED`]), for
     /// releases that end the user's session. A failure only costs the
     /// reason: another replica then works it out from the user's cookie.
-    async fn record_release(&self, name: &str, reason: &'static str) {
-        let Some(reason) = ReleaseReason::ALL
-            .into_iter()
-            .find(|r| r.as_str() == reason)
-            .filter(|r| r.ends_session())
-        else {
+    async fn record_release(&self, name: &str, reason: ReleaseReason) {
+        if !reason.ends_session() {
             return;
-        };
+        }
         let record = serde_json::to_string(&Ended::new(reason, SystemTime::now())).unwrap_or_default();
         let patch = serde_json::json!({ "metadata": { "annotations": { RELEASED: record } } });
         let (params, patch) = (PatchParams::default(), Patch::Merge(&patch));
@@ -694,18 +689,18 @@ impl Allocator for Agones {
         (lease.upstream.as_str() == pin.upstream).then_some(lease)
     }
 
-    async fn release(&self, user: &Identity, lease: &Lease, reason: &'static str) -> Result<(), AllocError> {
+    async fn release(&self, user: &Identity, lease: &Lease, reason: ReleaseReason) -> Result<(), AllocError> {
         let email = &user.email;
         let cached = self.cached(&lease.backend).filter(|gs| self.is_users(gs, email));
         let known = match (&cached, reason) {
             // An idle decision was made on the cached copy, which may lag
             // behind activity another replica recorded: confirm it on a
             // fresh copy, released only if unchanged since (precondition).
-            (_, "idle") | (None, _) => self.get(&lease.backend).await?,
+            (_, ReleaseReason::Idle) | (None, _) => self.get(&lease.backend).await?,
             (Some(gs), _) => Some((**gs).clone()),
         };
         let Some(gs) = known else { return Ok(()) };
-        if reason == "idle" && last_seen(&gs) > cached.as_deref().and_then(last_seen) {
+        if reason == ReleaseReason::Idle && last_seen(&gs) > cached.as_deref().and_then(last_seen) {
             tracing::debug!(
                 gameserver = gs.name(),
                 "activity recorded elsewhere since the idle decision; kept"
@@ -720,7 +715,7 @@ impl Allocator for Agones {
             Ok(deleted) => Ok(deleted),
             // An idle release decided on what it saw; if that changed,
             // someone was active: abort. Other releases insist.
-            Err(AllocError::Conflict) if reason != "idle" => {
+            Err(AllocError::Conflict) if reason != ReleaseReason::Idle => {
                 let Some(fresh) = self.get(&lease.backend).await? else {
                     return Ok(());
                 };
@@ -812,7 +807,7 @@ impl Allocator for Agones {
         capacity
     }
 
-    async fn release_backend(&self, backend: &str, reason: &'static str) -> Result<bool, AllocError> {
+    async fn release_backend(&self, backend: &str, reason: ReleaseReason) -> Result<bool, AllocError> {
         let Some(gs) = self.get(backend).await? else {
             return Ok(false);
         };
@@ -827,7 +822,7 @@ impl Allocator for Agones {
                 self.count_release(&gs, reason)
             }
             Ok(Deleted::AlreadyGone) => {}
-            Err(_) => self.metrics.release(reason, false),
+            Err(_) => self.metrics.release(reason.as_str(), false),
         }
         deleted.map(|d| matches!(d, Deleted::Now))
     }
@@ -841,14 +836,14 @@ impl Allocator for Agones {
             .and_then(|gs| serde_json::from_str(gs.annotation(RELEASED)?).ok());
         lingering.or_else(|| {
             let hash = label::user_hash(&user.email);
-            let seen = crate::locked(&self.releases_seen);
+            let seen = crate::util::locked(&self.releases_seen);
             seen.get(backend)
                 .filter(|(owner, _)| *owner == hash)
                 .map(|(_, ended)| *ended)
         })
     }
 
-    fn shared_line(&self) -> Option<Arc<dyn crate::session::line::SharedLine>> {
+    fn shared_line(&self) -> Option<Arc<dyn super::SharedLine>> {
         Some(self.line.clone())
     }
 
@@ -906,7 +901,7 @@ impl Allocator for Agones {
             servers.sort_by_key(|gs| age_key(gs));
             for (i, gs) in servers.iter().enumerate() {
                 let reason = if i > 0 {
-                    "duplicate"
+                    ReleaseReason::Duplicate
                 } else if held_here.contains(gs.name()) {
                     continue;
                 } else {
@@ -930,7 +925,7 @@ impl Allocator for Agones {
                             continue;
                         }
                     }
-                    "idle"
+                    ReleaseReason::Idle
                 };
                 match self.delete(gs.name(), gs.metadata.resource_version.clone()).await {
                     Ok(Deleted::Now) => {
@@ -942,7 +937,7 @@ impl Allocator for Agones {
                         tracing::debug!(gameserver = gs.name(), "GameServer changed meanwhile; not released")
                     }
                     Err(e) => {
-                        self.metrics.release(reason, false);
+                        self.metrics.release(reason.as_str(), false);
                         tracing::warn!(gameserver = gs.name(), error = %e, "release failed; will retry")
                     }
                 }

@@ -29,11 +29,11 @@ use http::Uri;
 use tokio_util::sync::CancellationToken;
 
 use super::static_pool::{accepts, every};
-use super::{AllocError, Allocator, Capacity, Lease, Probe, SharedLoad};
+use super::{AllocError, Allocator, Capacity, Lease, PinnedBackend, Probe, ReleaseReason, SharedLoad};
 use crate::auth::Identity;
-use crate::locked;
 use crate::metrics::Metrics;
-use crate::session::cookie::PinnedBackend;
+
+use crate::util::locked;
 
 /// The shared backends and who is on each.
 pub struct Shared {
@@ -241,7 +241,7 @@ impl Allocator for Shared {
     }
 
     /// Frees the user's slot; the backend itself is untouched.
-    async fn release(&self, user: &Identity, lease: &Lease, _reason: &'static str) -> Result<(), AllocError> {
+    async fn release(&self, user: &Identity, lease: &Lease, _reason: ReleaseReason) -> Result<(), AllocError> {
         let mut backends = locked(&self.backends);
         if let Some(backend) = backends.list.iter_mut().find(|b| b.is(lease)) {
             backend.users.retain(|u| **u != *user.sub);
@@ -376,7 +376,7 @@ mod tests {
         let a = shared.allocate(&user("a")).await.unwrap();
         shared.allocate(&user("b")).await.unwrap();
         assert!(matches!(shared.allocate(&user("c")).await, Err(AllocError::NoCapacity)));
-        shared.release(&user("a"), &a, "idle").await.unwrap();
+        shared.release(&user("a"), &a, ReleaseReason::Idle).await.unwrap();
         assert_eq!(shared.allocate(&user("c")).await.unwrap(), a);
     }
 
@@ -443,9 +443,9 @@ mod tests {
         let shared = shared(1, 3);
         let a = shared.allocate(&user("a")).await.unwrap();
         shared.allocate(&user("b")).await.unwrap();
-        shared.release(&user("c"), &a, "user").await.unwrap();
+        shared.release(&user("c"), &a, ReleaseReason::User).await.unwrap();
         assert_eq!(counts(&shared), [2]);
-        shared.release(&user("a"), &a, "user").await.unwrap();
+        shared.release(&user("a"), &a, ReleaseReason::User).await.unwrap();
         assert_eq!(counts(&shared), [1]);
         assert!(shared.still_held(&user("b"), &a));
     }

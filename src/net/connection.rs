@@ -5,7 +5,7 @@
 //! Google load balancer keeps idle backend connections for 600 s, so that
 //! timer must be long; a slowloris client must be cut short. So the socket
 //! is wrapped in a [`GuardedIo`] that knows which phase the connection is
-//! in ([`Phase`], moved along by the service wrapper in `server`) and
+//! in ([`Phase`], moved along by the per-request service, `app::service`) and
 //! enforces a separate deadline for each:
 //!
 //! | phase | deadline |
@@ -31,7 +31,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-use super::limits::{Refusal, REQUEST_LINE_SLACK};
+use super::refusal::{Refusal, REQUEST_LINE_SLACK};
 use crate::body::Watch;
 use crate::telemetry::access::{self, Peer};
 

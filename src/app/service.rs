@@ -2,10 +2,11 @@
 //! path as one function, in this order:
 //!
 //! 1. the connection's [`Phase`] follows the request and response bodies
-//!    (time limits, see [`connection`](super::connection));
+//!    (time limits, see [`connection`](crate::net::connection));
 //! 2. the access log and request metrics observe the request and its final
 //!    response ([`access`]);
-//! 3. over-long URIs are refused ([`limits`](super::limits));
+//! 3. over-long URIs are refused (`check_uri`; a request line too long
+//!    to buffer was answered 414 on the socket already, in `net`);
 //! 4. the router's own endpoints go to their axum routes; everything else
 //!    is proxied to the user's backend ([`routes::proxy`]);
 //! 5. a failure becomes its page in one place ([`error::render`]).
@@ -22,18 +23,16 @@ use std::task::{Context, Poll};
 
 use axum::Router;
 use bytes::Bytes;
-use http::{Request, Response, StatusCode};
+use http::{Request, Response, StatusCode, Uri};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tower::ServiceExt;
 
-use super::connection::{ConnState, Phase, RequestPhase, ResponsePhase};
-use super::{limits, AppState};
+use super::error::{self, ErrorPages, RouterError};
+use super::{routes, AppState};
 use crate::body::Watched;
-use crate::error::{self, ErrorPages};
-use crate::pages;
+use crate::net::connection::{ConnState, Phase, RequestPhase, ResponsePhase};
 use crate::proxy::{BoxError, UpstreamBody};
-use crate::routes;
 use crate::telemetry::access::{self, Counted, Kind, Logged, Peer};
 
 /// The body of every response the router sends.
@@ -93,9 +92,9 @@ impl hyper::service::Service<Request<Incoming>> for Handler {
 impl Connection {
     async fn dispatch(&self, kind: Kind, request: Request<RequestBody>) -> Response<Answer> {
         let state = &*self.state;
-        let wants_html = pages::wants_html(request.headers());
+        let wants_html = crate::util::wants_html(request.headers());
         let uri = request.uri().clone();
-        let result = match limits::check_uri(&uri, state.config.server.max_uri_bytes) {
+        let result = match check_uri(&uri, state.config.server.max_uri_bytes) {
             Err(refused) => Err(refused),
             Ok(()) if kind == Kind::Proxied => routes::proxy(state, request, &self.peer.ip)
                 .await
@@ -115,6 +114,15 @@ impl Connection {
             error::render(&failure, wants_html, &uri, &settings).map(Answer::Local)
         })
     }
+}
+
+/// Refuses a URI longer than `max_uri_bytes`: 414.
+fn check_uri(uri: &Uri, max_uri_bytes: usize) -> Result<(), RouterError> {
+    let uri_len = uri.path_and_query().map_or(0, |p| p.as_str().len());
+    if uri_len > max_uri_bytes {
+        return Err(RouterError::UriTooLong(uri_len));
+    }
+    Ok(())
 }
 
 /// A response body: streamed from the user's backend, or made here.

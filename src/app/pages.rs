@@ -7,23 +7,15 @@ use std::time::Duration;
 
 use axum::response::{Html, IntoResponse, Response};
 use axum::Json;
-use http::header::{HeaderValue, ACCEPT, CACHE_CONTROL, LOCATION, RETRY_AFTER};
-use http::{HeaderMap, StatusCode, Uri};
+use http::header::{HeaderValue, CACHE_CONTROL, LOCATION, RETRY_AFTER};
+use http::{StatusCode, Uri};
 use serde_json::json;
 
-use crate::session::{Ended, Place};
+use crate::allocator::Ended;
+use crate::session::Place;
 
 /// Where "Start again" posts to.
 pub const START: &str = "/_router/start";
-
-/// True when the client prefers an HTML page to JSON.
-pub fn wants_html(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(ACCEPT)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .any(|v| v.contains("text/html"))
-}
 
 /// Escapes text for HTML element content and attribute values.
 pub fn escape(text: &str) -> String {
@@ -340,7 +332,7 @@ mod tests {
 
     #[test]
     fn an_ended_session_is_a_409_that_says_why_and_offers_to_start_again() {
-        let ended = Ended::new(crate::session::ReleaseReason::Idle, std::time::UNIX_EPOCH);
+        let ended = Ended::new(crate::allocator::ReleaseReason::Idle, std::time::UNIX_EPOCH);
         let uri = Uri::from_static("/");
         for wants_html in [true, false] {
             for ended in [Some(&ended), None] {

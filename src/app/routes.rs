@@ -23,15 +23,17 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::allocator::Lease;
+use crate::allocator::{Ended, ReleaseReason};
+use crate::app::error::RouterError;
+use crate::app::pages::{self, escape};
+use crate::app::AppState;
 use crate::auth::{origin, Identity};
-use crate::error::RouterError;
-use crate::pages::{self, escape};
 use crate::proxy::{headers::is_upgrade, BoxError, Exchange, ProxyError, UpstreamBody};
-use crate::server::AppState;
-use crate::session::cookie::{set_cookie, unix, Pin};
+use crate::session::cookie::{set_cookie, Pin};
 use crate::session::ended::{self, Notice};
-use crate::session::{Claim, Ended, Intent, Place, ReleaseReason, Session, SessionError};
+use crate::session::{Claim, Intent, Place, Session, SessionError};
 use crate::telemetry;
+use crate::util::unix;
 
 type Shared = State<Arc<AppState>>;
 
@@ -266,7 +268,7 @@ pub async fn status(State(state): Shared, headers: HeaderMap) -> Result<Response
         .then(|| state.cookies.read(&headers, &identity.sub, SystemTime::now()))
         .flatten()
         .and_then(|pin| released(&state, &identity, &pin, SystemTime::now()));
-    if !pages::wants_html(&headers) {
+    if !crate::util::wants_html(&headers) {
         let line = place.map(|p| json!({ "position": p.position, "waiting": p.waiting, "retry_after": retry_after }));
         let session = session.map(|s| {
             json!({
@@ -353,7 +355,7 @@ pub async fn release(State(state): Shared, headers: HeaderMap) -> Result<Respons
         None => state.registry.release_found(&identity, ReleaseReason::User).await?,
     };
     let released = session.is_some();
-    let mut response = if pages::wants_html(&headers) {
+    let mut response = if crate::util::wants_html(&headers) {
         pages::redirect("/_router/status")
     } else {
         Json(json!({ "released": released })).into_response()
@@ -389,7 +391,7 @@ pub async fn start(
     check_origin(&state, &headers)?;
     let identity = state.identify(&headers).await?;
     let next = safe_next(form.ok().and_then(|Form(form)| form.next).as_deref());
-    let wants_html = pages::wants_html(&headers);
+    let wants_html = crate::util::wants_html(&headers);
     let session = match state.registry.get_or_allocate(&identity, || Ok(Claim::Allocate)).await {
         Ok(session) => session,
         Err(_) if wants_html => {

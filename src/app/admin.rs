@@ -16,12 +16,12 @@ use http::HeaderMap;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use crate::allocator::ReleaseReason;
 use crate::allocator::{BackendSession, Capacity, SharedLoad};
+use crate::app::error::RouterError;
+use crate::app::pages::{self, escape};
+use crate::app::AppState;
 use crate::auth::{origin, Identity};
-use crate::error::RouterError;
-use crate::pages::{self, escape};
-use crate::server::AppState;
-use crate::session::ReleaseReason;
 
 type Shared = State<Arc<AppState>>;
 
@@ -126,7 +126,7 @@ pub async fn view(State(state): Shared, headers: HeaderMap) -> Result<Response, 
         .map(ToString::to_string)
         .collect();
     let shared = state.registry.allocator().shared_load();
-    if !pages::wants_html(&headers) {
+    if !crate::util::wants_html(&headers) {
         return Ok(Json(json!({
             "backend": state.config.backend.kind.label(),
             "sessions": rows,
@@ -289,7 +289,7 @@ pub async fn release(
             let done = state
                 .registry
                 .allocator()
-                .release_backend(&backend, ReleaseReason::Admin.as_str())
+                .release_backend(&backend, ReleaseReason::Admin)
                 .await
                 .map_err(crate::session::SessionError::from)?;
             done.then_some(backend)
@@ -304,7 +304,7 @@ pub async fn release(
         reason = ReleaseReason::Admin.as_str(),
         "admin released a backend"
     );
-    if pages::wants_html(&headers) {
+    if crate::util::wants_html(&headers) {
         Ok(pages::redirect("/_router/admin"))
     } else {
         Ok(Json(json!({ "released": backend })).into_response())

@@ -36,8 +36,8 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::app::AppState;
 use crate::config::AutoscalerConfig;
-use crate::server::AppState;
 
 /// The API version and kind of every answer, as Agones names the type.
 const API_VERSION: &str = "autoscaling.agones.dev/v1";

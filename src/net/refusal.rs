@@ -1,4 +1,4 @@
-//! Requests refused before any handler sees them.
+//! The 414 written on the raw socket, before hyper parses the head.
 //!
 //! hyper already answers 400 for conflicting `Content-Length`s, a signed or
 //! non-numeric one, bad chunk sizes and spaces before a colon, and 431 for a
@@ -6,7 +6,7 @@
 //! heads framed by both `Content-Length` and `Transfer-Encoding` (hyper drops
 //! one of the two before any handler could see them). What is left is a URI
 //! longer than `max_uri_bytes`: 414. A URI short enough to be buffered is
-//! checked on the parsed request ([`check_uri`]); a request line longer than
+//! checked on the parsed request (the app's `check_uri`); a request line longer than
 //! that is cut off by the socket wrapper, which answers 414 itself
 //! ([`Refusal`]) before hyper would count the line against the head limit
 //! and say 431.
@@ -17,25 +17,14 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::Uri;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Sleep;
-
-use crate::error::RouterError;
-
-pub fn check_uri(uri: &Uri, max_uri_bytes: usize) -> Result<(), RouterError> {
-    let uri_len = uri.path_and_query().map_or(0, |p| p.as_str().len());
-    if uri_len > max_uri_bytes {
-        return Err(RouterError::UriTooLong(uri_len));
-    }
-    Ok(())
-}
 
 /// Room in a request line for the method, spaces and version: a line longer
 /// than `max_uri_bytes` + this carries a URI over the limit.
 pub const REQUEST_LINE_SLACK: usize = 32;
 
-/// The same answer [`check_uri`]'s error gets from `pages::client_error`.
+/// The same answer the app's `check_uri` error gets from its pages.
 const URI_TOO_LONG: &[u8] = b"HTTP/1.1 414 URI Too Long\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 13\r\nconnection: close\r\n\r\nURI Too Long\n";
 
 /// How long, and how much, the rest of a refused request is read and

@@ -15,8 +15,8 @@ use axum::response::{IntoResponse, Response};
 use http::{StatusCode, Uri};
 
 use crate::allocator::AllocError;
+use crate::app::pages;
 use crate::auth::AuthError;
-use crate::pages;
 use crate::proxy::ProxyError;
 use crate::session::SessionError;
 
@@ -78,7 +78,7 @@ pub struct ErrorPages {
 /// Logs and renders every [`RouterError`] returned below this layer (the
 /// router's own endpoints; the proxy path calls [`render`] itself).
 pub async fn render_errors(State(settings): State<ErrorPages>, request: Request, next: Next) -> Response {
-    let wants_html = pages::wants_html(request.headers());
+    let wants_html = crate::util::wants_html(request.headers());
     let uri = request.uri().clone();
     let mut response = next.run(request).await;
     let Some(Failure(error)) = response.extensions_mut().remove::<Failure>() else {

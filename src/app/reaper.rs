@@ -22,8 +22,9 @@ use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::allocator::BusyProbe;
-use crate::server::AppState;
-use crate::session::{ReleaseReason, Session};
+use crate::allocator::ReleaseReason;
+use crate::app::AppState;
+use crate::session::Session;
 use crate::telemetry;
 
 /// At most this many backend calls (activity records, releases) at once.
