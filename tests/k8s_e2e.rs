@@ -239,6 +239,13 @@ async fn the_same_user_through_another_replica_reaches_the_same_pod(cluster: &dy
     let b = agones(&issuer, cluster).await;
     assert_eq!(pod_of(&a, &issuer.user("bob")).await, "pod-1");
     assert_eq!(pod_of(&a, &issuer.user("alice")).await, "pod-2");
+    // b learns of a's allocations from its watch, a moment later; until
+    // then, with no server Ready, it would send alice to the line.
+    let seen = eventually(Duration::from_secs(5), || async {
+        b.state.registry.allocator().capacity().allocated == 2
+    })
+    .await;
+    assert!(seen, "b's view never showed both servers allocated");
     assert_eq!(
         pod_of(&b, &issuer.user("alice")).await,
         "pod-2",
