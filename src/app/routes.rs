@@ -73,8 +73,7 @@ where
     // Only a request that may start a session is sent to a replacement: a
     // page's poll or ping finding its pod dead takes no new GPU.
     let replaceable = state.registry.allocator().replaces_unreachable();
-    let may_start = counts_as_activity && Intent::of(request.method(), request.headers()).starts_a_session();
-    let replay = if replaceable && may_start {
+    let replay = if replaceable && may_start_session(&request, counts_as_activity) {
         replayable(&request)
     } else {
         None
@@ -136,8 +135,7 @@ fn claim<B>(
 ) -> Result<Claim, SessionError> {
     let headers = request.headers();
     let Some(pin) = state.cookies.read(headers, &identity.sub, now) else {
-        let intent = Intent::of(request.method(), headers);
-        return if counts_as_activity && intent.starts_a_session() {
+        return if may_start_session(request, counts_as_activity) {
             Ok(Claim::Allocate)
         } else {
             Err(SessionError::NoSession)
@@ -160,8 +158,14 @@ fn claim<B>(
     }
     Ok(Claim::Adopt {
         pin: pin.backend,
-        or_allocate: counts_as_activity && Intent::of(request.method(), headers).starts_a_session(),
+        or_allocate: may_start_session(request, counts_as_activity),
     })
+}
+
+/// Whether `request` may get its user a backend: it shows intent (a
+/// navigation, an API client) and is not to an activity-ignored path.
+fn may_start_session<B>(request: &Request<B>, counts_as_activity: bool) -> bool {
+    counts_as_activity && Intent::of(request.method(), request.headers()).starts_a_session()
 }
 
 /// Why the backend `pin` names is not the user's any more, if the cookie,
