@@ -51,7 +51,7 @@ use crate::allocator::agones::Agones;
 use crate::allocator::shared::Endpoints;
 use crate::allocator::{AllocError, Allocator, Probe, Shared, StaticPool};
 use crate::app::AppState;
-use crate::config::{BackendKind, Config};
+use crate::config::{BackendConfig, BackendKind, Config};
 use crate::metrics::Metrics;
 
 /// Why the router could not run. Each variant says what failed and leaves
@@ -74,20 +74,33 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Ou
     Ok(())
 }
 
-/// The router's shared state for `config`, its backend connected.
+/// The router's shared state for `config`, every profile's backend
+/// connected.
 pub async fn build(config: Config) -> Result<AppState, AllocError> {
     let metrics = Metrics::new();
-    let allocator: Arc<dyn Allocator> = match config.backend.kind {
+    let mut allocators = Vec::with_capacity(config.profiles.len());
+    for profile in &config.profiles {
+        allocators.push(connect(&profile.name, &profile.backend, &metrics).await?);
+    }
+    Ok(AppState::new(config, allocators, metrics))
+}
+
+/// The allocator a profile's backend section describes, connected.
+async fn connect(
+    profile: &str,
+    backend: &BackendConfig,
+    metrics: &Arc<Metrics>,
+) -> Result<Arc<dyn Allocator>, AllocError> {
+    Ok(match backend.kind {
         BackendKind::Static => {
-            let pool = &config.backend.static_pool;
+            let pool = &backend.static_pool;
             Arc::new(
-                StaticPool::new(&pool.upstreams)
-                    .probing(Probe::every(pool.probe_interval, config.backend.connect_timeout)),
+                StaticPool::new(&pool.upstreams).probing(Probe::every(pool.probe_interval, backend.connect_timeout)),
             )
         }
         BackendKind::Shared => {
-            let shared = &config.backend.shared;
-            let probe = Probe::every(shared.probe_interval, config.backend.connect_timeout);
+            let shared = &backend.shared;
+            let probe = Probe::every(shared.probe_interval, backend.connect_timeout);
             let max = shared.max_users_per_backend;
             let backends = match &shared.service {
                 Some(service) => Shared::watching(Endpoints::connect(shared, service).await?, max, probe),
@@ -96,8 +109,7 @@ pub async fn build(config: Config) -> Result<AppState, AllocError> {
             Arc::new(backends.reporting(metrics.clone()))
         }
         kind @ (BackendKind::Agones | BackendKind::AgonesAllocator) => {
-            Arc::new(Agones::connect(&config.backend.agones, kind, metrics.clone()).await?)
+            Arc::new(Agones::connect(&backend.agones, kind, profile, metrics.clone()).await?)
         }
-    };
-    Ok(AppState::new(config, allocator, metrics))
+    })
 }

@@ -53,13 +53,21 @@ pub struct Metrics {
     pub sessions_active: IntGauge,
     /// By `outcome`: allocated, unallocated, contention, error.
     pub allocations: IntCounterVec,
+    /// Sessions held here, by `profile` (bounded by the config).
+    pub profile_sessions: IntGaugeVec,
+    /// Allocation attempts by `profile` and `outcome` (allocated,
+    /// unallocated, error).
+    pub profile_allocations: IntCounterVec,
+    /// Users in each `profile`'s waiting line.
+    pub profile_users_waiting: IntGaugeVec,
     pub allocation_seconds: Histogram,
     /// By `reason`: user, idle, max_lifetime, dead_pod, admin, duplicate.
     pub releases: IntCounterVec,
     pub release_failures: IntCounterVec,
     /// Allocation → confirmed release, summed, by release `reason`: GPU time.
     pub backend_held_seconds: CounterVec,
-    pub users_waiting: IntGauge,
+    /// Every profile's line together, read when scraped.
+    pub users_waiting: Arc<Sampled>,
     pub wait_seconds: Histogram,
     /// By `result`: cached, verified, rejected; and `reason` class for rejections.
     pub token_checks: IntCounterVec,
@@ -115,6 +123,12 @@ impl HotSeries {
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let metric = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    registry.register(Box::new(metric.clone())).expect("unique metric");
+    metric
+}
+
+fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let metric = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
     registry.register(Box::new(metric.clone())).expect("unique metric");
     metric
 }
@@ -259,10 +273,28 @@ impl Metrics {
                 r.register(Box::new(metric.clone())).expect("unique metric");
                 metric
             },
-            users_waiting: gauge(
+            users_waiting: sampled(
                 &r,
                 "session_router_users_waiting",
-                "Users currently shown the waiting page by this replica.",
+                "Users in the waiting line (every profile's).",
+            ),
+            profile_users_waiting: gauge_vec(
+                &r,
+                "session_router_profile_users_waiting",
+                "Users in each profile's waiting line.",
+                &["profile"],
+            ),
+            profile_sessions: gauge_vec(
+                &r,
+                "session_router_profile_sessions",
+                "Sessions held by this replica, by profile.",
+                &["profile"],
+            ),
+            profile_allocations: counter(
+                &r,
+                "session_router_profile_allocations_total",
+                "Allocation attempts, by profile and outcome.",
+                &["profile", "outcome"],
             ),
             wait_seconds: histogram(
                 &r,

@@ -312,7 +312,7 @@ async fn an_idle_delete_aborts_when_the_gameserver_changed_meanwhile() {
     let pods = pods(1).await;
     fake.add_ready("gs-1", pods[0].addr);
     let config = agones_config(&fake);
-    let agones = Agones::connect(&config.backend.agones, config.backend.kind, Metrics::new())
+    let agones = Agones::connect(&config.backend.agones, config.backend.kind, "default", Metrics::new())
         .await
         .unwrap();
     assert!(eventually(Duration::from_secs(5), || async { agones.is_ready() }).await);
@@ -516,7 +516,7 @@ async fn an_adoption_that_loses_the_race_uses_the_winners_adoption() {
     fake.add_ready("gs-2", pods[1].addr);
     fake.allocate_legacy("gs-1", "alice@example.com", a_while_ago(60));
     let config = agones_config(&fake);
-    let agones = Agones::connect(&config.backend.agones, config.backend.kind, Metrics::new())
+    let agones = Agones::connect(&config.backend.agones, config.backend.kind, "default", Metrics::new())
         .await
         .unwrap();
     // The watch has made its list; the next one is the adoption's look.
@@ -761,7 +761,15 @@ async fn a_watch_that_cannot_resume_after_compaction_lists_again() {
     fake.compact();
     fake.break_watches(false);
     let seen = eventually(Duration::from_secs(10), || async {
-        router.state.registry.allocator().capacity().allocated == 1
+        router
+            .state
+            .registry
+            .profiles()
+            .default_profile()
+            .allocator
+            .capacity()
+            .allocated
+            == 1
     })
     .await;
     assert!(seen, "the view never caught up after a 410");

@@ -195,7 +195,7 @@ proptest! {
             backend: backend.as_str().into(),
             upstream: upstream.parse().unwrap(),
         };
-        let pinned = session_router::session::cookie::Pin::new(&lease, now, now);
+        let pinned = session_router::session::cookie::Pin::new(&lease, "default", now, now);
         let (issued, _) = codec.issue(&subject, pinned, now);
         let cookie = issued.to_str().unwrap().split(';').next().unwrap().to_string();
         let headers = cookie_headers(&[cookie.clone().into_bytes()]);

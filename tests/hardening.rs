@@ -858,7 +858,7 @@ fn pin_cookie(codec: &CookieCodec, sub: &str, backend: &str, upstream: SocketAdd
         backend: backend.into(),
         upstream: upstream.to_string().parse().unwrap(),
     };
-    let pin = session_router::session::cookie::Pin::new(&lease, now, now);
+    let pin = session_router::session::cookie::Pin::new(&lease, "default", now, now);
     let (header, _) = codec.issue(sub, pin, now);
     header.to_str().unwrap().split(';').next().unwrap().to_string()
 }

@@ -242,7 +242,14 @@ async fn the_same_user_through_another_replica_reaches_the_same_pod(cluster: &dy
     // b learns of a's allocations from its watch, a moment later; until
     // then, with no server Ready, it would send alice to the line.
     let seen = eventually(Duration::from_secs(5), || async {
-        b.state.registry.allocator().capacity().allocated == 2
+        b.state
+            .registry
+            .profiles()
+            .default_profile()
+            .allocator
+            .capacity()
+            .allocated
+            == 2
     })
     .await;
     assert!(seen, "b's view never showed both servers allocated");
@@ -312,7 +319,15 @@ async fn a_server_added_while_the_router_runs_enters_its_view(cluster: &dyn Clus
     let router = agones(&issuer, cluster).await;
     cluster.add_ready("gs-1", pods[0].addr).await;
     let seen = eventually(Duration::from_secs(10), || async {
-        router.state.registry.allocator().capacity().ready == 1
+        router
+            .state
+            .registry
+            .profiles()
+            .default_profile()
+            .allocator
+            .capacity()
+            .ready
+            == 1
     })
     .await;
     assert!(seen, "the router's view never counted the new Ready server");
@@ -484,7 +499,15 @@ async fn the_router_keeps_its_view_after_the_api_server_drops_its_connections(cl
     cluster.drop_connections().await;
     cluster.add_ready("gs-2", pods[1].addr).await;
     let seen = eventually(Duration::from_secs(10), || async {
-        router.state.registry.allocator().capacity().ready == 1
+        router
+            .state
+            .registry
+            .profiles()
+            .default_profile()
+            .allocator
+            .capacity()
+            .ready
+            == 1
     })
     .await;
     assert!(seen, "the router's view never saw the server added after the cut");
@@ -651,7 +674,8 @@ async fn the_head_of_the_line_gets_the_next_ready_server(cluster: &dyn Cluster) 
     assert_eq!(position(&b, &carol).await, (503, Some(2)));
     cluster.add_ready("gs-2", pods[1].addr).await;
     let seen = eventually(Duration::from_secs(10), || async {
-        a.state.registry.allocator().capacity().ready == 1 && b.state.registry.allocator().capacity().ready == 1
+        a.state.registry.profiles().default_profile().allocator.capacity().ready == 1
+            && b.state.registry.profiles().default_profile().allocator.capacity().ready == 1
     })
     .await;
     assert!(seen, "the replicas never saw the new server");

@@ -892,7 +892,8 @@ fn the_fleet_matches_the_routers_backend_config() {
         let fleet = deploy.fleet();
         let name = fleet.metadata.name.as_deref().unwrap();
         assert_eq!(
-            name, agones.fleet,
+            name,
+            agones.fleet(),
             "{}: backend.agones.fleet names the Fleet",
             deploy.dir
         );

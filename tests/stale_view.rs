@@ -153,7 +153,7 @@ async fn a_replica_started_while_gameservers_are_stuck_starting_or_not_understoo
         metrics.contains(r#"session_router_kube_objects_skipped_total{kind="GameServer"} 1"#),
         "{metrics}"
     );
-    let capacity = router.state.registry.allocator().capacity();
+    let capacity = router.state.registry.profiles().default_profile().allocator.capacity();
     assert_eq!((capacity.ready, capacity.allocated, capacity.total), (0, 1, 4));
 }
 
@@ -216,13 +216,20 @@ async fn a_released_server_that_lingers_behind_its_finalizer_is_nobodys() {
     let deletes = fake.calls().iter().filter(|c| c.starts_with("DELETE")).count();
     assert_eq!(deletes, 1, "{:?}", fake.calls());
     for replica in [&router, &other] {
-        let capacity = replica.state.registry.allocator().capacity();
+        let capacity = replica.state.registry.profiles().default_profile().allocator.capacity();
         assert_eq!(
             (capacity.allocated, capacity.total),
             (1, 1),
             "the terminating one is no capacity"
         );
-        let sessions = replica.state.registry.allocator().deployment_sessions().unwrap();
+        let sessions = replica
+            .state
+            .registry
+            .profiles()
+            .default_profile()
+            .allocator
+            .deployment_sessions()
+            .unwrap();
         let releasing: Vec<(&str, bool)> = sessions.iter().map(|s| (s.backend.as_str(), s.releasing)).collect();
         assert_eq!(releasing, vec![("gs-1", true), ("gs-2", false)]);
     }

@@ -133,7 +133,15 @@ async fn on_agones_the_first_in_line_take_the_free_servers_in_order() {
     fake.add_ready("gs-3", pods[0].addr);
     fake.add_ready("gs-4", pods[1].addr);
     let seen = eventually(Duration::from_secs(3), || async {
-        router.state.registry.allocator().capacity().ready == 2
+        router
+            .state
+            .registry
+            .profiles()
+            .default_profile()
+            .allocator
+            .capacity()
+            .ready
+            == 2
     })
     .await;
     assert!(seen, "the cache never saw the new servers");
@@ -175,13 +183,14 @@ async fn two_replicas_share_one_line_through_kubernetes_leases() {
         "Bob's place holds on the other replica"
     );
     assert_eq!(fake.line().len(), 3, "one Lease per waiter: {:?}", fake.line());
-    assert_eq!(b.state.registry.line().waiting().await, 3);
+    assert_eq!(b.state.registry.profiles().default_profile().line.waiting().await, 3);
 
     // Alice's server goes back; the Fleet brings a fresh one.
     release(&a, &alice).await;
     fake.add_ready("gs-2", pods[1].addr);
     let ready = eventually(Duration::from_secs(3), || async {
-        a.state.registry.allocator().capacity().ready == 1 && b.state.registry.allocator().capacity().ready == 1
+        a.state.registry.profiles().default_profile().allocator.capacity().ready == 1
+            && b.state.registry.profiles().default_profile().allocator.capacity().ready == 1
     })
     .await;
     assert!(ready, "the caches never saw the new server");

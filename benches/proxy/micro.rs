@@ -17,7 +17,7 @@ use session_router::auth::jwks::KeyStore;
 use session_router::auth::Identity;
 use session_router::config::Config;
 use session_router::metrics::Metrics;
-use session_router::session::{Claim, Registry};
+use session_router::session::{Claim, Profile, Profiles, Registry};
 
 use crate::contenders::AUDIENCE;
 
@@ -70,7 +70,16 @@ pub fn session_lookup(users: usize, lookups: usize, repeats: usize) -> SessionLo
         backend: "static-0".into(),
         upstream: http::uri::Authority::from_static("127.0.0.1:7860"),
     };
-    let registry = Registry::new(Arc::new(OneBackend(lease)), Metrics::new(), Duration::from_secs(10));
+    let config = Config::from_toml(
+        "[auth]\nmode = \"dev\"\n[server]\nlisten = \"127.0.0.1:0\"\n[backend.static]\nupstreams = [\"http://127.0.0.1:7860\"]\n",
+        None,
+    )
+    .expect("a valid config");
+    let metrics = Metrics::new();
+    let profile = config.profiles.into_iter().next().expect("one profile");
+    let profile = Profile::new(profile, Arc::new(OneBackend(lease)), &metrics, Duration::from_secs(10));
+    let registry = Registry::new(Profiles::new(vec![profile]), metrics);
+    let profile = registry.profiles().default_profile().clone();
     // An allocation hands its follow-up work (`Allocator::settle`) to a
     // task, which needs a runtime to be spawned on; it is never driven here
     // (this backend has none), so the lookups are timed alone.
@@ -90,7 +99,7 @@ pub fn session_lookup(users: usize, lookups: usize, repeats: usize) -> SessionLo
         .collect();
     for identity in &identities {
         registry
-            .get_or_allocate(identity, || Ok(Claim::Allocate))
+            .get_or_allocate(identity, || Ok(Claim::Allocate(profile.clone())))
             .now_or_never()
             .expect("allocation completes without waiting")
             .expect("allocation succeeds");
@@ -105,7 +114,7 @@ pub fn session_lookup(users: usize, lookups: usize, repeats: usize) -> SessionLo
         let identity = &identities[order[i]];
         black_box(
             registry
-                .get_or_allocate(black_box(identity), || Ok(Claim::Allocate))
+                .get_or_allocate(black_box(identity), || Ok(Claim::Allocate(profile.clone())))
                 .now_or_never()
                 .expect("a known user never waits")
                 .expect("known user"),

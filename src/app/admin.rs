@@ -22,12 +22,15 @@ use crate::app::error::RouterError;
 use crate::app::pages::{self, escape};
 use crate::app::AppState;
 use crate::auth::{origin, Identity};
+use crate::session::Profile;
 
 type Shared = State<Arc<AppState>>;
 
 /// One row of the admin table.
 #[derive(Serialize)]
 struct Row {
+    /// The profile the backend came from.
+    profile: String,
     user: String,
     backend: String,
     node: Option<String>,
@@ -71,9 +74,21 @@ fn held_text(seconds: u64) -> String {
 }
 
 fn rows(state: &AppState) -> Vec<Row> {
+    state
+        .registry
+        .profiles()
+        .iter()
+        .flat_map(|profile| profile_rows(state, profile))
+        .collect()
+}
+
+/// The sessions of one profile: as its backend system records them across
+/// replicas, else this replica's.
+fn profile_rows(state: &AppState, profile: &Arc<Profile>) -> Vec<Row> {
     let now = SystemTime::now();
-    let local = state.registry.sessions();
-    let recorded: Vec<BackendSession> = state.registry.allocator().deployment_sessions().unwrap_or_else(|| {
+    let mut local = state.registry.sessions();
+    local.retain(|s| Arc::ptr_eq(&s.profile, profile));
+    let recorded: Vec<BackendSession> = profile.allocator.deployment_sessions().unwrap_or_else(|| {
         local
             .iter()
             .map(|s| BackendSession {
@@ -98,6 +113,7 @@ fn rows(state: &AppState) -> Vec<Row> {
             let local_activity = here.map(|s| now - s.activity.idle_for());
             let last_activity = r.last_activity.max(local_activity);
             Row {
+                profile: profile.name().to_string(),
                 on_this_replica: here.is_some(),
                 releasing: r.releasing,
                 user: r.user,
@@ -112,59 +128,78 @@ fn rows(state: &AppState) -> Vec<Row> {
         .collect()
 }
 
-/// `GET /_router/admin`: the sessions table, fleet capacity and waiting users.
+/// One profile's pool at a glance.
+#[derive(Serialize)]
+struct PoolSummary {
+    name: String,
+    title: String,
+    backend: &'static str,
+    capacity: Capacity,
+    /// Its waiting line (every replica's, on Agones).
+    waiting: usize,
+    idle_timeout_seconds: u64,
+    /// Backends that do not answer, as `name (host:port)`.
+    down: Vec<String>,
+    /// Each shared backend's load (empty unless backends are shared).
+    shared_backends: Vec<SharedLoad>,
+}
+
+async fn summary(profile: &Profile) -> PoolSummary {
+    let allocator = &profile.allocator;
+    PoolSummary {
+        name: profile.name().to_string(),
+        title: profile.config.title.clone(),
+        backend: profile.config.backend.kind.label(),
+        capacity: allocator.capacity(),
+        waiting: profile.line.waiting().await,
+        idle_timeout_seconds: profile.idle_timeout().as_secs(),
+        down: allocator.down().iter().map(ToString::to_string).collect(),
+        shared_backends: allocator.shared_load(),
+    }
+}
+
+/// `GET /_router/admin`: the sessions table, and each profile's capacity
+/// and waiting users.
 pub async fn view(State(state): Shared, headers: HeaderMap) -> Result<Response, RouterError> {
     admin(&state, &headers).await?;
     let rows = rows(&state);
-    let capacity = state.registry.allocator().capacity();
-    let waiting = state.registry.line().waiting().await;
-    let down: Vec<String> = state
-        .registry
-        .allocator()
-        .down()
-        .iter()
-        .map(ToString::to_string)
-        .collect();
-    let shared = state.registry.allocator().shared_load();
+    let mut pools = Vec::new();
+    for profile in state.registry.profiles().iter() {
+        pools.push(summary(profile).await);
+    }
     if !crate::util::wants_html(&headers) {
+        // The totals first, as before profiles; then each profile's.
+        let total = pools.iter().fold(Capacity::default(), |sum, p| Capacity {
+            ready: sum.ready + p.capacity.ready,
+            allocated: sum.allocated + p.capacity.allocated,
+            reserved: sum.reserved + p.capacity.reserved,
+            total: sum.total + p.capacity.total,
+        });
         return Ok(Json(json!({
             "backend": state.config.backend.kind.label(),
             "sessions": rows,
-            "capacity": capacity,
-            "waiting_on_this_replica": waiting,
-            "down": down,
-            "shared_backends": shared,
+            "capacity": total,
+            "waiting_on_this_replica": pools.iter().map(|p| p.waiting).sum::<usize>(),
+            "down": pools.iter().flat_map(|p| p.down.iter()).collect::<Vec<_>>(),
+            "shared_backends": pools.iter().flat_map(|p| p.shared_backends.iter()).collect::<Vec<_>>(),
+            "profiles": pools,
         }))
         .into_response());
     }
-    Ok(Html(page(
-        &rows,
-        capacity,
-        waiting,
-        state.config.session.idle_timeout.as_secs(),
-        &down,
-        &shared,
-    ))
-    .into_response())
+    Ok(Html(page(&rows, &pools)).into_response())
 }
 
-/// `down`: backends that do not answer, as `name (host:port)`; `shared`:
-/// each shared backend's load (empty unless backends are shared).
-fn page(
-    rows: &[Row],
-    capacity: Capacity,
-    waiting: usize,
-    idle_timeout: u64,
-    down: &[String],
-    shared: &[SharedLoad],
-) -> String {
+fn page(rows: &[Row], pools: &[PoolSummary]) -> String {
     let dash = || "—".to_string();
+    let several = pools.len() > 1;
+    let any_shared = pools.iter().any(|p| !p.shared_backends.is_empty());
     let body_rows: String = rows
         .iter()
         .map(|r| {
             format!(
-                r#"<tr><td>{user}</td><td>{backend}</td><td>{node}</td><td>{allocated}</td><td>{last}</td><td>{idle}</td><td>{held}</td><td>{here}</td>
+                r#"<tr>{profile}<td>{user}</td><td>{backend}</td><td>{node}</td><td>{allocated}</td><td>{last}</td><td>{idle}</td><td>{held}</td><td>{here}</td>
 <td>{action}</td></tr>"#,
+                profile = if several { format!("<td>{}</td>", escape(&r.profile)) } else { String::new() },
                 user = escape(&r.user),
                 backend = escape(&r.backend),
                 node = escape(r.node.as_deref().unwrap_or("—")),
@@ -179,7 +214,7 @@ fn page(
                     format!(
                         r#"<form method="post" action="/_router/admin/release"><input type="hidden" name="target" value="{}"><button type="submit">Release</button></form>"#,
                         // A shared backend's name is several users': name the user.
-                        escape(if shared.is_empty() { &r.backend } else { &r.user })
+                        escape(if any_shared { &r.user } else { &r.backend })
                     )
                 },
             )
@@ -190,40 +225,61 @@ fn page(
     } else {
         format!(
             r#"<table border="1" cellpadding="4" cellspacing="0">
-<tr><th>User</th><th>Backend</th><th>Node</th><th>Allocated at</th><th>Last activity</th><th>Idle</th><th>Held</th><th>This replica</th><th></th></tr>
-{body_rows}</table>"#
+<tr>{profile}<th>User</th><th>Backend</th><th>Node</th><th>Allocated at</th><th>Last activity</th><th>Idle</th><th>Held</th><th>This replica</th><th></th></tr>
+{body_rows}</table>"#,
+            profile = if several { "<th>Profile</th>" } else { "" },
         )
     };
-    let down = if down.is_empty() {
+    let pools_html: String = pools.iter().map(|pool| pool_html(pool, several)).collect();
+    let release = if any_shared {
+        "frees the user's slot now (reason <code>admin</code>) on a shared backend, which keeps serving the others; a dedicated backend is deleted and its fleet replaces it"
+    } else {
+        "deletes the user's backend now (reason <code>admin</code>); the fleet replaces it"
+    };
+    let body = format!(
+        r#"{pools_html}{table}
+<p class="muted">Release {release}.</p>"#
+    );
+    pages::document("Sessions", &body, None).replace("max-width:36rem", "max-width:72rem")
+}
+
+/// One profile's capacity, line, down backends and shared loads.
+fn pool_html(pool: &PoolSummary, named: bool) -> String {
+    let capacity = pool.capacity;
+    let heading = if named {
+        format!(
+            "<h2 id=\"profile-{name}\">{title} <small>({name}, {kind})</small></h2>\n",
+            name = escape(&pool.name),
+            title = escape(&pool.title),
+            kind = pool.backend,
+        )
+    } else {
+        String::new()
+    };
+    let down = if pool.down.is_empty() {
         String::new()
     } else {
-        let names: Vec<String> = down.iter().map(|d| escape(d)).collect();
+        let names: Vec<String> = pool.down.iter().map(|d| escape(d)).collect();
         format!(
             "<p><strong>Not answering</strong> (skipped for new users until a probe finds them up): {}</p>\n",
             names.join(", ")
         )
     };
-    let (loads, release) = if shared.is_empty() {
-        (
-            String::new(),
-            "deletes the user's backend now (reason <code>admin</code>); the fleet replaces it",
-        )
+    let loads = if pool.shared_backends.is_empty() {
+        String::new()
     } else {
-        (
-            shared_table(shared),
-            "frees the user's slot now (reason <code>admin</code>); the backend keeps serving the others",
-        )
+        shared_table(&pool.shared_backends)
     };
-    let body = format!(
-        r#"<p>Backends: {ready} ready, {allocated} allocated, {reserved} reserved, {total} in all. Users waiting on this replica: {waiting}. Idle timeout: {idle_timeout} s.</p>
-{down}{loads}{table}
-<p class="muted">Release {release}.</p>"#,
+    format!(
+        r#"{heading}<p>Backends: {ready} ready, {allocated} allocated, {reserved} reserved, {total} in all. Users waiting on this replica: {waiting}. Idle timeout: {idle_timeout} s.</p>
+{down}{loads}"#,
         ready = capacity.ready,
         allocated = capacity.allocated,
         reserved = capacity.reserved,
         total = capacity.total,
-    );
-    pages::document("Sessions", &body, None).replace("max-width:36rem", "max-width:72rem")
+        waiting = pool.waiting,
+        idle_timeout = pool.idle_timeout_seconds,
+    )
 }
 
 /// Shared backends (slots, not servers) with this replica's users on each.
@@ -248,6 +304,31 @@ fn shared_table(shared: &[SharedLoad]) -> String {
 {rows}</table>
 "#
     )
+}
+
+/// Releases `target` (a backend, or a user's email) held through another
+/// replica: found in whichever profile's backend system records it.
+async fn release_elsewhere(state: &AppState, target: &str) -> Result<Option<String>, RouterError> {
+    for profile in state.registry.profiles().iter() {
+        let by_user = profile
+            .allocator
+            .deployment_sessions()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|r| !r.releasing)
+            .find(|r| r.backend == target || r.user.eq_ignore_ascii_case(target))
+            .map(|r| r.backend);
+        let backend = by_user.unwrap_or_else(|| target.to_string());
+        let done = profile
+            .allocator
+            .release_backend(&backend, ReleaseReason::Admin)
+            .await
+            .map_err(crate::session::SessionError::from)?;
+        if done {
+            return Ok(Some(backend));
+        }
+    }
+    Ok(None)
 }
 
 #[derive(Deserialize)]
@@ -275,25 +356,7 @@ pub async fn release(
             state.registry.release(&session, ReleaseReason::Admin).await?;
             Some(session.lease.backend.to_string())
         }
-        None => {
-            let by_user = state
-                .registry
-                .allocator()
-                .deployment_sessions()
-                .unwrap_or_default()
-                .into_iter()
-                .filter(|r| !r.releasing)
-                .find(|r| r.backend == target || r.user.eq_ignore_ascii_case(target))
-                .map(|r| r.backend);
-            let backend = by_user.unwrap_or_else(|| target.to_string());
-            let done = state
-                .registry
-                .allocator()
-                .release_backend(&backend, ReleaseReason::Admin)
-                .await
-                .map_err(crate::session::SessionError::from)?;
-            done.then_some(backend)
-        }
+        None => release_elsewhere(&state, target).await?,
     };
     let Some(backend) = released else {
         return Err(RouterError::NotFound);

@@ -149,7 +149,7 @@ async fn answer(state: &AppState, body: &[u8]) -> Result<Answer, ReviewError> {
     let request = review.request.ok_or(ReviewError::NoRequest)?;
     let uid = request.uid.filter(|u| !u.is_empty()).ok_or(ReviewError::NoUid)?;
     let status = &request.status;
-    let waiting = users_waiting(state).await;
+    let waiting = users_waiting(state, &request.namespace, &request.name).await;
     let desired = desired_replicas(status.allocated_replicas, waiting, &state.config.autoscaler);
     let scale = i64::from(desired) != i64::from(status.replicas);
     state.metrics.autoscaler_desired_replicas.set(desired.into());
@@ -177,12 +177,28 @@ async fn answer(state: &AppState, body: &[u8]) -> Result<Answer, ReviewError> {
     })
 }
 
-/// The users waiting for a GameServer: the demand the Fleet has not met.
+/// The users waiting for a GameServer of `fleet`: the demand it has not
+/// met. The review names the Fleet; its profile's line is the demand.
 ///
 /// The one place the webhook learns it: the waiting line, which on Agones
 /// is shared by every replica, so whichever one Agones calls knows it all.
-async fn users_waiting(state: &AppState) -> usize {
-    state.registry.line().waiting().await
+/// A profile's line is counted for its first-choice Fleet only (the one
+/// its users would get first); the fallback Fleets serve what reaches
+/// them. A router with one profile counts its line for any Fleet.
+async fn users_waiting(state: &AppState, namespace: &str, fleet: &str) -> usize {
+    let profiles = state.registry.profiles();
+    let first_choice = profiles.iter().find(|p| {
+        let agones = &p.config.backend.agones;
+        p.config.backend.kind.is_agones()
+            && agones.fleet() == fleet
+            && (namespace.is_empty() || agones.namespace == namespace)
+    });
+    let profile = match first_choice {
+        Some(profile) => profile,
+        None if profiles.len() == 1 => profiles.default_profile(),
+        None => return 0,
+    };
+    profile.line.waiting().await
 }
 
 /// The Fleet size that serves every allocated server, one more per waiting

@@ -52,6 +52,8 @@ impl RouterError {
             RouterError::Auth(AuthError::SignInRequired) => StatusCode::SEE_OTHER,
             RouterError::Auth(_) => StatusCode::UNAUTHORIZED,
             RouterError::Session(SessionError::Ended(_) | SessionError::NoSession) => StatusCode::CONFLICT,
+            RouterError::Session(SessionError::ChooseProfile { .. }) => StatusCode::SEE_OTHER,
+            RouterError::Session(SessionError::ProfileNotAllowed(_)) => StatusCode::FORBIDDEN,
             RouterError::Session(_) => StatusCode::SERVICE_UNAVAILABLE,
             RouterError::Proxy(ProxyError::ClientBody { .. }) => StatusCode::BAD_REQUEST,
             RouterError::Proxy(_) => StatusCode::BAD_GATEWAY,
@@ -129,6 +131,11 @@ pub fn render(error: &RouterError, wants_html: bool, uri: &Uri, settings: &Error
             page
         }
         RouterError::Session(SessionError::NoSession) => pages::session_ended(wants_html, None, uri),
+        RouterError::Session(SessionError::ChooseProfile { next }) => pages::redirect(&pages::chooser_for(next)),
+        RouterError::Session(SessionError::ProfileNotAllowed(_)) => pages::forbidden(
+            wants_html,
+            "This GPU profile does not exist, or is not one you may use.",
+        ),
         RouterError::Session(_) => pages::waiting(wants_html, retry, None),
         RouterError::UriTooLong(_) | RouterError::Proxy(ProxyError::ClientBody { .. }) => {
             pages::client_error(error.status())

@@ -36,7 +36,7 @@ use crate::net::connection::{Limits, Timeouts};
 use crate::net::{bind, Server, Settings};
 use crate::proxy::Forwarder;
 use crate::session::cookie::CookieCodec;
-use crate::session::Registry;
+use crate::session::{Profile, Profiles, Registry};
 use crate::telemetry::access;
 use crate::util::seal::Signer;
 use error::{render_errors, ErrorPages};
@@ -57,27 +57,49 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(config: Config, allocator: Arc<dyn Allocator>, metrics: Arc<Metrics>) -> Self {
+    /// The state of a router whose profiles have these allocators (one
+    /// each, in the config's order).
+    pub fn new(config: Config, allocators: Vec<Arc<dyn Allocator>>, metrics: Arc<Metrics>) -> Self {
         let session = &config.session;
         let dev_cookie = format!("{}_dev", session.cookie_name);
         let signer = Signer::new(&session.cookie_secret);
         let cookies = CookieCodec::new(signer, session.cookie_name.clone(), session.cookie_ttl);
+        // One upstream pool for every profile: the most patient profile's
+        // connect timeout.
+        let connect_timeout = config.profiles.iter().map(|p| p.backend.connect_timeout).max();
         let forwarder = Forwarder::new(
-            config.backend.connect_timeout,
+            connect_timeout.unwrap_or(config.backend.connect_timeout),
             vec![session.cookie_name.clone(), dev_cookie.clone()],
             metrics.clone(),
         );
+        let profiles: Vec<Profile> = config
+            .profiles
+            .iter()
+            .zip(allocators)
+            .map(|(profile, allocator)| Profile::new(profile.clone(), allocator, &metrics, session.queue_timeout))
+            .collect();
+        for profile in &profiles {
+            metrics
+                .backend_info
+                .with_label_values(&[profile.config.backend.kind.label()])
+                .set(1);
+        }
+        let profiles = Profiles::new(profiles);
+        let backends: Vec<_> = profiles.iter().map(|p| Arc::downgrade(&p.allocator)).collect();
+        metrics.upstreams_down.read_from(move || {
+            let down = backends.iter().filter_map(|b| b.upgrade()).map(|a| a.down().len());
+            down.sum::<usize>() as i64
+        });
+        let waiting: Vec<_> = profiles
+            .iter()
+            .map(|p| metrics.profile_users_waiting.with_label_values(&[p.name()]))
+            .collect();
         metrics
-            .backend_info
-            .with_label_values(&[config.backend.kind.label()])
-            .set(1);
-        let backends = Arc::downgrade(&allocator);
-        metrics
-            .upstreams_down
-            .read_from(move || backends.upgrade().map_or(0, |a| a.down().len() as i64));
+            .users_waiting
+            .read_from(move || waiting.iter().map(|gauge| gauge.get()).sum());
         AppState {
             auth: Authenticator::new(&config.auth, &session.cookie_secret, dev_cookie, metrics.clone()),
-            registry: Registry::new(allocator, metrics.clone(), config.session.queue_timeout),
+            registry: Registry::new(profiles, metrics.clone()),
             cookies,
             forwarder,
             metrics,
@@ -132,6 +154,8 @@ pub fn endpoints(state: Arc<AppState>) -> Router {
         .route("/_router/status", get(routes::status))
         .route("/_router/release", post(routes::release))
         .route("/_router/start", post(routes::start))
+        .route("/_router/profiles", get(routes::profiles))
+        .route("/_router/switch", post(routes::switch))
         .route("/_router/admin", get(admin::view))
         .route("/_router/admin/release", post(admin::release))
         .route(
@@ -190,9 +214,10 @@ pub async fn serve(
         tasks.spawn(keys.clone().keep_fresh(background.clone()));
     }
     tasks.spawn(reaper::run(state.clone(), background.clone()));
-    let allocator = state.registry.allocator().clone();
-    let stop = background.clone();
-    tasks.spawn(async move { allocator.maintain(stop).await });
+    for profile in state.registry.profiles().iter() {
+        let (allocator, stop) = (profile.allocator.clone(), background.clone());
+        tasks.spawn(async move { allocator.maintain(stop).await });
+    }
 
     let server_config = &state.config.server;
     let settings = Settings {

@@ -16,6 +16,17 @@ use crate::session::Place;
 
 /// Where "Start again" posts to.
 pub const START: &str = "/_router/start";
+/// The profile chooser (HTML), or the profiles as JSON.
+pub const PROFILES: &str = "/_router/profiles";
+
+/// The chooser, which then goes on to `next`.
+pub fn chooser_for(next: &str) -> String {
+    if next == "/" {
+        PROFILES.to_string()
+    } else {
+        format!("{PROFILES}?next={}", percent_encode(next))
+    }
+}
 
 /// Escapes text for HTML element content and attribute values.
 pub fn escape(text: &str) -> String {
@@ -283,6 +294,68 @@ pub fn sign_in_redirect(uri: &Uri) -> Response {
     let location = format!("/_router/dev/login?next={}", percent_encode(next));
     redirect(&location)
 }
+
+/// One profile as the chooser shows it.
+#[derive(Debug, serde::Serialize)]
+pub struct Card {
+    pub name: String,
+    pub title: String,
+    pub description: String,
+    pub default: bool,
+    /// The backend kind (`static`, `agones`, `agones-allocator`, `shared`).
+    pub backend: &'static str,
+    /// Backends (or, shared, users' slots) free right now.
+    pub free: usize,
+    /// People in its waiting line.
+    pub waiting: usize,
+}
+
+/// The profile chooser: one card per profile the user may use, each with a
+/// "Start" button (a same-origin POST to [`START`]) that goes on to
+/// `next`. `current`: the profile of the GPU the user holds, whose card
+/// opens it instead (one GPU a user: another means "Switch" first).
+pub fn chooser(cards: &[Card], next: &str, current: Option<&str>) -> Response {
+    let next = escape(next);
+    let cards_html: String = cards
+        .iter()
+        .map(|card| {
+            let name = escape(&card.name);
+            let action = match current {
+                Some(held) if held == card.name => {
+                    format!(r#"<p><strong>You are using this one.</strong> <a href="{next}">Open it</a></p>"#)
+                }
+                Some(_) => r#"<p class="muted">Switch to use this one (you hold another GPU).</p>"#.to_string(),
+                None => format!(
+                    r#"<form method="post" action="{START}"><input type="hidden" name="profile" value="{name}"><input type="hidden" name="next" value="{next}"><button type="submit">Start</button></form>"#
+                ),
+            };
+            format!(
+                r#"<section class="card" id="profile-{name}" data-profile="{name}" style="border:1px solid #ccc;border-radius:.5rem;padding:.5rem 1rem;margin:1rem 0">
+<h2 style="font-size:1.1rem">{title}{default}</h2>
+<p>{description}</p>
+<p class="muted"><span class="free">{free}</span> free now · <span class="waiting">{waiting}</span> waiting</p>
+{action}
+</section>"#,
+                title = escape(&card.title),
+                default = if card.default { " <small class=\"muted\">(default)</small>" } else { "" },
+                description = escape(&card.description),
+                free = card.free,
+                waiting = card.waiting,
+            )
+        })
+        .collect();
+    let switch = match current {
+        Some(_) => format!(
+            r#"<form method="post" action="{SWITCH}"><button type="submit">Switch: release my GPU and choose again</button></form>"#
+        ),
+        None => String::new(),
+    };
+    let body = format!("<p>Choose the GPU pool for your WebUI.</p>\n{cards_html}\n{switch}");
+    html(StatusCode::OK, "Choose a GPU", &body, None)
+}
+
+/// Where "Switch" posts to: releases the user's GPU, then the chooser.
+pub const SWITCH: &str = "/_router/switch";
 
 /// A 303 to a local path.
 pub fn redirect(location: &str) -> Response {

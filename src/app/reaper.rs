@@ -56,7 +56,9 @@ fn period(idle_timeout: Duration) -> Duration {
 
 pub async fn run(state: Arc<AppState>, stop: CancellationToken) {
     let probe = state.config.session.busy_probe.as_deref().map(BusyProbe::new);
-    let mut ticker = tokio::time::interval(period(state.config.session.idle_timeout));
+    // Often enough for the profile with the shortest idle timeout.
+    let shortest = state.config.profiles.iter().map(|p| p.idle_timeout).min();
+    let mut ticker = tokio::time::interval(period(shortest.unwrap_or(state.config.session.idle_timeout)));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -68,22 +70,15 @@ pub async fn run(state: Arc<AppState>, stop: CancellationToken) {
 }
 
 async fn pass(state: &AppState, probe: Option<&BusyProbe>) {
-    let session_config = &state.config.session;
-    let allocator = state.registry.allocator();
-    let sync_interval = state.config.backend.agones.activity_sync_interval;
     let now = SystemTime::now();
     let sessions = state.registry.sessions();
     futures_util::stream::iter(&sessions)
         .for_each_concurrent(CONCURRENT_CALLS, |session| async move {
             session.activity.account();
+            let profile = &session.profile;
+            let allocator = &profile.allocator;
             let elsewhere = allocator.activity_elsewhere(&session.lease);
-            let mut reason = due(
-                session,
-                elsewhere,
-                session_config.idle_timeout,
-                session_config.max_lifetime,
-                now,
-            );
+            let mut reason = due(session, elsewhere, profile.idle_timeout(), profile.max_lifetime(), now);
             if let (Some(ReleaseReason::Idle), Some(probe)) = (reason, probe) {
                 if probe.is_busy(&session.lease.upstream).await {
                     tracing::info!(user_id = %telemetry::user_id(&session.identity.sub), backend = %session.lease.backend, "idle release postponed: the backend reports a job in progress");
@@ -95,14 +90,19 @@ async fn pass(state: &AppState, probe: Option<&BusyProbe>) {
                 // Errors are logged by the registry; the session stays and
                 // the next pass retries.
                 let _ = state.registry.release(session, reason).await;
-            } else if let Some(at) = session.activity.unshared(sync_interval) {
+            } else if let Some(at) = session
+                .activity
+                .unshared(profile.config.backend.agones.activity_sync_interval)
+            {
                 if let Err(e) = allocator.record_activity(&session.lease, at).await {
                     tracing::warn!(backend = %session.lease, error = %e, "could not record activity");
                 }
             }
         })
         .await;
-    state.registry.line().prune().await;
+    for profile in state.registry.profiles().iter() {
+        profile.line.prune().await;
+    }
     state.registry.forget_old_releases(SystemTime::now());
     if let Some(keys) = state.auth.key_store() {
         keys.report_age();
@@ -115,7 +115,9 @@ async fn pass(state: &AppState, probe: Option<&BusyProbe>) {
         .iter()
         .map(|s| s.lease.backend.clone())
         .collect();
-    allocator.sweep(session_config.idle_timeout, &held_here, probe).await;
+    for profile in state.registry.profiles().iter() {
+        profile.allocator.sweep(profile.idle_timeout(), &held_here, probe).await;
+    }
 }
 
 #[cfg(test)]
@@ -127,6 +129,7 @@ mod tests {
     fn session(allocated_at: SystemTime) -> Session {
         Session::new(
             Identity::new("s", "s@example.com", None),
+            crate::session::profile::testing::profile(),
             Lease {
                 backend: "b".into(),
                 upstream: http::uri::Authority::from_static("127.0.0.1:1"),

@@ -31,7 +31,7 @@ use crate::auth::{origin, Identity};
 use crate::proxy::{headers::is_upgrade, BoxError, Exchange, ProxyError, UpstreamBody};
 use crate::session::cookie::{set_cookie, Pin};
 use crate::session::ended::{self, Notice};
-use crate::session::{Claim, Intent, Place, Session, SessionError};
+use crate::session::{Claim, Intent, Place, Profile, Session, SessionError};
 use crate::telemetry;
 use crate::util::unix;
 
@@ -72,7 +72,7 @@ where
     // connections; a request that can be sent again is, once.
     // Only a request that may start a session is sent to a replacement: a
     // page's poll or ping finding its pod dead takes no new GPU.
-    let replaceable = state.registry.allocator().replaces_unreachable();
+    let replaceable = session.profile.allocator.replaces_unreachable();
     let replay = if replaceable && may_start_session(&request, counts_as_activity) {
         replayable(&request)
     } else {
@@ -88,7 +88,7 @@ where
     let mut response = match first {
         // The allocator learns of every refusal (a static pool marks the box
         // down) and says whether the user moves off it.
-        Err(unreachable @ ProxyError::Connect { .. }) if state.registry.allocator().refused(&session.lease) => {
+        Err(unreachable @ ProxyError::Connect { .. }) if session.profile.allocator.refused(&session.lease) => {
             // Boxed: rare, and it would make every request's future larger.
             let (replaced, response) =
                 Box::pin(replace_dead_backend(state, &identity, exchange, unreachable, replay)).await?;
@@ -103,7 +103,7 @@ where
         } else {
             now - session.activity.idle_for()
         };
-        let pin = Pin::new(&session.lease, session.allocated_at, last_active);
+        let pin = Pin::of(&session, last_active);
         let (cookie, issued) = state.cookies.issue(&identity.sub, pin, now);
         session.remember_pin(issued);
         response.headers_mut().append(SET_COOKIE, cookie);
@@ -115,8 +115,10 @@ where
 /// Called only then: a user with a session costs no MAC check here.
 ///
 /// - No (valid) pinning cookie: allocate if the request shows intent (a
-///   navigation or an API client) and is not to an activity-ignored path;
-///   else nothing.
+///   navigation or an API client) and is not to an activity-ignored path,
+///   from the profile it names or, naming none, the only one the user may
+///   use; a browser may choose among several (the chooser), an API client
+///   gets the default. Else nothing.
 /// - A cookie naming a backend that was released (the cookie says so, this
 ///   replica or the backend system remembers, or its stamps show the user
 ///   idle or the lifetime run out): nothing; the answer says why, and its
@@ -125,7 +127,8 @@ where
 ///   names. Should this replica not see it as theirs (its view lagging, or
 ///   the pod gone), the user's own backend is looked for; failing that,
 ///   only a request that shows intent and counts as activity allocates
-///   (a dead pod's user gets a new one on their next navigation).
+///   (a dead pod's user gets a new one on their next navigation), from the
+///   same profile.
 fn claim<B>(
     state: &AppState,
     identity: &Identity,
@@ -134,17 +137,22 @@ fn claim<B>(
     now: SystemTime,
 ) -> Result<Claim, SessionError> {
     let headers = request.headers();
-    let Some(pin) = state.cookies.read(headers, &identity.sub, now) else {
-        return if may_start_session(request, counts_as_activity) {
-            Ok(Claim::Allocate)
-        } else {
-            Err(SessionError::NoSession)
-        };
+    // A cookie of a profile gone from the config, or no longer the user's,
+    // pins nothing.
+    let pinned = state
+        .cookies
+        .read(headers, &identity.sub, now)
+        .and_then(|pin| Some((pin_profile(state, identity, &pin)?, pin)));
+    let Some((profile, pin)) = pinned else {
+        if !may_start_session(request, counts_as_activity) {
+            return Err(SessionError::NoSession);
+        }
+        return chosen_profile(state, identity, request).map(Claim::Allocate);
     };
     if let Some(ended) = pin.ended {
         return Err(SessionError::Ended(Box::new(Notice { ended, cookie: None })));
     }
-    if let Some(ended) = released(state, identity, &pin, now) {
+    if let Some(ended) = released(state, identity, &profile, &pin, now) {
         let (cookie, _) = state.cookies.issue(
             &identity.sub,
             Pin {
@@ -158,8 +166,63 @@ fn claim<B>(
     }
     Ok(Claim::Adopt {
         pin: pin.backend,
+        profile,
         or_allocate: may_start_session(request, counts_as_activity),
     })
+}
+
+/// The header an API client names its profile with.
+pub const PROFILE_HEADER: &str = "x-session-router-profile";
+
+/// The profile a request that starts a session asks for: named by
+/// [`PROFILE_HEADER`] or `?profile=` (and then one the user may use, or
+/// 403), else the only one the user may use; a browser navigation with
+/// several to choose from goes to the chooser, an API client gets the
+/// default.
+fn chosen_profile<B>(
+    state: &AppState,
+    identity: &Identity,
+    request: &Request<B>,
+) -> Result<Arc<Profile>, SessionError> {
+    let profiles = state.registry.profiles();
+    let named = request
+        .headers()
+        .get(PROFILE_HEADER)
+        .map(|value| String::from_utf8_lossy(value.as_bytes()).trim().to_string())
+        .or_else(|| query_profile(request.uri()));
+    if let Some(name) = named {
+        return profiles
+            .usable(&name, identity)
+            .cloned()
+            .ok_or(SessionError::ProfileNotAllowed(name));
+    }
+    let browser = Intent::of(request.method(), request.headers()) == Intent::Navigation;
+    if browser && profiles.for_user(identity).nth(1).is_some() {
+        let next = request.uri().path_and_query().map_or("/", |p| p.as_str()).to_string();
+        return Err(SessionError::ChooseProfile { next });
+    }
+    profiles
+        .default_for(identity)
+        .cloned()
+        .ok_or_else(|| SessionError::ProfileNotAllowed(profiles.default_profile().name().to_string()))
+}
+
+/// `profile=NAME` in a URI's query, as a link to a profile carries it.
+fn query_profile(uri: &http::Uri) -> Option<String> {
+    form_urlencoded::parse(uri.query()?.as_bytes())
+        .find(|(key, _)| key == "profile")
+        .map(|(_, value)| value.into_owned())
+}
+
+/// The profile a pin's backend came from, if it is still configured and
+/// the user may still use it.
+fn pin_profile(state: &AppState, identity: &Identity, pin: &Pin) -> Option<Arc<Profile>> {
+    let profiles = state.registry.profiles();
+    let profile = match &pin.profile {
+        Some(name) => profiles.named(name)?,
+        None => profiles.default_profile(),
+    };
+    profile.permits(identity).then(|| profile.clone())
 }
 
 /// Whether `request` may get its user a backend: it shows intent (a
@@ -168,20 +231,20 @@ fn may_start_session<B>(request: &Request<B>, counts_as_activity: bool) -> bool 
     counts_as_activity && Intent::of(request.method(), request.headers()).starts_a_session()
 }
 
-/// Why the backend `pin` names is not the user's any more, if the cookie,
-/// this replica, the backend system or the cookie's stamps say so.
-fn released(state: &AppState, identity: &Identity, pin: &Pin, now: SystemTime) -> Option<Ended> {
-    let config = &state.config.session;
+/// Why the backend `pin` names (of `profile`) is not the user's any more,
+/// if the cookie, this replica, the backend system or the cookie's stamps
+/// say so.
+fn released(state: &AppState, identity: &Identity, profile: &Profile, pin: &Pin, now: SystemTime) -> Option<Ended> {
     pin.ended
-        .or_else(|| state.registry.ended(identity, &pin.backend.backend))
+        .or_else(|| state.registry.ended(identity, profile, &pin.backend.backend))
         .or_else(|| {
-            let elsewhere = pinned_lease(pin).and_then(|lease| state.registry.allocator().activity_elsewhere(&lease));
+            let elsewhere = pinned_lease(pin).and_then(|lease| profile.allocator.activity_elsewhere(&lease));
             ended::presumed(
                 pin.backend.allocated_at,
                 pin.last_active,
                 elsewhere,
-                config.idle_timeout,
-                config.max_lifetime,
+                profile.idle_timeout(),
+                profile.max_lifetime(),
                 now,
             )
         })
@@ -211,7 +274,11 @@ async fn replace_dead_backend(
     let Some(request) = replay else {
         return Err(unreachable.into());
     };
-    let session = state.registry.get_or_allocate(identity, || Ok(Claim::Allocate)).await?;
+    let profile = dead.profile.clone();
+    let session = state
+        .registry
+        .get_or_allocate(identity, || Ok(Claim::Allocate(profile)))
+        .await?;
     let exchange = Exchange {
         session: &session,
         ..first
@@ -245,13 +312,14 @@ pub async fn healthz() -> &'static str {
 /// dead box among several is news for the operator, not a reason to take
 /// this replica out of the load balancer.
 pub async fn readyz(State(state): Shared) -> Response {
-    let allocator = state.registry.allocator();
-    let (status, mut body) = if state.auth.is_ready() && allocator.is_ready() {
+    let profiles = state.registry.profiles();
+    let ready = state.auth.is_ready() && profiles.iter().all(|p| p.allocator.is_ready());
+    let (status, mut body) = if ready {
         (StatusCode::OK, "ready\n".to_string())
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".to_string())
     };
-    let down = allocator.down();
+    let down: Vec<Lease> = profiles.iter().flat_map(|p| p.allocator.down()).collect();
     if !down.is_empty() {
         let names: Vec<&str> = down.iter().map(|lease| &*lease.backend).collect();
         body.push_str(&format!("down: {}\n", names.join(" ")));
@@ -263,24 +331,26 @@ pub async fn readyz(State(state): Shared) -> Response {
 pub async fn status(State(state): Shared, headers: HeaderMap) -> Result<Response, RouterError> {
     let identity = state.identify(&headers).await?;
     let session = state.registry.get(&identity.sub);
-    let idle_timeout = state.config.session.idle_timeout.as_secs();
-    let place = state.registry.line().place(&identity).await;
+    let waiting = state.registry.place(&identity).await;
     let retry_after = state.config.session.retry_after.as_secs().max(1);
+    let now = SystemTime::now();
     // Holding none, the user is told why their last one went.
     let ended = session
         .is_none()
-        .then(|| state.cookies.read(&headers, &identity.sub, SystemTime::now()))
+        .then(|| state.cookies.read(&headers, &identity.sub, now))
         .flatten()
-        .and_then(|pin| released(&state, &identity, &pin, SystemTime::now()));
+        .and_then(|pin| released(&state, &identity, &*pin_profile(&state, &identity, &pin)?, &pin, now));
+    let choices = state.registry.profiles().for_user(&identity).count();
     if !crate::util::wants_html(&headers) {
-        let line = place.map(|p| json!({ "position": p.position, "waiting": p.waiting, "retry_after": retry_after }));
+        let line = waiting.as_ref().map(|(profile, p)| json!({ "profile": profile.name(), "position": p.position, "waiting": p.waiting, "retry_after": retry_after }));
         let session = session.map(|s| {
             json!({
+                "profile": s.profile.name(),
                 "backend": &*s.lease.backend,
                 "upstream": s.lease.upstream.as_str(),
                 "allocated_at": humantime::format_rfc3339_seconds(s.allocated_at).to_string(),
                 "idle_seconds": s.activity.idle_for().as_secs(),
-                "idle_timeout_seconds": idle_timeout,
+                "idle_timeout_seconds": s.profile.idle_timeout().as_secs(),
             })
         });
         let ended = ended.map(|e| {
@@ -289,11 +359,19 @@ pub async fn status(State(state): Shared, headers: HeaderMap) -> Result<Response
                 "released_at": humantime::format_rfc3339_seconds(e.at()).to_string(),
             })
         });
-        return Ok(
-            Json(json!({ "user": &*identity.email, "session": session, "line": line, "ended": ended })).into_response(),
-        );
+        return Ok(Json(
+            json!({ "user": &*identity.email, "session": session, "line": line, "ended": ended, "profiles": choices }),
+        )
+        .into_response());
     }
-    Ok(status_page(&identity, session.as_deref(), place, ended, idle_timeout).into_response())
+    Ok(status_page(
+        &identity,
+        session.as_deref(),
+        waiting.map(|(_, place)| place),
+        ended,
+        choices,
+    )
+    .into_response())
 }
 
 fn status_page(
@@ -301,20 +379,38 @@ fn status_page(
     session: Option<&Session>,
     place: Option<Place>,
     ended: Option<Ended>,
-    idle_timeout: u64,
+    choices: usize,
 ) -> axum::response::Html<String> {
     let user = escape(&identity.email);
+    let choose = if choices > 1 {
+        format!(r#"<p><a href="{}">Choose a GPU pool</a></p>"#, pages::PROFILES)
+    } else {
+        String::new()
+    };
     let body = match session {
         Some(s) => format!(
             r#"<p>Signed in as <strong>{user}</strong>.</p>
-<dl><dt>Backend</dt><dd>{backend}</dd>
+<dl><dt>Profile</dt><dd id="profile" data-profile="{profile}">{title}</dd>
+<dt>Backend</dt><dd>{backend}</dd>
 <dt>Allocated at</dt><dd>{allocated}</dd>
 <dt>Idle for</dt><dd>{idle} s (released after {idle_timeout} s idle)</dd></dl>
-<form method="post" action="/_router/release"><button type="submit">Release my GPU now</button></form>
+<form method="post" action="/_router/release"><button type="submit">Release my GPU now</button></form>{switch}
 <p><a href="/">Back to the WebUI</a></p>"#,
+            profile = escape(s.profile.name()),
+            title = escape(&s.profile.config.title),
             backend = escape(&s.lease.to_string()),
             allocated = humantime::format_rfc3339_seconds(s.allocated_at),
             idle = s.activity.idle_for().as_secs(),
+            idle_timeout = s.profile.idle_timeout().as_secs(),
+            switch = if choices > 1 {
+                format!(
+                    r#"
+<form method="post" action="{}"><button type="submit">Switch: release it and choose another GPU pool</button></form>"#,
+                    pages::SWITCH
+                )
+            } else {
+                String::new()
+            },
         ),
         None => match place {
             Some(place) => format!(
@@ -325,7 +421,7 @@ fn status_page(
             ),
             None => format!(
                 r#"<p>Signed in as <strong>{user}</strong>. You hold no GPU right now.</p>{why}
-<form method="post" action="{start}"><input type="hidden" name="next" value="/"><button type="submit">Start again</button></form>"#,
+<form method="post" action="{start}"><input type="hidden" name="next" value="/"><button type="submit">Start again</button></form>{choose}"#,
                 why = ended.map_or_else(String::new, |e| format!(
                     r#"<p>Your last one was released <strong id="reason" data-reason="{reason}">{sentence}</strong>, at <time>{at}</time>.</p>"#,
                     reason = e.reason.as_str(),
@@ -367,7 +463,7 @@ pub async fn release(State(state): Shared, headers: HeaderMap) -> Result<Respons
     let cookie = match session {
         Some(session) => {
             let now = SystemTime::now();
-            let mut pin = Pin::new(&session.lease, session.allocated_at, now);
+            let mut pin = Pin::of(&session, now);
             pin.ended = Some(Ended::new(ReleaseReason::User, now));
             state.cookies.issue(&identity.sub, pin, now).0
         }
@@ -380,11 +476,15 @@ pub async fn release(State(state): Shared, headers: HeaderMap) -> Result<Respons
 #[derive(Deserialize)]
 pub struct StartForm {
     next: Option<String>,
+    /// The profile to start; unset: the one the user's last GPU came from,
+    /// or the only one they may use.
+    profile: Option<String>,
 }
 
-/// "Start again": gets the user a backend (their own if they still hold
-/// one) and sends the browser on to `next`, the WebUI. Waiting in line, or
-/// on any other failure, the browser goes there too: the page it then gets
+/// "Start" and "Start again": gets the user a backend (their own if they
+/// still hold one, in any profile) and sends the browser on to `next`, the
+/// WebUI. Waiting in line, or on any other failure, the browser goes there
+/// too (naming the profile when there is a choice): the page it then gets
 /// (the waiting page, "try again") refreshes itself with a GET of `next`,
 /// not of this POST-only address.
 pub async fn start(
@@ -394,27 +494,125 @@ pub async fn start(
 ) -> Result<Response, RouterError> {
     check_origin(&state, &headers)?;
     let identity = state.identify(&headers).await?;
-    let next = safe_next(form.ok().and_then(|Form(form)| form.next).as_deref());
+    let (next, named) = match form {
+        Ok(Form(form)) => (safe_next(form.next.as_deref()), form.profile),
+        Err(_) => (safe_next(None), None),
+    };
     let wants_html = crate::util::wants_html(&headers);
-    let session = match state.registry.get_or_allocate(&identity, || Ok(Claim::Allocate)).await {
+    let now = SystemTime::now();
+    let profiles = state.registry.profiles();
+    let last = state
+        .cookies
+        .read(&headers, &identity.sub, now)
+        .and_then(|pin| pin_profile(&state, &identity, &pin));
+    let profile = match named {
+        Some(name) => profiles
+            .usable(&name, &identity)
+            .cloned()
+            .ok_or(SessionError::ProfileNotAllowed(name))?,
+        None => match last {
+            Some(profile) => profile,
+            None if wants_html && profiles.for_user(&identity).nth(1).is_some() => {
+                return Err(SessionError::ChooseProfile { next }.into());
+            }
+            None => profiles
+                .default_for(&identity)
+                .cloned()
+                .ok_or_else(|| SessionError::ProfileNotAllowed(profiles.default_profile().name().to_string()))?,
+        },
+    };
+    let chosen = profile.clone();
+    let session = match state
+        .registry
+        .get_or_allocate(&identity, || Ok(Claim::Allocate(chosen)))
+        .await
+    {
         Ok(session) => session,
         Err(_) if wants_html => {
+            let next = if profiles.len() > 1 {
+                with_profile(&next, profile.name())
+            } else {
+                next
+            };
             let mut response = pages::redirect(&next);
             response.headers_mut().append(SET_COOKIE, state.cookies.clear());
             return Ok(response);
         }
         Err(e) => return Err(e.into()),
     };
-    let now = SystemTime::now();
-    let pin = Pin::new(&session.lease, session.allocated_at, now);
+    let pin = Pin::of(&session, now);
     let (cookie, issued) = state.cookies.issue(&identity.sub, pin, now);
     session.remember_pin(issued);
     let mut response = if wants_html {
         pages::redirect(&next)
     } else {
-        Json(json!({ "backend": &*session.lease.backend })).into_response()
+        Json(json!({ "backend": &*session.lease.backend, "profile": session.profile.name() })).into_response()
     };
     response.headers_mut().append(SET_COOKIE, cookie);
+    Ok(response)
+}
+
+/// `next` with `profile=NAME` in its query: where a browser that started
+/// a profile but waits goes, so its reloads keep asking for that profile.
+fn with_profile(next: &str, profile: &str) -> String {
+    let separator = if next.contains('?') { '&' } else { '?' };
+    format!("{next}{separator}profile={}", pages::percent_encode(profile))
+}
+
+#[derive(Deserialize)]
+pub struct ChooserQuery {
+    next: Option<String>,
+}
+
+/// `GET /_router/profiles`: the profiles the user may use, each with what
+/// is free and who waits: the chooser page for a browser, JSON otherwise.
+/// A profile the user may not use is never listed.
+pub async fn profiles(
+    State(state): Shared,
+    headers: HeaderMap,
+    Query(query): Query<ChooserQuery>,
+) -> Result<Response, RouterError> {
+    let identity = state.identify(&headers).await?;
+    let current = state.registry.get(&identity.sub).map(|s| s.profile.name().to_string());
+    let mut cards = Vec::new();
+    for profile in state.registry.profiles().for_user(&identity) {
+        cards.push(pages::Card {
+            name: profile.name().to_string(),
+            title: profile.config.title.clone(),
+            description: profile.config.description.clone(),
+            default: profile.config.default,
+            backend: profile.config.backend.kind.label(),
+            free: profile.allocator.capacity().ready,
+            waiting: profile.line.waiting().await,
+        });
+    }
+    if !crate::util::wants_html(&headers) {
+        return Ok(Json(json!({ "profiles": cards, "current": current })).into_response());
+    }
+    let next = safe_next(query.next.as_deref());
+    Ok(pages::chooser(&cards, &next, current.as_deref()))
+}
+
+/// "Switch": releases the user's GPU (wherever it is held) and sends a
+/// browser to the chooser. The cookie is cleared rather than marked
+/// "released": the user is choosing again, not told their GPU went.
+pub async fn switch(State(state): Shared, headers: HeaderMap) -> Result<Response, RouterError> {
+    check_origin(&state, &headers)?;
+    let identity = state.identify(&headers).await?;
+    let session = match state.registry.get(&identity.sub) {
+        Some(session) => state
+            .registry
+            .release(&session, ReleaseReason::User)
+            .await?
+            .then_some(session),
+        None => state.registry.release_found(&identity, ReleaseReason::User).await?,
+    };
+    let mut response = if crate::util::wants_html(&headers) {
+        pages::redirect(pages::PROFILES)
+    } else {
+        Json(json!({ "released": session.is_some(), "choose": pages::PROFILES })).into_response()
+    };
+    response.headers_mut().append(SET_COOKIE, state.cookies.clear());
     Ok(response)
 }
 

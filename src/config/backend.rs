@@ -79,7 +79,10 @@ pub const KNOWN_KINDS: [&str; 7] = [
 #[derive(Debug, Clone, Serialize)]
 pub struct AgonesConfig {
     pub namespace: String,
-    pub fleet: String,
+    /// The Fleets a user's server comes from, in order of preference: the
+    /// first with a Ready server gives it (one allocation with ordered
+    /// selectors). Written `fleet = "x"` or `fleets = ["x", "y"]`.
+    pub fleets: Vec<String>,
     /// The GameServer port (by name) the WebUI listens on.
     pub port_name: String,
     /// Label key carrying the user on an allocated GameServer.
@@ -113,6 +116,17 @@ pub struct AgonesConfig {
     /// PEM client certificate and key for mutual TLS.
     pub allocator_client_cert_file: Option<String>,
     pub allocator_client_key_file: Option<String>,
+    /// `agones-allocator` only: let Agones' allocator place the user in
+    /// another cluster, as its GameServerAllocationPolicy says
+    /// (`multiClusterSetting.enabled`).
+    pub multi_cluster: bool,
+}
+
+impl AgonesConfig {
+    /// The first-choice Fleet: the one a single-Fleet profile names.
+    pub fn fleet(&self) -> &str {
+        self.fleets.first().map_or("", String::as_str)
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -151,12 +165,12 @@ pub struct SharedConfig {
     pub kube_api_url: Option<String>,
 }
 
+/// One backend section: `[backend]`, or a profile's `[profiles.backend]`.
 pub(super) fn read_backend(
-    root: &mut Section<'_>,
+    mut backend: Section<'_>,
     idle_timeout: Duration,
     problems: &mut Vec<Problem>,
 ) -> BackendConfig {
-    let mut backend = root.section("backend", problems);
     let kind_key = backend.key("kind");
     let kind = match backend.string("kind", "static", problems).as_str() {
         "static" => BackendKind::Static,
@@ -322,14 +336,7 @@ fn read_agones(
     let in_use = kind.is_agones();
     let mut agones = backend.section("agones", problems);
     let namespace = agones.string("namespace", "default", problems);
-    let fleet_key = agones.key("fleet");
-    let fleet = agones.string("fleet", "", problems);
-    if in_use && fleet.is_empty() {
-        problems.push(Problem::new(
-            &fleet_key,
-            "required for the Agones backends: the Fleet's name".into(),
-        ));
-    }
+    let fleets = read_fleets(&mut agones, in_use, problems);
     let port_name = agones.string("port_name", "sd", problems);
     let label_key = agones.key("user_label");
     let user_label = agones.string("user_label", "user", problems);
@@ -418,10 +425,18 @@ fn read_agones(
             "allocator_client_cert_file and allocator_client_key_file go together (mutual TLS)".into(),
         ));
     }
+    let multi_cluster = agones.boolean("multi_cluster", false, problems);
+    if multi_cluster && kind == BackendKind::Agones {
+        problems.push(Problem::new(
+            &agones.key("multi_cluster"),
+            "only for backend.kind = \"agones-allocator\": the Kubernetes API allocates in its own cluster".into(),
+        ));
+    }
     agones.finish(problems);
     AgonesConfig {
         namespace,
-        fleet,
+        fleets,
+        multi_cluster,
         port_name,
         user_label,
         address_preference,
@@ -436,6 +451,48 @@ fn read_agones(
         allocator_client_cert_file,
         allocator_client_key_file,
     }
+}
+
+/// `fleet = "x"` or `fleets = ["x", "y"]` (in order of preference), never
+/// both; each a Fleet name, none twice.
+fn read_fleets(agones: &mut Section<'_>, in_use: bool, problems: &mut Vec<Problem>) -> Vec<String> {
+    let fleet_key = agones.key("fleet");
+    let fleets_key = agones.key("fleets");
+    let one = agones.is_present("fleet").then(|| agones.string("fleet", "", problems));
+    let several = agones.is_present("fleets").then(|| agones.strings("fleets", problems));
+    let (fleets, key) = match (one, several) {
+        (Some(_), Some(_)) => {
+            problems.push(Problem::new(
+                &fleets_key,
+                format!("set together with {fleet_key}: name one Fleet with fleet, or several in order with fleets"),
+            ));
+            return Vec::new();
+        }
+        (_, Some(several)) => (several, fleets_key),
+        (one, None) => (one.filter(|f| !f.is_empty()).into_iter().collect(), fleet_key),
+    };
+    if in_use && fleets.is_empty() && !problems.iter().any(|p| p.key.starts_with(&key)) {
+        problems.push(Problem::new(
+            &key,
+            "required for the Agones backends: the Fleet's name (or fleets = [...], in order of preference)".into(),
+        ));
+    }
+    for (i, name) in fleets.iter().enumerate() {
+        let at = if key.ends_with("fleets") {
+            format!("{key}[{i}]")
+        } else {
+            key.clone()
+        };
+        if !is_dns_label(name) {
+            problems.push(Problem::new(
+                &at,
+                format!("{name:?} is not a Fleet name (lower-case letters, digits and '-', at most 63)"),
+            ));
+        } else if fleets[..i].contains(name) {
+            problems.push(Problem::new(&at, format!("{name:?} is listed twice")));
+        }
+    }
+    fleets
 }
 
 /// The smaller of 30 s and a third of the idle timeout (whole milliseconds,

@@ -5,6 +5,7 @@
 //! problem as `key: reason`. Nothing else in the crate parses configuration.
 
 mod backend;
+mod profile;
 mod reader;
 
 use std::fmt;
@@ -15,8 +16,8 @@ use std::time::Duration;
 use http::Uri;
 use serde::Serialize;
 
-use backend::read_backend;
 pub use backend::{AgonesConfig, BackendConfig, BackendKind, SharedConfig, StaticConfig, KNOWN_KINDS, PRIMARY_ADDRESS};
+pub use profile::{ProfileConfig, IMPLICIT_PROFILE};
 use reader::Section;
 
 /// The environment variable holding the cookie-signing secret.
@@ -38,7 +39,14 @@ pub struct Config {
     pub server: ServerConfig,
     pub auth: AuthConfig,
     pub session: SessionConfig,
+    /// The default profile's backend: for a config without `[[profiles]]`,
+    /// `[backend]` itself.
     pub backend: BackendConfig,
+    /// Never empty: `[[profiles]]`, or one made of `[backend]`.
+    pub profiles: Vec<ProfileConfig>,
+    /// Whether `[[profiles]]` was written (else the one profile is implicit).
+    #[serde(skip)]
+    pub profiles_listed: bool,
     pub log: LogConfig,
     pub admin: AdminConfig,
     pub autoscaler: AutoscalerConfig,
@@ -397,7 +405,7 @@ impl Config {
             ));
         }
         let session = read_session(&mut root, auth.mode, cookie_secret, &mut problems);
-        let backend = read_backend(&mut root, session.idle_timeout, &mut problems);
+        let profiles = profile::read_profiles(&mut root, &session, &mut problems);
         let log = read_log(&mut root, &mut problems);
         let mut admin_section = root.section("admin", &mut problems);
         let admin = AdminConfig {
@@ -412,11 +420,14 @@ impl Config {
         root.finish(&mut problems);
 
         if problems.is_empty() {
+            let default = profiles.list.iter().find(|p| p.default).unwrap_or(&profiles.list[0]);
             Ok(Config {
                 server,
                 auth,
                 session,
-                backend,
+                backend: default.backend.clone(),
+                profiles_listed: profiles.listed,
+                profiles: profiles.list,
                 log,
                 admin,
                 autoscaler,
@@ -440,6 +451,8 @@ impl Config {
         if self.server.autoscaler_listen.is_none() {
             table.remove("autoscaler");
         }
+        // The profiles as written: listed, or the one `[backend]` makes.
+        table.remove(if self.profiles_listed { "backend" } else { "profiles" });
         let text = toml::to_string_pretty(&table).unwrap_or_else(|e| format!("# cannot render: {e}"));
         format!(
             "# session cookie secret: {}\n{text}",

@@ -60,6 +60,40 @@ impl<'a> Section<'a> {
         }
     }
 
+    /// An array of tables (`[[key]]`), each read as a section named
+    /// `key[i]`; a missing one reads as empty.
+    pub(super) fn tables(&mut self, key: &'a str, problems: &mut Vec<Problem>) -> Vec<Section<'a>> {
+        let path = self.key(key);
+        match self.value(key) {
+            None => Vec::new(),
+            Some(Value::Array(items)) => items
+                .iter()
+                .enumerate()
+                .filter_map(|(i, item)| match item {
+                    Value::Table(table) => Some(Section {
+                        path: format!("{path}[{i}]"),
+                        table: Some(table),
+                        seen: BTreeSet::new(),
+                    }),
+                    other => {
+                        problems.push(Problem::new(&format!("{path}[{i}]"), wrong_type("a table", other)));
+                        None
+                    }
+                })
+                .collect(),
+            Some(other) => {
+                problems.push(Problem::new(&path, wrong_type("an array of tables ([[…]])", other)));
+                Vec::new()
+            }
+        }
+    }
+
+    /// The same section, its problems from now on named under `path` (a
+    /// profile is named by its name once that is known).
+    pub(super) fn renamed(self, path: String) -> Self {
+        Section { path, ..self }
+    }
+
     pub(super) fn is_present(&self, key: &str) -> bool {
         self.table.is_some_and(|t| t.contains_key(key))
     }

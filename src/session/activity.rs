@@ -161,6 +161,7 @@ mod tests {
     fn session() -> Arc<Session> {
         Arc::new(Session::new(
             Identity::new("s", "s@example.com", None),
+            crate::session::profile::testing::profile(),
             Lease {
                 backend: "b".into(),
                 upstream: http::uri::Authority::from_static("127.0.0.1:1"),

@@ -12,6 +12,7 @@ use std::time::{Duration, SystemTime};
 use http::{HeaderMap, HeaderValue};
 use serde::{Deserialize, Serialize};
 
+use super::Session;
 use crate::allocator::{Ended, Lease, PinnedBackend};
 use crate::util::cookies::{find_cookie, Lookup};
 use crate::util::seal::Signer;
@@ -34,12 +35,27 @@ pub struct Pin {
     /// says why to whichever replica reads it.
     #[serde(rename = "x", default, skip_serializing_if = "Option::is_none")]
     pub ended: Option<Ended>,
+    /// The profile the backend came from; cookies issued before profiles
+    /// existed name none: the default profile's.
+    #[serde(rename = "p", default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<String>,
 }
 
 impl Pin {
-    /// A pin of `lease`, held since `allocated_at`, its user last active at
+    /// A pin of the session's backend, its user last active at
     /// `last_active`. [`CookieCodec::issue`] sets its expiry.
-    pub fn new(lease: &Lease, allocated_at: SystemTime, last_active: SystemTime) -> Pin {
+    pub fn of(session: &Session, last_active: SystemTime) -> Pin {
+        Pin::new(
+            &session.lease,
+            session.profile.name(),
+            session.allocated_at,
+            last_active,
+        )
+    }
+
+    /// A pin of `lease` of `profile`, held since `allocated_at`, its user
+    /// last active at `last_active`.
+    pub fn new(lease: &Lease, profile: &str, allocated_at: SystemTime, last_active: SystemTime) -> Pin {
         Pin {
             backend: PinnedBackend {
                 backend: lease.backend.to_string(),
@@ -49,6 +65,7 @@ impl Pin {
             },
             last_active: unix(last_active),
             ended: None,
+            profile: Some(profile.to_string()),
         }
     }
 }
@@ -202,7 +219,7 @@ mod tests {
             backend: "static-0".into(),
             upstream: http::uri::Authority::from_static("127.0.0.1:7860"),
         };
-        Pin::new(&lease, now, now)
+        Pin::new(&lease, "default", now, now)
     }
 
     fn issued_value(codec: &CookieCodec, subject: &str, now: SystemTime) -> String {

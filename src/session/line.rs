@@ -22,6 +22,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use prometheus::IntGauge;
 use tokio::time::Instant;
 
 use crate::allocator::{AllocError, Allocator, SharedLine, SharedWaiter};
@@ -60,6 +61,8 @@ pub struct Line {
     shared: Option<Shared>,
     queue_timeout: Duration,
     metrics: Arc<Metrics>,
+    /// How many wait in this line (its profile's series).
+    waiting: IntGauge,
 }
 
 /// The shared line, and what this replica knows of it.
@@ -74,7 +77,12 @@ struct Shared {
 }
 
 impl Line {
-    pub fn new(queue_timeout: Duration, metrics: Arc<Metrics>, shared: Option<Arc<dyn SharedLine>>) -> Line {
+    pub fn new(
+        queue_timeout: Duration,
+        metrics: Arc<Metrics>,
+        shared: Option<Arc<dyn SharedLine>>,
+        waiting: IntGauge,
+    ) -> Line {
         Line {
             waiters: Mutex::new(Vec::new()),
             shared: shared.map(|line| Shared {
@@ -84,6 +92,7 @@ impl Line {
             }),
             queue_timeout,
             metrics,
+            waiting,
         }
     }
 
@@ -142,7 +151,7 @@ impl Line {
                 place
             }
         };
-        self.metrics.users_waiting.set(place.waiting as i64);
+        self.waiting.set(place.waiting as i64);
         Ok(Admission::Wait(place))
     }
 
@@ -270,7 +279,7 @@ impl Line {
             .filter(|w| w.last_asked > stale)
             .collect();
         order.sort_by(|a, b| (a.joined, &a.key).cmp(&(b.joined, &b.key)));
-        self.metrics.users_waiting.set(order.len() as i64);
+        self.waiting.set(order.len() as i64);
         Ok(order)
     }
 
@@ -319,7 +328,7 @@ impl Line {
                 waiters.len() - 1
             }
         };
-        self.metrics.users_waiting.set(waiters.len() as i64);
+        self.waiting.set(waiters.len() as i64);
         Place {
             position: index + 1,
             waiting: waiters.len(),
@@ -343,7 +352,7 @@ impl Line {
             return;
         };
         let waiter = waiters.remove(index);
-        self.metrics.users_waiting.set(waiters.len() as i64);
+        self.waiting.set(waiters.len() as i64);
         drop(waiters);
         self.served(&waiter.sub, &waiter.email, waiter.joined.elapsed());
     }
@@ -368,7 +377,7 @@ impl Line {
             live
         });
         if waiters.len() != before {
-            self.metrics.users_waiting.set(waiters.len() as i64);
+            self.waiting.set(waiters.len() as i64);
         }
     }
 }
@@ -404,7 +413,12 @@ mod tests {
     }
 
     fn line() -> Line {
-        Line::new(Duration::from_secs(10), Metrics::new(), None)
+        Line::new(
+            Duration::from_secs(10),
+            Metrics::new(),
+            None,
+            IntGauge::new("w", "w").unwrap(),
+        )
     }
 
     #[tokio::test(start_paused = true)]

@@ -13,10 +13,11 @@ pub mod cookie;
 pub mod ended;
 pub mod intent;
 pub mod line;
+pub mod profile;
 pub mod registry;
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use tokio_util::sync::CancellationToken;
@@ -24,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 pub use activity::{Activity, InFlight};
 pub use intent::Intent;
 pub use line::Place;
+pub use profile::{Profile, Profiles};
 pub use registry::{Claim, Registry, SessionError};
 
 use crate::allocator::Lease;
@@ -33,6 +35,8 @@ use crate::util::locked;
 /// One user's hold on one backend.
 pub struct Session {
     pub identity: Identity,
+    /// The pool the backend came from: its limits and allocator apply.
+    pub profile: Arc<Profile>,
     pub lease: Lease,
     pub allocated_at: SystemTime,
     pub activity: Activity,
@@ -48,9 +52,10 @@ pub struct Session {
 }
 
 impl Session {
-    pub fn new(identity: Identity, lease: Lease, allocated_at: SystemTime) -> Self {
+    pub fn new(identity: Identity, profile: Arc<Profile>, lease: Lease, allocated_at: SystemTime) -> Self {
         Session {
             identity,
+            profile,
             lease,
             allocated_at,
             activity: Activity::new(),

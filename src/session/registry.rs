@@ -19,9 +19,10 @@ use tokio::sync::OnceCell;
 use tokio::time::Instant;
 
 use super::ended::Notice;
-use super::line::{Admission, Line, Place};
+use super::line::{Admission, Place};
+use super::profile::{Outcome, Profile, Profiles};
 use super::Session;
-use crate::allocator::{AllocError, Allocator, Lease, PinnedBackend};
+use crate::allocator::{AllocError, Lease, PinnedBackend};
 use crate::allocator::{Ended, ReleaseReason};
 use crate::auth::Identity;
 use crate::metrics::Metrics;
@@ -70,36 +71,47 @@ pub enum SessionError {
     /// The user holds no backend and the request does not start one.
     #[error("no session, and the request does not start one")]
     NoSession,
+    /// The user may use several profiles and named none: they choose
+    /// (the request came to `next`).
+    #[error("no profile chosen")]
+    ChooseProfile { next: String },
+    /// The profile named does not exist, or is not for this user: the two
+    /// look the same to them.
+    #[error("profile {0:?} is not one the user may use")]
+    ProfileNotAllowed(String),
 }
 
 /// What a request of a user without a session here may do.
-#[derive(Debug)]
 pub enum Claim {
-    /// Re-attach the backend the user's cookie names, without a network
-    /// call; if it is not theirs any more, look for the user's own backend
-    /// (held through another replica), and failing that allocate when
-    /// `or_allocate`, else fail with [`SessionError::NoSession`].
-    Adopt { pin: PinnedBackend, or_allocate: bool },
-    /// Get the user a backend (the request shows they want one).
-    Allocate,
+    /// Re-attach the backend the user's cookie names (of `profile`),
+    /// without a network call; if it is not theirs any more, look for the
+    /// user's own backend (held through another replica), and failing that
+    /// allocate from `profile` when `or_allocate`, else fail with
+    /// [`SessionError::NoSession`].
+    Adopt {
+        pin: PinnedBackend,
+        profile: Arc<Profile>,
+        or_allocate: bool,
+    },
+    /// Get the user a backend from this profile (the request shows they
+    /// want one), unless they hold one already, in any profile.
+    Allocate(Arc<Profile>),
 }
 
 pub struct Registry {
     sessions: FastMap<Arc<str>, Slot>,
-    allocator: Arc<dyn Allocator>,
+    profiles: Profiles,
     metrics: Arc<Metrics>,
-    line: Line,
     /// `sub` → the last backend released here for that user and why,
     /// until they get a new one. At most one small entry per user.
     ended: FastMap<Arc<str>, (Arc<str>, Ended)>,
 }
 
 impl Registry {
-    pub fn new(allocator: Arc<dyn Allocator>, metrics: Arc<Metrics>, queue_timeout: Duration) -> Self {
+    pub fn new(profiles: Profiles, metrics: Arc<Metrics>) -> Self {
         Registry {
             sessions: FastMap::default(),
-            line: Line::new(queue_timeout, metrics.clone(), allocator.shared_line()),
-            allocator,
+            profiles,
             metrics,
             ended: FastMap::default(),
         }
@@ -109,8 +121,8 @@ impl Registry {
         &self.metrics
     }
 
-    pub fn allocator(&self) -> &Arc<dyn Allocator> {
-        &self.allocator
+    pub fn profiles(&self) -> &Profiles {
+        &self.profiles
     }
 
     /// The user's live session, without allocating.
@@ -133,7 +145,7 @@ impl Registry {
             }
             // One map read and a look at the view; the API only while the
             // view is in doubt.
-            let allocator = &self.allocator;
+            let allocator = &session.profile.allocator;
             if allocator.still_held(identity, &session.lease)
                 && (!allocator.view_in_doubt() || allocator.confirm_held(identity, &session.lease).await)
             {
@@ -158,65 +170,57 @@ impl Registry {
             .get_or_try_init(|| async {
                 let user_id = telemetry::user_id(&identity.sub);
                 let email = telemetry::email(&identity.email);
-                let (adopted, pinned_since, may_allocate) = match claim()? {
-                    Claim::Adopt { pin, or_allocate } => {
+                let (profile, adopted, pinned_since, may_allocate) = match claim()? {
+                    Claim::Adopt {
+                        pin,
+                        profile,
+                        or_allocate,
+                    } => {
                         let since = (pin.allocated_at > 0)
                             .then(|| std::time::UNIX_EPOCH + Duration::from_secs(pin.allocated_at));
-                        match self.allocator.adopt(identity, &pin) {
-                            Some(lease) => (Some(lease), since, false),
-                            None => (None, None, or_allocate),
+                        match profile.allocator.adopt(identity, &pin) {
+                            Some(lease) => (profile, Some(lease), since, false),
+                            None => (profile, None, None, or_allocate),
                         }
                     }
-                    Claim::Allocate => (None, None, true),
+                    Claim::Allocate(profile) => (profile, None, None, true),
                 };
                 let pinned = adopted.is_some();
-                // Their own server, held through another replica, before the
-                // line: nobody waits for what they already have.
+                // Their own server, held through another replica (in any
+                // profile: one backend a user), before the line: nobody
+                // waits for what they already have.
                 let own = match adopted {
-                    Some(lease) => Some(lease),
-                    None => self.allocator.find_own(identity).await?,
+                    Some(lease) => Some((profile.clone(), lease)),
+                    None => self.find_own(identity, &profile).await?,
                 };
-                let lease = match own {
-                    Some(lease) if pinned => {
-                        tracing::info!(%user_id, %email, backend = %lease.backend, "session pinned: re-attached the backend named by the cookie");
-                        lease
+                let (profile, lease) = match own {
+                    Some((profile, lease)) if pinned => {
+                        tracing::info!(%user_id, %email, profile = profile.name(), backend = %lease.backend, "session pinned: re-attached the backend named by the cookie");
+                        (profile, lease)
                     }
-                    Some(lease) => {
-                        tracing::info!(%user_id, %email, backend = %lease.backend, "session found: the user's backend, held through another replica");
-                        self.settle_later(identity, &lease);
-                        lease
+                    Some((profile, lease)) => {
+                        tracing::info!(%user_id, %email, profile = profile.name(), backend = %lease.backend, "session found: the user's backend, held through another replica");
+                        settle_later(&profile, identity, &lease);
+                        (profile, lease)
                     }
                     // Only an intent allocates: an open tab's background
                     // request must not take a GPU back.
                     None if !may_allocate => return Err(SessionError::NoSession),
                     None => {
-                        // Fair: nobody overtakes the line for a free backend.
-                        if let Admission::Wait(place) = self.line.admit(identity, &*self.allocator).await? {
-                            return Err(SessionError::Waiting(place));
-                        }
-                        let started = Instant::now();
-                        let allocated = self.allocator.allocate(identity).await;
-                        self.metrics.allocation_seconds.observe(started.elapsed().as_secs_f64());
-                        let outcome = match &allocated {
-                            Ok(_) => "allocated",
-                            Err(AllocError::NoCapacity) => "unallocated",
-                            Err(_) => "error",
-                        };
-                        self.metrics.allocations.with_label_values(&[outcome]).inc();
-                        let lease = allocated?;
-                        tracing::info!(%user_id, %email, backend = %lease.backend, upstream = %lease.upstream, "session allocated");
-                        self.settle_later(identity, &lease);
-                        lease
+                        let lease = self.allocate(identity, &profile).await?;
+                        tracing::info!(%user_id, %email, profile = profile.name(), backend = %lease.backend, upstream = %lease.upstream, "session allocated");
+                        settle_later(&profile, identity, &lease);
+                        (profile, lease)
                     }
                 };
                 // Held since the backend system says, else since the cookie
                 // that re-attached it says, else since now.
-                let since = self
+                let since = profile
                     .allocator
                     .held_since(&lease)
                     .or(pinned_since.filter(|_| pinned))
                     .unwrap_or_else(SystemTime::now);
-                Ok::<_, SessionError>(Arc::new(Session::new(identity.clone(), lease, since)))
+                Ok::<_, SessionError>(Arc::new(Session::new(identity.clone(), profile, lease, since)))
             })
             .await;
         match result {
@@ -228,8 +232,12 @@ impl Registry {
                     }
                 }
                 self.ended.remove(&identity.sub);
-                self.line.leave(identity).await;
-                self.metrics.sessions_active.set(self.sessions.len() as i64);
+                // Out of every line: they may have waited in another
+                // profile's before choosing this one.
+                for profile in self.profiles.iter() {
+                    profile.line.leave(identity).await;
+                }
+                self.count_sessions();
                 Ok(session.clone())
             }
             Err(e) => {
@@ -237,27 +245,75 @@ impl Registry {
                 // has meanwhile filled it.
                 self.sessions
                     .remove_if(&identity.sub, |_, s| s.is_cell(&cell) && s.session().is_none());
-                if matches!(e, SessionError::Alloc(AllocError::NoCapacity)) {
-                    return Err(match self.line.join(identity).await {
-                        Ok(place) => SessionError::Waiting(place),
-                        Err(e) => SessionError::Alloc(e),
-                    });
-                }
                 Err(e)
             }
         }
     }
 
-    /// Runs [`Allocator::settle`] for a lease just obtained, after the
-    /// answer: the user does not wait for it.
-    fn settle_later(&self, identity: &Identity, lease: &Lease) {
-        let (allocator, user, lease) = (self.allocator.clone(), identity.clone(), lease.clone());
-        tokio::spawn(async move { allocator.settle(&user, &lease).await });
+    /// A new backend from `profile`, when its line lets the user try; when
+    /// none is free the user takes (or keeps) their place in its line.
+    async fn allocate(&self, identity: &Identity, profile: &Profile) -> Result<Lease, SessionError> {
+        // Fair: nobody overtakes the line for a free backend.
+        if let Admission::Wait(place) = profile.line.admit(identity, &*profile.allocator).await? {
+            return Err(SessionError::Waiting(place));
+        }
+        let started = Instant::now();
+        let allocated = profile.allocator.allocate(identity).await;
+        self.metrics.allocation_seconds.observe(started.elapsed().as_secs_f64());
+        let (outcome, counted) = match &allocated {
+            Ok(_) => ("allocated", Outcome::Allocated),
+            Err(AllocError::NoCapacity) => ("unallocated", Outcome::Unallocated),
+            Err(_) => ("error", Outcome::Error),
+        };
+        self.metrics.allocations.with_label_values(&[outcome]).inc();
+        profile.count_allocation(counted);
+        match allocated {
+            Err(AllocError::NoCapacity) => Err(SessionError::Waiting(profile.line.join(identity).await?)),
+            other => Ok(other?),
+        }
     }
 
-    /// The waiting line (positions, pruning).
-    pub fn line(&self) -> &Line {
-        &self.line
+    /// The user's own backend, held through another replica: looked for in
+    /// `first`, then in every other profile (a user holds one backend).
+    async fn find_own(
+        &self,
+        identity: &Identity,
+        first: &Arc<Profile>,
+    ) -> Result<Option<(Arc<Profile>, Lease)>, AllocError> {
+        let others = self.profiles.iter().filter(|p| !Arc::ptr_eq(p, first));
+        for profile in std::iter::once(first).chain(others) {
+            if let Some(lease) = profile.allocator.find_own(identity).await? {
+                return Ok(Some((profile.clone(), lease)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Where the user waits, if in a line: the profile's, and their place.
+    pub async fn place(&self, identity: &Identity) -> Option<(Arc<Profile>, Place)> {
+        for profile in self.profiles.iter() {
+            if let Some(place) = profile.line.place(identity).await {
+                return Some((profile.clone(), place));
+            }
+        }
+        None
+    }
+
+    /// Sets the session gauges, in total and per profile.
+    fn count_sessions(&self) {
+        self.metrics.sessions_active.set(self.sessions.len() as i64);
+        if self.profiles.len() == 1 {
+            self.profiles.default_profile().count_sessions(self.sessions.len());
+            return;
+        }
+        for profile in self.profiles.iter() {
+            let held = self
+                .sessions
+                .iter()
+                .filter(|slot| slot.value().session().is_some_and(|s| Arc::ptr_eq(&s.profile, profile)))
+                .count();
+            profile.count_sessions(held);
+        }
     }
 
     /// Releases the session's backend, and only once that is confirmed
@@ -270,7 +326,12 @@ impl Registry {
         let user_id = telemetry::user_id(&session.identity.sub);
         let backend = &session.lease.backend;
         let reason = why.as_str();
-        if let Err(e) = self.allocator.release(&session.identity, &session.lease, why).await {
+        if let Err(e) = session
+            .profile
+            .allocator
+            .release(&session.identity, &session.lease, why)
+            .await
+        {
             session.releasing.store(false, Ordering::Release);
             self.metrics.release(reason, false);
             tracing::warn!(%user_id, %backend, reason, error = %e, "release failed; will retry");
@@ -302,15 +363,16 @@ impl Registry {
         self.ended.retain(|_, (_, ended)| !ended.is_forgotten(now));
     }
 
-    /// Why `backend`, which the user's cookie names, was released, if this
-    /// replica released it or the backend system recorded the release.
-    pub fn ended(&self, identity: &Identity, backend: &str) -> Option<Ended> {
+    /// Why `backend` of `profile`, which the user's cookie names, was
+    /// released, if this replica released it or the backend system
+    /// recorded the release.
+    pub fn ended(&self, identity: &Identity, profile: &Profile, backend: &str) -> Option<Ended> {
         let here = self
             .ended
             .get(&identity.sub)
             .filter(|entry| &*entry.value().0 == backend)
             .map(|entry| entry.value().1);
-        here.or_else(|| self.allocator.released(identity, backend))
+        here.or_else(|| profile.allocator.released(identity, backend))
     }
 
     /// Releases the user's backend when no session here holds it (they
@@ -322,11 +384,11 @@ impl Registry {
         identity: &Identity,
         reason: ReleaseReason,
     ) -> Result<Option<Arc<Session>>, SessionError> {
-        let Some(lease) = self.allocator.find_own(identity).await? else {
+        let Some((profile, lease)) = self.find_own(identity, self.profiles.default_profile()).await? else {
             return Ok(None);
         };
-        let since = self.allocator.held_since(&lease).unwrap_or_else(SystemTime::now);
-        let session = Arc::new(Session::new(identity.clone(), lease, since));
+        let since = profile.allocator.held_since(&lease).unwrap_or_else(SystemTime::now);
+        let session = Arc::new(Session::new(identity.clone(), profile, lease, since));
         Ok(self.release(&session, reason).await?.then_some(session))
     }
 
@@ -335,7 +397,7 @@ impl Registry {
     pub fn forget(&self, session: &Arc<Session>) {
         self.sessions
             .remove_if(&session.identity.sub, |_, slot| slot.holds(session));
-        self.metrics.sessions_active.set(self.sessions.len() as i64);
+        self.count_sessions();
         session.closed.cancel();
     }
 
@@ -356,6 +418,13 @@ impl Registry {
     }
 }
 
+/// Runs [`Allocator::settle`](crate::allocator::Allocator::settle) for a
+/// lease just obtained, after the answer: the user does not wait for it.
+fn settle_later(profile: &Arc<Profile>, identity: &Identity, lease: &Lease) {
+    let (profile, user, lease) = (profile.clone(), identity.clone(), lease.clone());
+    tokio::spawn(async move { profile.allocator.settle(&user, &lease).await });
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::AtomicUsize;
@@ -364,7 +433,8 @@ mod tests {
     use async_trait::async_trait;
 
     use super::*;
-    use crate::allocator::StaticPool;
+    use crate::allocator::{Allocator, StaticPool};
+    use crate::session::profile::testing;
 
     /// A real static pool that also counts calls and is slow to allocate,
     /// so concurrent first requests really overlap.
@@ -404,7 +474,7 @@ mod tests {
         }
     }
 
-    fn registry(n: usize) -> (Registry, Arc<SlowCountingPool>) {
+    fn registry(n: usize) -> (Registry, Arc<SlowCountingPool>, Arc<Profile>) {
         let uris: Vec<http::Uri> = (0..n)
             .map(|i| format!("http://127.0.0.1:{}", 9000 + i).parse().unwrap())
             .collect();
@@ -413,10 +483,9 @@ mod tests {
             allocations: AtomicUsize::new(0),
             fail_releases: false.into(),
         });
-        (
-            Registry::new(pool.clone(), Metrics::new(), Duration::from_secs(10)),
-            pool,
-        )
+        let registry = Registry::new(Profiles::new(vec![testing::with(pool.clone())]), Metrics::new());
+        let profile = registry.profiles().default_profile().clone();
+        (registry, pool, profile)
     }
 
     fn user(name: &str) -> Identity {
@@ -425,14 +494,14 @@ mod tests {
 
     #[tokio::test]
     async fn ten_concurrent_first_requests_cause_one_allocation() {
-        let (registry, pool) = registry(3);
+        let (registry, pool, profile) = registry(3);
         let registry = Arc::new(registry);
         let tasks: Vec<_> = (0..10)
             .map(|_| {
-                let registry = registry.clone();
+                let (registry, profile) = (registry.clone(), profile.clone());
                 tokio::spawn(async move {
                     registry
-                        .get_or_allocate(&user("alice"), || Ok(Claim::Allocate))
+                        .get_or_allocate(&user("alice"), || Ok(Claim::Allocate(profile.clone())))
                         .await
                         .unwrap()
                 })
@@ -449,13 +518,15 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_allocation_leaves_no_record_and_can_be_retried() {
-        let (registry, _) = registry(1);
+        let (registry, _, profile) = registry(1);
         registry
-            .get_or_allocate(&user("a"), || Ok(Claim::Allocate))
+            .get_or_allocate(&user("a"), || Ok(Claim::Allocate(profile.clone())))
             .await
             .unwrap();
         assert!(matches!(
-            registry.get_or_allocate(&user("b"), || Ok(Claim::Allocate)).await,
+            registry
+                .get_or_allocate(&user("b"), || Ok(Claim::Allocate(profile.clone())))
+                .await,
             Err(SessionError::Waiting(Place {
                 position: 1,
                 waiting: 1
@@ -465,16 +536,16 @@ mod tests {
         let a = registry.get("a").unwrap();
         assert!(registry.release(&a, ReleaseReason::Idle).await.unwrap());
         registry
-            .get_or_allocate(&user("b"), || Ok(Claim::Allocate))
+            .get_or_allocate(&user("b"), || Ok(Claim::Allocate(profile.clone())))
             .await
             .unwrap();
     }
 
     #[tokio::test]
     async fn a_record_is_kept_until_its_release_is_confirmed() {
-        let (registry, pool) = registry(1);
+        let (registry, pool, profile) = registry(1);
         let a = registry
-            .get_or_allocate(&user("a"), || Ok(Claim::Allocate))
+            .get_or_allocate(&user("a"), || Ok(Claim::Allocate(profile.clone())))
             .await
             .unwrap();
         pool.fail_releases.store(true, Ordering::SeqCst);
@@ -489,45 +560,57 @@ mod tests {
 
     #[tokio::test]
     async fn a_release_made_here_is_forgotten_a_day_later() {
-        let (registry, _) = registry(1);
+        let (registry, _, profile) = registry(1);
         let alice = user("a");
-        let a = registry.get_or_allocate(&alice, || Ok(Claim::Allocate)).await.unwrap();
+        let a = registry
+            .get_or_allocate(&alice, || Ok(Claim::Allocate(profile.clone())))
+            .await
+            .unwrap();
         assert!(registry.release(&a, ReleaseReason::User).await.unwrap());
         let now = SystemTime::now();
         registry.forget_old_releases(now + Duration::from_secs(3600));
-        assert!(registry.ended(&alice, "static-0").is_some(), "an hour later: kept");
+        assert!(
+            registry.ended(&alice, &profile, "static-0").is_some(),
+            "an hour later: kept"
+        );
         registry.forget_old_releases(now + crate::allocator::REMEMBERED_FOR + Duration::from_secs(2));
         assert!(registry.ended.is_empty(), "a day later: forgotten");
     }
 
     #[tokio::test]
     async fn a_release_is_remembered_with_its_reason_until_the_user_gets_a_backend_again() {
-        let (registry, _) = registry(1);
+        let (registry, _, profile) = registry(1);
         let alice = user("a");
-        let a = registry.get_or_allocate(&alice, || Ok(Claim::Allocate)).await.unwrap();
-        assert_eq!(registry.ended(&alice, "static-0"), None);
+        let a = registry
+            .get_or_allocate(&alice, || Ok(Claim::Allocate(profile.clone())))
+            .await
+            .unwrap();
+        assert_eq!(registry.ended(&alice, &profile, "static-0"), None);
         assert!(registry.release(&a, ReleaseReason::Idle).await.unwrap());
-        let ended = registry.ended(&alice, "static-0").unwrap();
+        let ended = registry.ended(&alice, &profile, "static-0").unwrap();
         assert_eq!(ended.reason, ReleaseReason::Idle);
-        assert_eq!(registry.ended(&alice, "static-1"), None, "another backend");
-        assert_eq!(registry.ended(&user("b"), "static-0"), None, "another user");
+        assert_eq!(registry.ended(&alice, &profile, "static-1"), None, "another backend");
+        assert_eq!(registry.ended(&user("b"), &profile, "static-0"), None, "another user");
         assert_eq!(
-            registry.ended(&alice, "static-9").map(|e| e.reason),
+            registry.ended(&alice, &profile, "static-9").map(|e| e.reason),
             Some(ReleaseReason::Admin),
             "else the backend system's record"
         );
-        let again = registry.get_or_allocate(&alice, || Ok(Claim::Allocate)).await.unwrap();
-        assert_eq!(registry.ended(&alice, "static-0"), None);
+        let again = registry
+            .get_or_allocate(&alice, || Ok(Claim::Allocate(profile.clone())))
+            .await
+            .unwrap();
+        assert_eq!(registry.ended(&alice, &profile, "static-0"), None);
         // A dead pod is replaced on the next request, not an ended session.
         assert!(registry.release(&again, ReleaseReason::DeadPod).await.unwrap());
-        assert_eq!(registry.ended(&alice, "static-0"), None);
+        assert_eq!(registry.ended(&alice, &profile, "static-0"), None);
     }
 
     #[tokio::test]
     async fn a_claim_that_may_not_allocate_gets_nothing_when_its_pin_is_not_the_users() {
-        let (registry, pool) = registry(2);
+        let (registry, pool, profile) = registry(2);
         let a = registry
-            .get_or_allocate(&user("a"), || Ok(Claim::Allocate))
+            .get_or_allocate(&user("a"), || Ok(Claim::Allocate(profile.clone())))
             .await
             .unwrap();
         let pin = PinnedBackend {
@@ -539,6 +622,7 @@ mod tests {
         let claim = || {
             Ok(Claim::Adopt {
                 pin: pin.clone(),
+                profile: profile.clone(),
                 or_allocate: false,
             })
         };
@@ -548,7 +632,13 @@ mod tests {
         ));
         assert_eq!(registry.len(), 1, "no record left behind");
         assert_eq!(pool.allocations.load(Ordering::SeqCst), 1, "nothing allocated");
-        let or_allocate = || Ok(Claim::Adopt { pin, or_allocate: true });
+        let or_allocate = || {
+            Ok(Claim::Adopt {
+                pin,
+                profile: profile.clone(),
+                or_allocate: true,
+            })
+        };
         let b = registry.get_or_allocate(&user("b"), or_allocate).await.unwrap();
         assert_ne!(b.lease, a.lease);
     }

@@ -1,6 +1,7 @@
 //! The waiting line shared by every replica, kept in Kubernetes: one
-//! `coordination.k8s.io/v1` Lease per waiting user, named from the hash of
-//! their email, labelled with the fleet. `acquireTime` is when they joined,
+//! `coordination.k8s.io/v1` Lease per waiting user, named from the fleet
+//! and the hash of their email (each profile's line is its own: a fleet is
+//! one profile's), labelled with the fleet. `acquireTime` is when they joined,
 //! `renewTime` when they last asked; the order is by `acquireTime`. A Lease
 //! is created when a user joins, renewed (merge patch) when they ask again,
 //! and deleted when they get a backend or, by any replica, once stale.
@@ -77,7 +78,7 @@ fn system_time(time: &Option<MicroTime>) -> Option<SystemTime> {
 #[async_trait]
 impl SharedLine for LeaseLine {
     fn key(&self, user: &Identity) -> String {
-        format!("{NAME_PREFIX}{}", label::user_hash(&user.email))
+        format!("{NAME_PREFIX}{}-{}", self.fleet, label::user_hash(&user.email))
     }
 
     async fn waiters(&self) -> Result<Vec<SharedWaiter>, AllocError> {

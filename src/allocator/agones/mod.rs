@@ -57,6 +57,9 @@ pub const ALLOCATED_AT: &str = "session-router.dev/allocated-at";
 /// Label carrying [`label::user_hash`], which tells apart users whose user
 /// label values coincide.
 pub const USER_HASH_LABEL: &str = "session-router.dev/user-hash";
+/// The label naming the profile a GameServer was allocated for, so every
+/// replica (and the operator) sees whose pool it came from.
+pub const PROFILE_LABEL: &str = "session-router.dev/profile";
 /// Why and when the router released a GameServer (an [`Ended`] as JSON),
 /// written onto it right after the DELETE: behind its finalizer the object
 /// lingers while its pod stops, so every replica's view can tell the user
@@ -66,6 +69,8 @@ const BACKEND: &str = "agones";
 
 pub struct Agones {
     config: AgonesConfig,
+    /// The profile this backend serves, written on each server it allocates.
+    profile: String,
     gameservers: Api<GameServer>,
     transport: Transport,
     cache: Store<GameServer>,
@@ -131,6 +136,7 @@ impl Agones {
     pub async fn connect(
         config: &AgonesConfig,
         kind: BackendKind,
+        profile: &str,
         metrics: Arc<Metrics>,
     ) -> Result<Agones, AllocError> {
         let mut kube_config = match &config.kube_api_url {
@@ -153,7 +159,7 @@ impl Agones {
         let gameservers: Api<GameServer> = Api::namespaced(client.clone(), &config.namespace);
         let line = Arc::new(line::LeaseLine::new(
             Api::namespaced(client.clone(), &config.namespace),
-            &config.fleet,
+            config.fleet(),
             config.api_timeout,
             metrics.clone(),
         ));
@@ -164,12 +170,13 @@ impl Agones {
 
         let (cache, view, watch) = watch::start(
             gameservers.clone(),
-            format!("{FLEET_LABEL}={}", config.fleet),
+            fleets_selector(config),
             config.api_timeout,
             metrics.clone(),
         );
         Ok(Agones {
             config: config.clone(),
+            profile: profile.to_string(),
             gameservers,
             transport,
             line,
@@ -258,7 +265,7 @@ impl Agones {
         let deadline = tokio::time::Instant::now() + self.config.allocation_retry_window;
         let mut backoff = Duration::from_millis(100);
         loop {
-            let outcome = self.transport.allocate(&self.config, &user.email).await;
+            let outcome = self.transport.allocate(&self.config, &self.profile, &user.email).await;
             let verb = self.transport.verb();
             let counted = match &outcome {
                 Ok(Outcome::Allocated(_)) => "ok",
@@ -288,7 +295,7 @@ impl Agones {
     /// label values of two emails can coincide — are neither.
     async fn holdings(&self, email: &str) -> Result<Holdings, AllocError> {
         let label = label::user_label_value(email);
-        let selector = format!("{FLEET_LABEL}={},{}={label}", self.config.fleet, self.config.user_label);
+        let selector = format!("{},{}={label}", fleets_selector(&self.config), self.config.user_label);
         let list = self
             .call(
                 "list",
@@ -323,7 +330,7 @@ impl Agones {
             let Some(oldest) = legacy.next().filter(|_| own.is_empty()) else {
                 return Ok(None);
             };
-            let mut metadata = allocation_metadata(&self.config, &user.email);
+            let mut metadata = allocation_metadata(&self.config, &self.profile, &user.email);
             let now = SystemTime::now();
             metadata.annotations.insert(LAST_ACTIVITY.into(), activity_stamp(now));
             let since = oldest.annotation(LAST_ALLOCATED).and_then(parse_time).unwrap_or(now);
@@ -664,7 +671,7 @@ impl Allocator for Agones {
     }
 
     async fn ready_now(&self) -> Result<usize, AllocError> {
-        let selector = format!("{FLEET_LABEL}={}", self.config.fleet);
+        let selector = fleets_selector(&self.config);
         let list = self
             .call(
                 "list",
@@ -955,10 +962,20 @@ fn user_labels(config: &AgonesConfig, email: &str) -> BTreeMap<String, String> {
     ])
 }
 
+/// The profile's fleets as a label selector (`agones.dev/fleet in (…)`).
+fn fleets_selector(config: &AgonesConfig) -> String {
+    match config.fleets.as_slice() {
+        [one] => format!("{FLEET_LABEL}={one}"),
+        several => format!("{FLEET_LABEL} in ({})", several.join(",")),
+    }
+}
+
 /// Labels and annotations an allocation puts on the user's GameServer.
-fn allocation_metadata(config: &AgonesConfig, email: &str) -> types::AllocationMetadata {
+fn allocation_metadata(config: &AgonesConfig, profile: &str, email: &str) -> types::AllocationMetadata {
+    let mut labels = user_labels(config, email);
+    labels.insert(PROFILE_LABEL.to_string(), profile.to_string());
     types::AllocationMetadata {
-        labels: user_labels(config, email),
+        labels,
         annotations: BTreeMap::from([(EMAIL_ANNOTATION.to_string(), email.to_string())]),
     }
 }

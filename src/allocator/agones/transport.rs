@@ -7,7 +7,8 @@ use std::collections::BTreeMap;
 use kube::api::{Api, PostParams};
 
 use super::types::{
-    AllocationSpec, AllocationStatus, AllocatorServiceRequest, GameServerAllocation, RpcStatus, Selector,
+    AllocationSpec, AllocationStatus, AllocatorServiceRequest, GameServerAllocation, MultiClusterSetting, RpcStatus,
+    Selector,
 };
 use super::{allocation_metadata, backend_error, user_labels, FLEET_LABEL};
 use crate::allocator::AllocError;
@@ -27,23 +28,27 @@ pub(super) enum Transport {
     AllocatorService { http: reqwest::Client, url: String },
 }
 
-/// The two selectors, in order: the user's own Allocated server, then any
-/// Ready one of the fleet. `allocated`/`ready` are the state spellings of
-/// the API in use.
+/// The selectors, in order: the user's own Allocated server in each of the
+/// profile's fleets, then a Ready one of each fleet, in the order the
+/// profile lists them: one allocation call picks the first fleet that has
+/// one. `allocated`/`ready` are the state spellings of the API in use.
+/// One fleet per selector: the allocator service's selectors carry labels
+/// only, no set expressions.
 fn selectors(config: &AgonesConfig, email: &str, allocated: &str, ready: &str) -> Vec<Selector> {
-    let fleet = (FLEET_LABEL.to_string(), config.fleet.clone());
-    let mut own = user_labels(config, email);
-    own.insert(fleet.0.clone(), fleet.1.clone());
-    vec![
+    let fleet = |name: &str| (FLEET_LABEL.to_string(), name.to_string());
+    let own = config.fleets.iter().map(|name| {
+        let mut labels = user_labels(config, email);
+        labels.extend([fleet(name)]);
         Selector {
             game_server_state: allocated.into(),
-            match_labels: own,
-        },
-        Selector {
-            game_server_state: ready.into(),
-            match_labels: BTreeMap::from([fleet]),
-        },
-    ]
+            match_labels: labels,
+        }
+    });
+    let free = config.fleets.iter().map(|name| Selector {
+        game_server_state: ready.into(),
+        match_labels: BTreeMap::from([fleet(name)]),
+    });
+    own.chain(free).collect()
 }
 
 impl Transport {
@@ -88,10 +93,15 @@ impl Transport {
         }
     }
 
-    pub(super) async fn allocate(&self, config: &AgonesConfig, email: &str) -> Result<Outcome, AllocError> {
+    pub(super) async fn allocate(
+        &self,
+        config: &AgonesConfig,
+        profile: &str,
+        email: &str,
+    ) -> Result<Outcome, AllocError> {
         match self {
-            Transport::Kubernetes(api) => kubernetes_allocate(api, config, email).await,
-            Transport::AllocatorService { http, url } => service_allocate(http, url, config, email).await,
+            Transport::Kubernetes(api) => kubernetes_allocate(api, config, profile, email).await,
+            Transport::AllocatorService { http, url } => service_allocate(http, url, config, profile, email).await,
         }
     }
 }
@@ -99,6 +109,7 @@ impl Transport {
 async fn kubernetes_allocate(
     api: &Api<GameServerAllocation>,
     config: &AgonesConfig,
+    profile: &str,
     email: &str,
 ) -> Result<Outcome, AllocError> {
     let request = GameServerAllocation {
@@ -107,7 +118,7 @@ async fn kubernetes_allocate(
         spec: AllocationSpec {
             selectors: selectors(config, email, "Allocated", "Ready"),
             scheduling: config.scheduling.clone(),
-            metadata: allocation_metadata(config, email),
+            metadata: allocation_metadata(config, profile, email),
         },
         ..GameServerAllocation::default()
     };
@@ -137,13 +148,15 @@ async fn service_allocate(
     http: &reqwest::Client,
     url: &str,
     config: &AgonesConfig,
+    profile: &str,
     email: &str,
 ) -> Result<Outcome, AllocError> {
     let request = AllocatorServiceRequest {
         namespace: config.namespace.clone(),
         game_server_selectors: selectors(config, email, "ALLOCATED", "READY"),
         scheduling: config.scheduling.clone(),
-        metadata: allocation_metadata(config, email),
+        metadata: allocation_metadata(config, profile, email),
+        multi_cluster_setting: config.multi_cluster.then_some(MultiClusterSetting { enabled: true }),
     };
     let endpoint = format!("{url}/gameserverallocation");
     let response = http

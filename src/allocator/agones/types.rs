@@ -290,6 +290,16 @@ pub struct AllocatorServiceRequest {
     pub game_server_selectors: Vec<Selector>,
     pub scheduling: String,
     pub metadata: AllocationMetadata,
+    /// Set: Agones' allocator may place the user in another cluster, as
+    /// its GameServerAllocationPolicy says.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub multi_cluster_setting: Option<MultiClusterSetting>,
+}
+
+/// `multiClusterSetting` of an allocation request.
+#[derive(Clone, Debug, Serialize)]
+pub struct MultiClusterSetting {
+    pub enabled: bool,
 }
 
 /// The allocator service's error body (`google.rpc.Status`).

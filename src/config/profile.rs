@@ -1,0 +1,210 @@
+//! `[[profiles]]`: the GPU pools a user may choose from, each with its own
+//! backend section. A config without any is one implicit profile built
+//! from `[backend]`, so every config written before profiles keeps its
+//! meaning.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::backend::{read_backend, BackendConfig};
+use super::reader::Section;
+use super::{as_duration, Problem, SessionConfig};
+
+/// The name of the profile a config without `[[profiles]]` has.
+pub const IMPLICIT_PROFILE: &str = "default";
+/// Profiles beyond this are a typo, not a choice a person makes on a page
+/// (and each adds a label value to the metrics).
+const MAX_PROFILES: usize = 32;
+/// A profile's name is a label value and part of Kubernetes object names.
+const MAX_NAME_BYTES: usize = 40;
+
+/// One `[[profiles]]` entry, its session limits resolved against
+/// `[session]`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProfileConfig {
+    /// A slug: lower-case letters, digits and '-'. Chosen by it
+    /// (`/?profile=`, `X-Session-Router-Profile`), recorded by it (cookie,
+    /// GameServer label), counted by it (metrics).
+    pub name: String,
+    pub title: String,
+    pub description: String,
+    /// Given to API clients that name no profile. Exactly one profile is.
+    pub default: bool,
+    /// Lower-cased addresses allowed on top of `auth.allowed_*`; both
+    /// empty = everyone `auth` lets in.
+    pub allowed_emails: Vec<String>,
+    pub allowed_domains: Vec<String>,
+    #[serde(serialize_with = "as_duration")]
+    pub idle_timeout: Duration,
+    #[serde(serialize_with = "as_duration")]
+    pub max_lifetime: Duration,
+    pub backend: BackendConfig,
+}
+
+/// The profiles of a config: `[[profiles]]`, or the implicit one made of
+/// `[backend]` (`listed` false). Never empty.
+pub(super) struct Profiles {
+    pub list: Vec<ProfileConfig>,
+    pub listed: bool,
+}
+
+pub(super) fn read_profiles(root: &mut Section<'_>, session: &SessionConfig, problems: &mut Vec<Problem>) -> Profiles {
+    let listed = root.is_present("profiles");
+    if !listed {
+        let backend = read_backend(root.section("backend", problems), session.idle_timeout, problems);
+        let implicit = ProfileConfig {
+            name: IMPLICIT_PROFILE.into(),
+            title: "Stable Diffusion WebUI".into(),
+            description: String::new(),
+            default: true,
+            allowed_emails: Vec::new(),
+            allowed_domains: Vec::new(),
+            idle_timeout: session.idle_timeout,
+            max_lifetime: session.max_lifetime,
+            backend,
+        };
+        return Profiles {
+            list: vec![implicit],
+            listed,
+        };
+    }
+    if root.is_present("backend") {
+        let _ = root.section("backend", problems);
+        problems.push(Problem::new(
+            "backend",
+            "not allowed beside [[profiles]]: each profile has its own [profiles.backend]".into(),
+        ));
+    }
+    let sections = root.tables("profiles", problems);
+    if sections.is_empty() && !problems.iter().any(|p| p.key.starts_with("profiles")) {
+        problems.push(Problem::new(
+            "profiles",
+            "must list at least one profile (or leave [[profiles]] out and use [backend])".into(),
+        ));
+    }
+    if sections.len() > MAX_PROFILES {
+        problems.push(Problem::new("profiles", format!("at most {MAX_PROFILES} profiles")));
+    }
+    let mut names = HashSet::new();
+    let mut list: Vec<ProfileConfig> = sections
+        .into_iter()
+        .map(|section| read_profile(section, session, &mut names, problems))
+        .collect();
+    let defaults: Vec<&str> = list.iter().filter(|p| p.default).map(|p| p.name.as_str()).collect();
+    if defaults.len() > 1 {
+        problems.push(Problem::new(
+            "profiles",
+            format!(
+                "{} are all default = true: at most one profile is the default",
+                defaults.join(", ")
+            ),
+        ));
+    }
+    if defaults.is_empty() {
+        if let Some(first) = list.first_mut() {
+            first.default = true;
+        }
+    }
+    check_fleets_apart(&list, problems);
+    Profiles { list, listed }
+}
+
+fn read_profile(
+    section: Section<'_>,
+    session: &SessionConfig,
+    names: &mut HashSet<String>,
+    problems: &mut Vec<Problem>,
+) -> ProfileConfig {
+    let mut section = section;
+    let name_key = section.key("name");
+    let name = section.string("name", "", problems);
+    if let Err(reason) = check_name(&name) {
+        problems.push(Problem::new(&name_key, reason));
+    } else if !names.insert(name.clone()) {
+        problems.push(Problem::new(&name_key, format!("{name:?} names two profiles")));
+    } else {
+        section = section.renamed(format!("profiles.{name}"));
+    }
+    let title = section.string("title", &name, problems);
+    let description = section.string("description", "", problems);
+    let default = section.boolean("default", false, problems);
+    let allowed_emails = section
+        .strings("allowed_emails", problems)
+        .into_iter()
+        .map(|e| e.trim().to_ascii_lowercase())
+        .collect();
+    let allowed_domains = section
+        .strings("allowed_domains", problems)
+        .into_iter()
+        .map(|d| d.trim().trim_start_matches('@').to_ascii_lowercase())
+        .collect();
+    let idle_key = section.key("idle_timeout");
+    let idle_timeout = section.duration("idle_timeout", session.idle_timeout, problems);
+    if idle_timeout < Duration::from_secs(1) {
+        problems.push(Problem::new(&idle_key, "must be at least 1s".into()));
+    }
+    let max_lifetime = section.duration("max_lifetime", session.max_lifetime, problems);
+    let backend_key = section.key("backend");
+    let present = section.is_present("backend");
+    let backend = read_backend(section.section("backend", problems), idle_timeout, problems);
+    if !present {
+        problems.push(Problem::new(
+            &backend_key,
+            "required: the profile's own backend section (the same keys as [backend])".into(),
+        ));
+    }
+    section.finish(problems);
+    ProfileConfig {
+        name,
+        title,
+        description,
+        default,
+        allowed_emails,
+        allowed_domains,
+        idle_timeout,
+        max_lifetime,
+        backend,
+    }
+}
+
+fn check_name(name: &str) -> Result<(), String> {
+    let slug = !name.is_empty()
+        && name.len() <= MAX_NAME_BYTES
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if slug {
+        Ok(())
+    } else if name.is_empty() {
+        Err("required: the profile's slug, e.g. \"sdxl-l4\"".into())
+    } else {
+        Err(format!(
+            "{name:?} is not a slug: 1 to {MAX_NAME_BYTES} lower-case letters, digits and '-', not starting or ending with '-'"
+        ))
+    }
+}
+
+/// A Fleet is one profile's: its servers, line and autoscaling answer
+/// belong to the profile that allocates from it.
+fn check_fleets_apart(list: &[ProfileConfig], problems: &mut Vec<Problem>) {
+    let mut owners: Vec<(&str, &str, &str)> = Vec::new();
+    for profile in list.iter().filter(|p| p.backend.kind.is_agones()) {
+        let agones = &profile.backend.agones;
+        for fleet in &agones.fleets {
+            match owners
+                .iter()
+                .find(|(namespace, name, _)| *namespace == agones.namespace && name == fleet)
+            {
+                Some((_, _, owner)) => problems.push(Problem::new(
+                    &format!("profiles.{}.backend.agones.fleets", profile.name),
+                    format!("{fleet:?} is already profile {owner:?}'s: a Fleet serves one profile"),
+                )),
+                None => owners.push((&agones.namespace, fleet, &profile.name)),
+            }
+        }
+    }
+}
