@@ -1373,6 +1373,139 @@ mod tests {
         );
     }
 
+    const DEV: &str = "[auth]\nmode = \"dev\"\n[server]\nlisten = \"127.0.0.1:0\"\n";
+
+    #[test]
+    fn a_config_without_profiles_has_one_made_of_its_backend() {
+        let c = Config::from_toml(
+            &format!("{DEV}[backend.static]\nupstreams = [\"http://127.0.0.1:7860\"]\n"),
+            None,
+        )
+        .unwrap();
+        assert_eq!(c.profiles.len(), 1);
+        let only = &c.profiles[0];
+        assert_eq!((only.name.as_str(), only.default), (IMPLICIT_PROFILE, true));
+        assert_eq!(only.idle_timeout, c.session.idle_timeout);
+        assert_eq!(only.backend.static_pool.upstreams, c.backend.static_pool.upstreams);
+        let rendered = c.render();
+        assert!(
+            !rendered.contains("[[profiles]]") && rendered.contains("[backend.static]"),
+            "{rendered}"
+        );
+    }
+
+    #[test]
+    fn every_bad_profile_key_is_named_with_its_profile() {
+        let text = format!(
+            r#"{DEV}
+[[profiles]]
+name = "sdxl"
+default = true
+idle_timeout = "soon"
+[profiles.backend]
+kind = "agones"
+[profiles.backend.agones]
+fleets = ["l4", "L4!"]
+multi_cluster = true
+colour = "blue"
+
+[[profiles]]
+name = "Bad Name"
+[profiles.backend.static]
+upstreams = ["http://127.0.0.1:1"]
+
+[[profiles]]
+name = "sd15"
+default = true
+[profiles.backend]
+kind = "agones"
+[profiles.backend.agones]
+fleet = "l4"
+
+[[profiles]]
+name = "sd15"
+"#
+        );
+        let found = problems(&text, None);
+        for expected in [
+            "profiles.sdxl.idle_timeout: \"soon\" is not a duration",
+            "profiles.sdxl.backend.agones.fleets[1]: \"L4!\" is not a Fleet name",
+            "profiles.sdxl.backend.agones.multi_cluster: only for backend.kind = \"agones-allocator\"",
+            "profiles.sdxl.backend.agones.colour: unknown key",
+            "profiles[1].name: \"Bad Name\" is not a slug",
+            "profiles.sd15.backend.agones.fleets: \"l4\" is already profile \"sdxl\"'s",
+            "profiles[3].name: \"sd15\" names two profiles",
+            "profiles[3].backend: required",
+            "profiles: sdxl, sd15 are all default = true",
+        ] {
+            assert!(
+                found.iter().any(|p| p.starts_with(expected)),
+                "{expected} in {found:#?}"
+            );
+        }
+    }
+
+    #[test]
+    fn profiles_and_a_backend_section_do_not_go_together() {
+        let text = format!(
+            "{DEV}[backend.static]\nupstreams = [\"http://127.0.0.1:1\"]\n[[profiles]]\nname = \"a\"\n[profiles.backend.static]\nupstreams = [\"http://127.0.0.1:2\"]\n"
+        );
+        let found = problems(&text, None);
+        assert!(
+            found
+                .iter()
+                .any(|p| p.starts_with("backend: not allowed beside [[profiles]]")),
+            "{found:#?}"
+        );
+        assert_eq!(found.len(), 1, "{found:#?}");
+    }
+
+    #[test]
+    fn profiles_inherit_the_session_limits_and_the_first_is_the_default_unless_one_says_so() {
+        let text = format!(
+            r#"{DEV}
+[session]
+idle_timeout = "20m"
+max_lifetime = "8h"
+[[profiles]]
+name = "a"
+[profiles.backend.static]
+upstreams = ["http://127.0.0.1:1"]
+[[profiles]]
+name = "b"
+idle_timeout = "5m"
+allowed_emails = [" Ann@Example.com "]
+allowed_domains = ["@Corp.Example"]
+[profiles.backend]
+kind = "agones-allocator"
+[profiles.backend.agones]
+fleets = ["l4", "t4"]
+allocator_url = "https://allocator:443"
+multi_cluster = true
+"#
+        );
+        let c = Config::from_toml(&text, None).unwrap();
+        let (a, b) = (&c.profiles[0], &c.profiles[1]);
+        assert!(a.default && !b.default);
+        assert_eq!(
+            (a.idle_timeout, a.max_lifetime),
+            (Duration::from_secs(1200), Duration::from_secs(8 * 3600))
+        );
+        assert_eq!(b.idle_timeout, Duration::from_secs(300));
+        assert_eq!(b.allowed_emails, ["ann@example.com"]);
+        assert_eq!(b.allowed_domains, ["corp.example"]);
+        assert_eq!(b.backend.agones.fleets, ["l4", "t4"]);
+        assert!(b.backend.agones.multi_cluster);
+        assert_eq!(
+            c.backend.kind,
+            BackendKind::Static,
+            "config.backend is the default profile's"
+        );
+        let again = Config::from_toml(&c.render(), None).unwrap();
+        assert_eq!(again.render(), c.render(), "the rendered profiles read back the same");
+        assert_eq!(again.profiles.len(), 2);
+    }
+
     #[test]
     fn rendered_config_never_contains_the_secret() {
         let c = Config::from_toml(MINIMAL_IAP, Some(b"super-secret-value-that-is-long-enough".to_vec())).unwrap();

@@ -97,6 +97,8 @@ struct Inner {
     unallocated: u32,
     /// Requests whose `METHOD /path?query` contains this wait this long.
     stall: Option<(String, Duration)>,
+    /// The body of every allocation request (either API), in order.
+    allocations: Vec<Value>,
 }
 
 struct World {
@@ -182,7 +184,12 @@ impl FakeAgones {
     /// port and host port alike) is `upstream`'s port on 127.0.0.1, going
     /// through Agones' states on the way as a real one does.
     pub fn add_ready(&self, name: &str, upstream: SocketAddr) {
-        self.add_starting(name, upstream.port());
+        self.add_ready_in(FLEET, name, upstream);
+    }
+
+    /// [`FakeAgones::add_ready`] for a GameServer of `fleet`.
+    pub fn add_ready_in(&self, fleet: &str, name: &str, upstream: SocketAddr) {
+        self.add_starting_in(fleet, name, upstream.port());
         self.become_ready(name);
     }
 
@@ -192,6 +199,11 @@ impl FakeAgones {
     /// Starting (a pod Pending for want of a GPU node) until
     /// [`FakeAgones::become_ready`]. Its WebUI will listen on `port`.
     pub fn add_starting(&self, name: &str, port: u16) {
+        self.add_starting_in(FLEET, name, port);
+    }
+
+    /// [`FakeAgones::add_starting`] for a GameServer of `fleet`.
+    pub fn add_starting_in(&self, fleet: &str, name: &str, port: u16) {
         let mut inner = self.inner();
         inner.created += 1;
         let created =
@@ -201,14 +213,14 @@ impl FakeAgones {
             "kind": "GameServer",
             "metadata": {
                 "name": name, "namespace": NAMESPACE, "uid": format!("uid-{name}"),
-                "generateName": format!("{FLEET}-set-"),
+                "generateName": format!("{fleet}-set-"),
                 "generation": 1,
                 "creationTimestamp": created.to_string(),
                 "finalizers": ["agones.dev/controller"],
-                "labels": {"agones.dev/fleet": FLEET, "agones.dev/gameserverset": format!("{FLEET}-set")},
+                "labels": {"agones.dev/fleet": fleet, "agones.dev/gameserverset": format!("{fleet}-set")},
                 "annotations": {"agones.dev/sdk-version": "1.57.0"},
                 "ownerReferences": [{
-                    "apiVersion": "agones.dev/v1", "kind": "GameServerSet", "name": format!("{FLEET}-set"),
+                    "apiVersion": "agones.dev/v1", "kind": "GameServerSet", "name": format!("{fleet}-set"),
                     "uid": "uid-set", "controller": true, "blockOwnerDeletion": true,
                 }],
             },
@@ -435,6 +447,11 @@ impl FakeAgones {
     /// handler holds it back for a minute, so the caller times out.
     pub fn lose_allocation_responses(&self, n: u32) {
         self.inner().lose_allocations = n;
+    }
+
+    /// The body of every allocation request so far (either API), in order.
+    pub fn allocation_requests(&self) -> Vec<Value> {
+        self.inner().allocations.clone()
     }
 
     /// Every request so far, as `METHOD /path?query`.
@@ -768,6 +785,7 @@ async fn kubernetes_allocation(State(world): State<Arc<World>>, Path(ns): Path<S
             "apiVersion/kind must be allocation.agones.dev/v1 GameServerAllocation",
         );
     }
+    world.inner.lock().unwrap().allocations.push(request.clone());
     let spec = &request["spec"];
     let labels = string_map(&spec["metadata"]["labels"]);
     if let Some((k, v)) = labels.iter().find(|(_, v)| !is_valid_label_value(v)) {
@@ -832,6 +850,7 @@ async fn service_allocation(State(world): State<Arc<World>>, body: Bytes) -> Res
     let Ok(request) = serde_json::from_slice::<Value>(&body) else {
         return rpc(400, 3, "invalid JSON");
     };
+    world.inner.lock().unwrap().allocations.push(request.clone());
     let mut selectors = Vec::new();
     for s in request["gameServerSelectors"].as_array().cloned().unwrap_or_default() {
         let state = match s["gameServerState"].as_str().unwrap_or("READY") {
