@@ -1423,19 +1423,34 @@ fn the_shared_model_overlay_grants_the_endpoint_watch_and_nothing_else() {
 #[test]
 fn the_shared_model_overlay_points_the_router_at_a_model_deployment_its_service_and_an_hpa() {
     let overlay = shared_overlay();
-    let shared = &overlay.config.backend.shared;
-    assert_eq!(overlay.config.backend.kind, BackendKind::Shared);
     let without_backend = |generated: &BTreeMap<String, BTreeMap<String, PathBuf>>| -> toml::Table {
         let file = &generated["session-router-config"]["config.toml"];
         let mut t: toml::Table = std::fs::read_to_string(file).unwrap().parse().unwrap();
         t.remove("backend");
+        t.remove("profiles");
         t
     };
     assert_eq!(
         without_backend(&base().rendered.generated),
         without_backend(&overlay.rendered.generated),
-        "k8s/overlays/shared-model/config.toml must equal k8s/router/config.toml except [backend]"
+        "k8s/overlays/shared-model/config.toml must equal k8s/router/config.toml except [backend] / [[profiles]]"
     );
+    // Both designs behind the one router: the default profile is the base's
+    // dedicated Fleet, another profile shares the model's replicas.
+    let profiles = &overlay.config.profiles;
+    let dedicated = profiles.iter().find(|p| p.default).expect("a default profile");
+    let base_agones = serde_json::to_value(&base().config.backend.agones).unwrap();
+    assert_eq!(dedicated.backend.kind, BackendKind::Agones);
+    assert_eq!(
+        serde_json::to_value(&dedicated.backend.agones).unwrap(),
+        base_agones,
+        "the dedicated profile is the base's [backend.agones]"
+    );
+    let shared_profile = profiles
+        .iter()
+        .find(|p| p.backend.kind == BackendKind::Shared)
+        .expect("a profile of kind shared");
+    let shared = &shared_profile.backend.shared;
 
     // The config names the Service, in its namespace, by a port it has.
     let service_name = shared.service.as_deref().expect("backend.shared.service");
