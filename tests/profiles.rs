@@ -681,3 +681,46 @@ async fn the_autoscaler_answers_each_fleet_with_its_own_profiles_line() {
     assert_eq!(desired("t4").await, 1, "a fallback fleet: the buffer only");
     assert_eq!(desired("elsewhere").await, 1, "a fleet of no profile");
 }
+
+#[tokio::test]
+async fn a_profiles_short_idle_timeout_keeps_an_active_users_cookie_stamped_for_every_replica() {
+    let issuer = IapIssuer::start().await;
+    let pods = pods(1).await;
+    let text = format!(
+        r#"{head}
+[session]
+idle_timeout = "15m"
+[[profiles]]
+name = "quick"
+idle_timeout = "4s"
+[profiles.backend.static]
+upstreams = [{upstreams}]
+"#,
+        head = iap_head(&issuer, "", ""),
+        upstreams = upstream_list(&[&pods[0]]),
+    );
+    let a = TestRouter::start(&text).await;
+    let b = TestRouter::start(&text).await;
+    let ann = issuer.user("ann");
+    let first = navigate(&a, &ann, "/whoami", None).await;
+    let mut cookie = set_cookie(&first, COOKIE).unwrap();
+    // Busy for longer than the profile's idle timeout, through replica a.
+    for _ in 0..14 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let page = navigate(&a, &ann, "/whoami", Some(&cookie)).await;
+        assert_eq!(page.status(), 200);
+        if let Some(newer) = set_cookie(&page, COOKIE) {
+            cookie = newer;
+        }
+    }
+    // Replica a gives the box up as a restart would, so replica b may adopt it.
+    let session = a.state.registry.get("accounts.google.com:ann").unwrap();
+    a.state.registry.forget(&session);
+    let there = navigate(&b, &ann, "/whoami", Some(&cookie)).await;
+    assert_eq!(
+        there.status(),
+        200,
+        "active a moment ago: not presumed idle by replica b"
+    );
+    assert_eq!(there.json::<Value>().await.unwrap()["pod"], "pod-1");
+}

@@ -61,7 +61,7 @@ where
     let headers = request.headers();
     // An active user's cookie is stamped again now and then, so that any
     // replica can later tell "idle" from the cookie alone.
-    let stamp = ended::stamp_interval(state.config.session.idle_timeout);
+    let stamp = ended::stamp_interval(session.profile.idle_timeout());
     let stamped_since = counts_as_activity.then(|| unix(now).saturating_sub(stamp.as_secs()));
     let mut pin_is_fresh = session.with_issued_pin(|last| {
         state
