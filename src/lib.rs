@@ -80,23 +80,27 @@ pub async fn build(config: Config) -> Result<AppState, AllocError> {
     let metrics = Metrics::new();
     let mut allocators = Vec::with_capacity(config.profiles.len());
     for profile in &config.profiles {
-        allocators.push(connect(&profile.name, &profile.backend, &metrics).await?);
+        // Listed profiles name their fixed backends after themselves (no
+        // two profiles' `static-0`); the implicit one as it always did.
+        let prefix = config.profiles_listed.then_some(profile.name.as_str());
+        allocators.push(connect(&profile.name, prefix, &profile.backend, &metrics).await?);
     }
     Ok(AppState::new(config, allocators, metrics))
 }
 
-/// The allocator a profile's backend section describes, connected.
+/// The allocator a profile's backend section describes, connected;
+/// `prefix` names a fixed list's backends (else `static-N` / `shared-NN`).
 async fn connect(
     profile: &str,
+    prefix: Option<&str>,
     backend: &BackendConfig,
     metrics: &Arc<Metrics>,
 ) -> Result<Arc<dyn Allocator>, AllocError> {
     Ok(match backend.kind {
         BackendKind::Static => {
             let pool = &backend.static_pool;
-            Arc::new(
-                StaticPool::new(&pool.upstreams).probing(Probe::every(pool.probe_interval, backend.connect_timeout)),
-            )
+            let probe = Probe::every(pool.probe_interval, backend.connect_timeout);
+            Arc::new(StaticPool::named(prefix.unwrap_or("static"), &pool.upstreams).probing(probe))
         }
         BackendKind::Shared => {
             let shared = &backend.shared;
@@ -104,7 +108,7 @@ async fn connect(
             let max = shared.max_users_per_backend;
             let backends = match &shared.service {
                 Some(service) => Shared::watching(Endpoints::connect(shared, service).await?, max, probe),
-                None => Shared::listed(&shared.upstreams, max, probe),
+                None => Shared::listed(prefix.unwrap_or("shared"), &shared.upstreams, max, probe),
             };
             Arc::new(backends.reporting(metrics.clone()))
         }

@@ -451,6 +451,16 @@ async fn each_profile_has_its_own_line_capacity_and_metrics() {
         .map(|r| r["profile"].as_str().unwrap())
         .collect();
     assert_eq!(profiles, ["sd15", "sdxl"]);
+    let backends: Vec<&str> = admin["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["backend"].as_str().unwrap())
+        .collect();
+    assert!(
+        backends.iter().all(|b| b.starts_with("sd15-") || b == &"sdxl-0"),
+        "each profile names its own backends, so no two share a name: {backends:?}"
+    );
 }
 
 #[tokio::test]

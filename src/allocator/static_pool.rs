@@ -63,12 +63,20 @@ impl Default for Probe {
 }
 
 impl StaticPool {
+    /// The upstreams as backends `static-0`, `static-1`, … in order.
     pub fn new(upstreams: &[Uri]) -> Self {
+        StaticPool::named("static", upstreams)
+    }
+
+    /// The upstreams as backends `<prefix>-0`, `<prefix>-1`, … in order:
+    /// each profile's pool names its own, so no two profiles' backends
+    /// share a name (on the admin page, in logs, in a release).
+    pub fn named(prefix: &str, upstreams: &[Uri]) -> Self {
         let leases: Vec<Lease> = upstreams
             .iter()
             .enumerate()
             .map(|(i, uri)| Lease {
-                backend: format!("static-{i}").into(),
+                backend: format!("{prefix}-{i}").into(),
                 upstream: uri
                     .authority()
                     .cloned()

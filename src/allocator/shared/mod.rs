@@ -103,9 +103,9 @@ impl Shared {
         }
     }
 
-    /// A fixed list of backends, named `shared-00`, `shared-01`, … in
+    /// A fixed list of backends, named `<prefix>-00`, `<prefix>-01`, … in
     /// order (zero-padded, so that sorting by name keeps the list's order).
-    pub fn listed(upstreams: &[Uri], max_users: usize, probe: Probe) -> Self {
+    pub fn listed(prefix: &str, upstreams: &[Uri], max_users: usize, probe: Probe) -> Self {
         let shared = Shared::new(max_users, probe);
         let width = upstreams.len().to_string().len().max(2);
         shared.set_backends(
@@ -114,7 +114,7 @@ impl Shared {
                 .enumerate()
                 .filter_map(|(i, uri)| {
                     Some(Lease {
-                        backend: format!("shared-{i:0width$}").into(),
+                        backend: format!("{prefix}-{i:0width$}").into(),
                         upstream: uri.authority()?.clone(),
                     })
                 })
@@ -455,7 +455,7 @@ mod tests {
         let uris: Vec<Uri> = (0..120)
             .map(|i| format!("http://10.0.{}.{}:7860", i / 100, i % 100).parse().unwrap())
             .collect();
-        let shared = Shared::listed(&uris, 1, Probe::default());
+        let shared = Shared::listed("shared", &uris, 1, Probe::default());
         for i in 0..12 {
             let lease = shared.allocate(&user(&format!("u{i}"))).await.unwrap();
             assert_eq!(lease.upstream.as_str(), format!("10.0.0.{i}:7860"));
