@@ -16,10 +16,10 @@
 //! | module | concern |
 //! |---|---|
 //! | [`demo`] | stand-in WebUI pods and the one-command demo |
-//! | this file | [`run`] and [`build`]: the backend chosen by the config |
+//! | this file | [`run`] and [`build`]: each profile's backend, as the config chooses it |
 //! | [`app`] | shared state, route table, background tasks; the request path (`service`), handlers (`routes`), `admin`, `reaper`, `autoscaler`, `error` (`RouterError` and its single mapping to HTTP), `pages` |
 //! | [`proxy`] | streaming forwarder, header rules (`hop`: hop-by-hop, both directions), upstream client, WebSocket relay |
-//! | [`session`] | the session table (single-flight allocation), signed pinning cookie, activity, the waiting line, which requests may allocate, how a release is told |
+//! | [`session`] | the session table (single-flight allocation, one backend a user across profiles), the profiles (each pool's allocator, line and limits), signed pinning cookie, activity, the waiting line, which requests may allocate, how a release is told |
 //! | [`allocator`] | the `Allocator` trait, what it is given and says (pinned backend, release reasons, the shared-line contract) and its backends: `static` pool, Agones (Kubernetes API or allocator service), `shared` (several users per backend: a list or a Service's endpoints) |
 //! | [`auth`] | IAP JWT verification (`iap`, `jwks`), dev sign-in, allowlists, origin checks |
 //! | [`net`] | accept loop, serving threads and drain, generic over the per-request service; guarded sockets and the raw 414 |

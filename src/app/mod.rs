@@ -3,6 +3,7 @@
 //!
 //! - [`service`]: the request path, from hyper to a handler and back.
 //! - [`routes`]: the proxy path and the router's own endpoints.
+//! - [`choose`]: which profile a request for a new backend is for.
 //! - [`admin`]: the operator's sessions view and forced release.
 //! - [`reaper`]: idle and max-lifetime release.
 //! - [`autoscaler`]: the Agones FleetAutoscaler webhook.
@@ -11,6 +12,7 @@
 
 pub mod admin;
 pub mod autoscaler;
+pub mod choose;
 pub mod error;
 pub mod pages;
 pub mod reaper;

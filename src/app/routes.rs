@@ -24,6 +24,7 @@ use serde_json::json;
 
 use crate::allocator::Lease;
 use crate::allocator::{Ended, ReleaseReason};
+use crate::app::choose;
 use crate::app::error::RouterError;
 use crate::app::pages::{self, escape};
 use crate::app::AppState;
@@ -142,12 +143,16 @@ fn claim<B>(
     let pinned = state
         .cookies
         .read(headers, &identity.sub, now)
-        .and_then(|pin| Some((pin_profile(state, identity, &pin)?, pin)));
+        .and_then(|pin| Some((choose::pinned(state.registry.profiles(), identity, &pin)?, pin)));
     let Some((profile, pin)) = pinned else {
         if !may_start_session(request, counts_as_activity) {
             return Err(SessionError::NoSession);
         }
-        return chosen_profile(state, identity, request).map(Claim::Allocate);
+        let browser = Intent::of(request.method(), request.headers()) == Intent::Navigation;
+        let next = || request.uri().path_and_query().map_or("/", |p| p.as_str()).to_string();
+        let named = choose::named(headers, request.uri());
+        return choose::profile_for(state.registry.profiles(), identity, named, None, browser, next)
+            .map(Claim::Allocate);
     };
     if let Some(ended) = pin.ended {
         return Err(SessionError::Ended(Box::new(Notice { ended, cookie: None })));
@@ -169,60 +174,6 @@ fn claim<B>(
         profile,
         or_allocate: may_start_session(request, counts_as_activity),
     })
-}
-
-/// The header an API client names its profile with.
-pub const PROFILE_HEADER: &str = "x-session-router-profile";
-
-/// The profile a request that starts a session asks for: named by
-/// [`PROFILE_HEADER`] or `?profile=` (and then one the user may use, or
-/// 403), else the only one the user may use; a browser navigation with
-/// several to choose from goes to the chooser, an API client gets the
-/// default.
-fn chosen_profile<B>(
-    state: &AppState,
-    identity: &Identity,
-    request: &Request<B>,
-) -> Result<Arc<Profile>, SessionError> {
-    let profiles = state.registry.profiles();
-    let named = request
-        .headers()
-        .get(PROFILE_HEADER)
-        .map(|value| String::from_utf8_lossy(value.as_bytes()).trim().to_string())
-        .or_else(|| query_profile(request.uri()));
-    if let Some(name) = named {
-        return profiles
-            .usable(&name, identity)
-            .cloned()
-            .ok_or(SessionError::ProfileNotAllowed(name));
-    }
-    let browser = Intent::of(request.method(), request.headers()) == Intent::Navigation;
-    if browser && profiles.for_user(identity).nth(1).is_some() {
-        let next = request.uri().path_and_query().map_or("/", |p| p.as_str()).to_string();
-        return Err(SessionError::ChooseProfile { next });
-    }
-    profiles
-        .default_for(identity)
-        .cloned()
-        .ok_or_else(|| SessionError::ProfileNotAllowed(profiles.default_profile().name().to_string()))
-}
-
-/// `profile=NAME` in a URI's query, as a link to a profile carries it.
-fn query_profile(uri: &http::Uri) -> Option<String> {
-    form_urlencoded::parse(uri.query()?.as_bytes())
-        .find(|(key, _)| key == "profile")
-        .map(|(_, value)| value.into_owned())
-}
-
-/// The profile a pin's backend came from, if it is still configured and
-/// the user may still use it.
-fn pin_profile(state: &AppState, identity: &Identity, pin: &Pin) -> Option<Arc<Profile>> {
-    let profiles = state.registry.profiles();
-    let profile = match &pin.profile {
-        Some(name) => profiles.named(name)?,
-        None => profiles.default_profile(),
-    };
-    profile.permits(identity).then(|| profile.clone())
 }
 
 /// Whether `request` may get its user a backend: it shows intent (a
@@ -339,7 +290,15 @@ pub async fn status(State(state): Shared, headers: HeaderMap) -> Result<Response
         .is_none()
         .then(|| state.cookies.read(&headers, &identity.sub, now))
         .flatten()
-        .and_then(|pin| released(&state, &identity, &*pin_profile(&state, &identity, &pin)?, &pin, now));
+        .and_then(|pin| {
+            released(
+                &state,
+                &identity,
+                &*choose::pinned(state.registry.profiles(), &identity, &pin)?,
+                &pin,
+                now,
+            )
+        });
     let choices = state.registry.profiles().for_user(&identity).count();
     if !crate::util::wants_html(&headers) {
         let line = waiting.as_ref().map(|(profile, p)| json!({ "profile": profile.name(), "position": p.position, "waiting": p.waiting, "retry_after": retry_after }));
@@ -504,23 +463,8 @@ pub async fn start(
     let last = state
         .cookies
         .read(&headers, &identity.sub, now)
-        .and_then(|pin| pin_profile(&state, &identity, &pin));
-    let profile = match named {
-        Some(name) => profiles
-            .usable(&name, &identity)
-            .cloned()
-            .ok_or(SessionError::ProfileNotAllowed(name))?,
-        None => match last {
-            Some(profile) => profile,
-            None if wants_html && profiles.for_user(&identity).nth(1).is_some() => {
-                return Err(SessionError::ChooseProfile { next }.into());
-            }
-            None => profiles
-                .default_for(&identity)
-                .cloned()
-                .ok_or_else(|| SessionError::ProfileNotAllowed(profiles.default_profile().name().to_string()))?,
-        },
-    };
+        .and_then(|pin| choose::pinned(state.registry.profiles(), &identity, &pin));
+    let profile = choose::profile_for(profiles, &identity, named, last, wants_html, || next.clone())?;
     let chosen = profile.clone();
     let session = match state
         .registry
