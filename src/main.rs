@@ -50,6 +50,11 @@ enum Command {
         /// Idle time after which a pod is given back, e.g. "60s".
         #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
         idle_timeout: Duration,
+        /// Two profiles to choose from: "dedicated" (the --pods pods, one
+        /// user each, the default) and "shared" (one more pod serving up
+        /// to 3 users at once).
+        #[arg(long)]
+        profiles: bool,
     },
 }
 
@@ -66,6 +71,7 @@ fn main() -> ExitCode {
             listen,
             pods,
             idle_timeout,
+            profiles,
         } => {
             // A demo runs for the person at the terminal: readable text,
             // and the names they typed in.
@@ -79,6 +85,7 @@ fn main() -> ExitCode {
                 listen,
                 pods: pods.max(1),
                 idle_timeout,
+                profiles,
             }))
         }
     }

@@ -619,6 +619,11 @@ async fn a_second_replica_refinds_the_users_server_and_its_profile_from_the_labe
         })
         .await
     );
+    assert_eq!(
+        listed(&b, &ann).await["current"],
+        "slow",
+        "the chooser of replica b knows what ann holds through replica a"
+    );
     // No cookie, no header: the default profile would be `fast`, but ann
     // holds a server of `slow`, and a user holds one.
     assert_eq!(api_whoami(&b, &ann, None).await, (200, Some("pod-2".to_string())));

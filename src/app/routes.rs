@@ -517,7 +517,12 @@ pub async fn profiles(
     Query(query): Query<ChooserQuery>,
 ) -> Result<Response, RouterError> {
     let identity = state.identify(&headers).await?;
-    let current = state.registry.get(&identity.sub).map(|s| s.profile.name().to_string());
+    let held = state
+        .registry
+        .held_profile(&identity)
+        .await
+        .map_err(SessionError::from)?;
+    let current = held.map(|profile| profile.name().to_string());
     let mut cards = Vec::new();
     for profile in state.registry.profiles().for_user(&identity) {
         cards.push(pages::Card {

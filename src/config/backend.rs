@@ -426,7 +426,7 @@ fn read_agones(
         ));
     }
     let multi_cluster = agones.boolean("multi_cluster", false, problems);
-    if multi_cluster && kind == BackendKind::Agones {
+    if multi_cluster && kind != BackendKind::AgonesAllocator {
         problems.push(Problem::new(
             &agones.key("multi_cluster"),
             "only for backend.kind = \"agones-allocator\": the Kubernetes API allocates in its own cluster".into(),

@@ -289,6 +289,16 @@ impl Registry {
         Ok(None)
     }
 
+    /// The profile of the backend the user holds, here or (as its backend
+    /// system records it) through another replica.
+    pub async fn held_profile(&self, identity: &Identity) -> Result<Option<Arc<Profile>>, AllocError> {
+        if let Some(session) = self.get(&identity.sub) {
+            return Ok(Some(session.profile.clone()));
+        }
+        let first = self.profiles.default_profile();
+        Ok(self.find_own(identity, first).await?.map(|(profile, _)| profile))
+    }
+
     /// Where the user waits, if in a line: the profile's, and their place.
     pub async fn place(&self, identity: &Identity) -> Option<(Arc<Profile>, Place)> {
         for profile in self.profiles.iter() {
