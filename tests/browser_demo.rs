@@ -26,11 +26,12 @@ struct Demo {
 }
 
 impl Demo {
-    /// Starts the demo with two pods and a 3 s idle timeout and waits for
-    /// it to say where to go.
-    async fn start() -> Demo {
+    /// Starts the demo with two pods, a 3 s idle timeout and `more`
+    /// arguments, and waits for it to say where to go.
+    async fn start(more: &[&str]) -> Demo {
         let mut child = Command::new(env!("CARGO_BIN_EXE_session-router"))
             .args(["demo", "--listen", "127.0.0.1:0", "--pods", "2", "--idle-timeout", "3s"])
+            .args(more)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -93,6 +94,11 @@ async fn keep_lines<R: tokio::io::AsyncBufRead + Unpin>(mut lines: tokio::io::Li
 /// Opens the demo, lands on the sign-in form, types `name` and submits it,
 /// then waits for whatever page the router sends the browser on to.
 async fn sign_in(browser: &Browser, demo: &Demo, name: &str) {
+    sign_in_to(browser, demo, name, "/").await;
+}
+
+/// [`sign_in`], the browser ending up at `landing` (a path).
+async fn sign_in_to(browser: &Browser, demo: &Demo, name: &str, landing: &str) {
     browser.goto(&demo.url).await;
     // Not signed in: the router sends the browser to its sign-in form,
     // remembering where it was heading.
@@ -116,10 +122,25 @@ async fn sign_in(browser: &Browser, demo: &Demo, name: &str) {
         .await;
     browser
         .wait_for(
-            "location.pathname === '/' && document.readyState === 'complete'",
+            &format!(
+                "location.pathname === {} && document.readyState === 'complete'",
+                json!(landing)
+            ),
             Duration::from_secs(10),
         )
         .await;
+}
+
+/// Whether `chromium` can run this test (on CI it must).
+fn browser_available() -> bool {
+    if chromium_available() {
+        return true;
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("{CHROMIUM} is missing; CI must install the `chromium` package");
+    }
+    eprintln!("SKIPPED: {CHROMIUM} not found; `apt-get install chromium` to run this test");
+    false
 }
 
 /// The HTTP status the current page was served with.
@@ -139,7 +160,10 @@ async fn assert_on_own_pod(browser: &Browser, name: &str) -> String {
         .await;
     assert_eq!(status(browser).await, 200, "{name}'s pod page status");
     let pod = browser.text("#pod").await.unwrap_or_default();
-    assert!(pod.starts_with("demo-pod-"), "{name} is on {pod:?}");
+    assert!(
+        pod.starts_with("demo-pod-") || pod.starts_with("demo-shared-"),
+        "{name} is on {pod:?}"
+    );
     assert_eq!(
         browser.text("#user").await.as_deref(),
         Some(format!("{name}@dev.localhost").as_str()),
@@ -164,14 +188,10 @@ async fn keep_busy(browser: &Browser) {
 
 #[tokio::test]
 async fn demo_routes_each_signed_in_person_to_their_own_pod_in_a_real_browser() {
-    if !chromium_available() {
-        if std::env::var_os("CI").is_some() {
-            panic!("{CHROMIUM} is missing; CI must install the `chromium` package");
-        }
-        eprintln!("SKIPPED: {CHROMIUM} not found; `apt-get install chromium` to run this test");
+    if !browser_available() {
         return;
     }
-    let demo = Demo::start().await;
+    let demo = Demo::start(&[]).await;
     let (alice, bob, carol) = tokio::join!(
         Browser::launch("alice"),
         Browser::launch("bob"),
@@ -250,4 +270,71 @@ async fn demo_routes_each_signed_in_person_to_their_own_pod_in_a_real_browser() 
         )
         .await;
     assert_on_own_pod(&carol, "carol").await;
+}
+
+/// Clicks the submit button of the form posting to `action` (inside
+/// `scope`, a CSS selector, when given).
+async fn submit(browser: &Browser, scope: &str, action: &str) {
+    let js = format!(
+        "document.querySelector({}).click(); true",
+        json!(format!("{scope} form[action=\"{action}\"] button[type=submit]"))
+    );
+    browser.eval(&js).await;
+}
+
+#[tokio::test]
+async fn with_profiles_a_person_chooses_a_pool_starts_it_and_switches_in_a_real_browser() {
+    if !browser_available() {
+        return;
+    }
+    let demo = Demo::start(&["--profiles"]).await;
+    let dana = Browser::launch("dana").await;
+
+    // Signed in, the WebUI's address leads to the chooser: nothing taken yet.
+    sign_in_to(&dana, &demo, "dana", "/_router/profiles").await;
+    assert_eq!(dana.eval("document.title").await, Value::from("Choose a GPU"));
+    let cards = dana
+        .eval("[...document.querySelectorAll('[data-profile]')].map(c => c.dataset.profile).join(' ')")
+        .await;
+    assert_eq!(cards, Value::from("dedicated shared"));
+    assert_eq!(
+        dana.text("#profile-shared h2").await.as_deref(),
+        Some("Shared SD 1.5"),
+        "each card shows its profile's title"
+    );
+
+    // Start on the shared card: the shared pod, its WebSocket through the router.
+    submit(&dana, "#profile-shared", "/_router/start").await;
+    dana.wait_for(
+        "location.pathname === '/' && document.querySelector('#pod')",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(assert_on_own_pod(&dana, "dana").await, "demo-shared-1");
+
+    // The status page names the profile and offers Switch, which gives the
+    // pod back and shows the chooser again.
+    dana.goto(&format!("{}_router/status", demo.url)).await;
+    dana.wait_for("document.querySelector('#profile')", Duration::from_secs(10))
+        .await;
+    assert_eq!(
+        dana.eval("document.querySelector('#profile').dataset.profile").await,
+        Value::from("shared")
+    );
+    submit(&dana, "", "/_router/switch").await;
+    dana.wait_for(
+        "location.pathname === '/_router/profiles' && document.querySelector('[data-profile=dedicated] form')",
+        Duration::from_secs(10),
+    )
+    .await;
+
+    // And now the dedicated pool: a pod of dana's own.
+    submit(&dana, "#profile-dedicated", "/_router/start").await;
+    dana.wait_for(
+        "location.pathname === '/' && document.querySelector('#pod')",
+        Duration::from_secs(10),
+    )
+    .await;
+    let pod = assert_on_own_pod(&dana, "dana").await;
+    assert!(pod.starts_with("demo-pod-"), "dana is on {pod}");
 }
