@@ -120,6 +120,7 @@ scenarios!(
     a_server_stuck_before_scheduled_keeps_no_replica_from_serving,
     the_fresh_server_outlives_the_released_one_it_replaced,
     a_server_the_fleet_scales_down_is_never_handed_out,
+    two_profiles_in_one_namespace_keep_their_fleets_lines_and_labels_apart,
     ],
     exclusive: [the_router_keeps_its_view_after_the_api_server_drops_its_connections],
 );
@@ -686,6 +687,96 @@ async fn the_head_of_the_line_gets_the_next_ready_server(cluster: &dyn Cluster) 
     );
     assert_eq!(pod_of(&b, &bob).await, "pod-2");
     assert_eq!(position(&a, &carol).await, (503, Some(1)), "Bob left the line");
+}
+
+/// A router with two profiles on the cluster: `slow` (the Fleet's `-cpu`
+/// sibling, the default) and `fast` (its `-l4` sibling first, then the
+/// Fleet itself).
+async fn two_profiles(issuer: &IapIssuer, cluster: &dyn Cluster) -> TestRouter {
+    let fleet = cluster.fleet();
+    let lines = cluster.backend_lines();
+    let backend = |fleets: String| {
+        format!(
+            "[profiles.backend]\nkind = \"agones\"\nconnect_timeout = \"1s\"\n[profiles.backend.agones]\n{}\
+             allocation_retry_window = \"500ms\"\nactivity_sync_interval = \"200ms\"\napi_timeout = \"3s\"\n",
+            lines.replace(&format!("fleet = \"{fleet}\""), &format!("fleets = [{fleets}]"))
+        )
+    };
+    let text = format!(
+        "{head}\n[session]\nretry_after = \"2s\"\n[[profiles]]\nname = \"slow\"\n{slow}\n[[profiles]]\nname = \"fast\"\n{fast}",
+        head = iap_head(issuer, "", ""),
+        slow = backend(format!("\"{fleet}-cpu\"")),
+        fast = backend(format!("\"{fleet}-l4\", \"{fleet}\"")),
+    );
+    TestRouter::start(&text).await
+}
+
+/// An API client's request naming `profile`: status and place in line.
+async fn position_in(router: &TestRouter, token: &str, profile: &str) -> (u16, Option<u64>, Option<String>) {
+    let response = client()
+        .get(router.url("/whoami"))
+        .header(ASSERTION, token)
+        .header("x-session-router-profile", profile)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let body: Value = response.json().await.unwrap_or(Value::Null);
+    (
+        status,
+        body["position"].as_u64(),
+        body["pod"].as_str().map(String::from),
+    )
+}
+
+async fn two_profiles_in_one_namespace_keep_their_fleets_lines_and_labels_apart(cluster: &dyn Cluster) {
+    let issuer = IapIssuer::start().await;
+    let pods = pods(3).await;
+    let fleet = cluster.fleet();
+    cluster.add_ready("gs-1", pods[0].addr).await;
+    cluster
+        .add_ready_in(&format!("{fleet}-cpu"), "gs-2", pods[1].addr)
+        .await;
+    let a = two_profiles(&issuer, cluster).await;
+    let [ann, bob, cy, dee] = ["ann", "bob", "cy", "dee"].map(|u| issuer.user(u));
+
+    // No L4 server: fast's fallback Fleet serves, in one allocation.
+    let before = cluster.allocations().await;
+    assert_eq!(position_in(&a, &ann, "fast").await, (200, None, Some("pod-1".into())));
+    assert_eq!(
+        cluster.allocations().await,
+        before + 1,
+        "one allocation call for two Fleets"
+    );
+    let gs = cluster.server("gs-1").await.unwrap();
+    assert_eq!(gs["metadata"]["labels"]["session-router.dev/profile"], "fast");
+    assert_eq!(position_in(&a, &bob, "slow").await, (200, None, Some("pod-2".into())));
+
+    // Each profile's line is its own (Leases named after its first Fleet).
+    assert_eq!(position_in(&a, &cy, "slow").await.0, 503);
+    assert_eq!(position_in(&a, &dee, "fast").await, (503, Some(1), None));
+    cluster.add_ready_in(&format!("{fleet}-l4"), "gs-3", pods[2].addr).await;
+    let seen = eventually(Duration::from_secs(10), || async {
+        let fast = a.state.registry.profiles().named("fast").unwrap();
+        fast.allocator.capacity().ready == 1
+    })
+    .await;
+    assert!(seen, "the fast profile never saw its L4 server");
+    assert_eq!(
+        position_in(&a, &dee, "fast").await,
+        (200, None, Some("pod-3".into())),
+        "fast's head gets fast's server"
+    );
+    assert_eq!(position_in(&a, &cy, "slow").await.0, 503, "slow's line still waits");
+
+    // Another replica re-finds ann's server and its profile, though its
+    // default profile is slow.
+    let b = two_profiles(&issuer, cluster).await;
+    assert_eq!(pod_of(&b, &ann).await, "pod-1");
+    assert_eq!(
+        b.state.registry.get("accounts.google.com:ann").unwrap().profile.name(),
+        "fast"
+    );
 }
 
 async fn a_known_user_with_a_cookie_makes_no_api_call(cluster: &dyn Cluster) {

@@ -216,12 +216,21 @@ impl AgonesPlayer {
         self.add_until(name, upstream, "Ready").await;
     }
 
+    /// As [`AgonesPlayer::add_ready`], for a GameServer of `fleet`.
+    pub async fn add_ready_in(&self, fleet: &str, name: &str, upstream: SocketAddr) {
+        self.add_in_until(fleet, name, upstream, "Ready").await;
+    }
+
     /// As [`AgonesPlayer::add_ready`], stopping at state `last`.
     pub async fn add_until(&self, name: &str, upstream: SocketAddr, last: &str) {
+        self.add_in_until(FLEET, name, upstream, last).await;
+    }
+
+    async fn add_in_until(&self, fleet: &str, name: &str, upstream: SocketAddr, last: &str) {
         let template = capture("gameserver-state-PortAllocation.json");
         let mut labels = template["metadata"]["labels"].clone();
-        labels["agones.dev/fleet"] = json!(FLEET);
-        labels["agones.dev/gameserverset"] = json!(format!("{FLEET}-e2e"));
+        labels["agones.dev/fleet"] = json!(fleet);
+        labels["agones.dev/gameserverset"] = json!(format!("{fleet}-e2e"));
         // The stand-in pod listens on one port, which is both the PodIP's
         // container port and the node's host port here.
         let mut spec = template["spec"].clone();

@@ -17,8 +17,14 @@ use crate::support::fake_agones::{self, FakeAgones};
 pub trait Cluster: Send + Sync {
     /// The `[backend.agones]` lines that point a router at this cluster.
     fn backend_lines(&self) -> String;
-    /// Adds a Ready GameServer whose port `sd` is `upstream`.
-    async fn add_ready(&self, name: &str, upstream: SocketAddr);
+    /// The name of the cluster's Fleet (other Fleets are named after it).
+    fn fleet(&self) -> String;
+    /// Adds a Ready GameServer of `fleet` whose port `sd` is `upstream`.
+    async fn add_ready_in(&self, fleet: &str, name: &str, upstream: SocketAddr);
+    /// Adds a Ready GameServer of the Fleet whose port `sd` is `upstream`.
+    async fn add_ready(&self, name: &str, upstream: SocketAddr) {
+        self.add_ready_in(&self.fleet(), name, upstream).await;
+    }
     /// Adds a GameServer whose pod is never scheduled (no free GPU node):
     /// it stays in Starting.
     async fn add_unscheduled(&self, name: &str, upstream: SocketAddr);
@@ -74,8 +80,12 @@ impl Cluster for FakeCluster {
         )
     }
 
-    async fn add_ready(&self, name: &str, upstream: SocketAddr) {
-        self.0.add_ready(name, upstream);
+    fn fleet(&self) -> String {
+        fake_agones::FLEET.to_string()
+    }
+
+    async fn add_ready_in(&self, fleet: &str, name: &str, upstream: SocketAddr) {
+        self.0.add_ready_in(fleet, name, upstream);
     }
 
     /// The fake has no `null` ports: its Starting server keeps them.
@@ -148,8 +158,12 @@ impl Cluster for RealCluster {
         self.0.backend_lines()
     }
 
-    async fn add_ready(&self, name: &str, upstream: SocketAddr) {
-        self.0.add_ready(name, upstream).await;
+    fn fleet(&self) -> String {
+        crate::agones_player::FLEET.to_string()
+    }
+
+    async fn add_ready_in(&self, fleet: &str, name: &str, upstream: SocketAddr) {
+        self.0.add_ready_in(fleet, name, upstream).await;
     }
 
     async fn add_unscheduled(&self, name: &str, upstream: SocketAddr) {
