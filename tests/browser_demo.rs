@@ -6,90 +6,13 @@
 
 mod support;
 
-use std::process::Stdio;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{json, Value};
 use support::browser::{chromium_available, Browser, CHROMIUM};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use support::demo_process::Demo;
 
 const ECHO: &str = "echoed: hello from the browser";
-
-/// The `session-router demo` process, with what it printed kept for failure
-/// messages.
-struct Demo {
-    url: String,
-    output: Arc<Mutex<Vec<String>>>,
-    _child: Child,
-}
-
-impl Demo {
-    /// Starts the demo with two pods, a 3 s idle timeout and `more`
-    /// arguments, and waits for it to say where to go.
-    async fn start(more: &[&str]) -> Demo {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_session-router"))
-            .args(["demo", "--listen", "127.0.0.1:0", "--pods", "2", "--idle-timeout", "3s"])
-            .args(more)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start session-router demo");
-        let output = Arc::new(Mutex::new(Vec::new()));
-        let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
-        let stderr = BufReader::new(child.stderr.take().unwrap()).lines();
-        tokio::spawn(keep_lines(stderr, output.clone()));
-
-        let url = tokio::time::timeout(Duration::from_secs(30), async {
-            while let Ok(Some(line)) = stdout.next_line().await {
-                output.lock().unwrap().push(line.clone());
-                let url = line
-                    .strip_prefix("Open ")
-                    .and_then(|rest| rest.split_whitespace().next());
-                if let Some(url) = url {
-                    return Some(url.to_string());
-                }
-            }
-            None
-        })
-        .await
-        .ok()
-        .flatten()
-        .unwrap_or_else(|| {
-            panic!(
-                "the demo never printed its address; it printed:\n{}",
-                output.lock().unwrap().join("\n")
-            )
-        });
-        tokio::spawn(keep_lines(stdout, output.clone()));
-        assert!(url.starts_with("http://127.0.0.1:"), "demo address {url}");
-        Demo {
-            url,
-            output,
-            _child: child,
-        }
-    }
-}
-
-impl Drop for Demo {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!(
-                "session-router demo output:\n  {}",
-                self.output.lock().unwrap().join("\n  ")
-            );
-        }
-    }
-}
-
-async fn keep_lines<R: tokio::io::AsyncBufRead + Unpin>(mut lines: tokio::io::Lines<R>, into: Arc<Mutex<Vec<String>>>) {
-    while let Ok(Some(line)) = lines.next_line().await {
-        into.lock().unwrap().push(line);
-    }
-}
 
 /// Opens the demo, lands on the sign-in form, types `name` and submits it,
 /// then waits for whatever page the router sends the browser on to.
@@ -99,7 +22,7 @@ async fn sign_in(browser: &Browser, demo: &Demo, name: &str) {
 
 /// [`sign_in`], the browser ending up at `landing` (a path).
 async fn sign_in_to(browser: &Browser, demo: &Demo, name: &str, landing: &str) {
-    browser.goto(&demo.url).await;
+    browser.goto(&demo.url("/")).await;
     // Not signed in: the router sends the browser to its sign-in form,
     // remembering where it was heading.
     browser
@@ -191,7 +114,7 @@ async fn demo_routes_each_signed_in_person_to_their_own_pod_in_a_real_browser() 
     if !browser_available() {
         return;
     }
-    let demo = Demo::start(&[]).await;
+    let demo = Demo::start(&["--pods", "2", "--idle-timeout", "3s"]).await;
     let (alice, bob, carol) = tokio::join!(
         Browser::launch("alice"),
         Browser::launch("bob"),
@@ -249,7 +172,7 @@ async fn demo_routes_each_signed_in_person_to_their_own_pod_in_a_real_browser() 
     // GPU is released. Opening the WebUI again says so, and takes no GPU
     // until she presses "Start again".
     tokio::time::sleep(Duration::from_secs(5)).await;
-    carol.goto(&demo.url).await;
+    carol.goto(&demo.url("/")).await;
     carol
         .wait_for("document.querySelector('#reason')", Duration::from_secs(10))
         .await;
@@ -287,7 +210,7 @@ async fn with_profiles_a_person_chooses_a_pool_starts_it_and_switches_in_a_real_
     if !browser_available() {
         return;
     }
-    let demo = Demo::start(&["--profiles"]).await;
+    let demo = Demo::start(&["--pods", "2", "--idle-timeout", "3s", "--profiles"]).await;
     let dana = Browser::launch("dana").await;
 
     // Signed in, the WebUI's address leads to the chooser: nothing taken yet.
@@ -314,7 +237,7 @@ async fn with_profiles_a_person_chooses_a_pool_starts_it_and_switches_in_a_real_
 
     // The status page names the profile and offers Switch, which gives the
     // pod back and shows the chooser again.
-    dana.goto(&format!("{}_router/status", demo.url)).await;
+    dana.goto(&demo.url("/_router/status")).await;
     dana.wait_for("document.querySelector('#profile')", Duration::from_secs(10))
         .await;
     assert_eq!(

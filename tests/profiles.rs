@@ -17,6 +17,27 @@ const ASSERTION: &str = "x-goog-iap-jwt-assertion";
 const COOKIE: &str = "session_router";
 const PROFILE_HEADER: &str = "x-session-router-profile";
 
+/// A router with [`three_pools`] on four stand-in pods, and the issuer of
+/// its users' tokens.
+struct Pools {
+    issuer: IapIssuer,
+    router: TestRouter,
+    _pods: Vec<DemoPod>,
+}
+
+impl Pools {
+    async fn start(shared_idle: &str) -> Pools {
+        let issuer = IapIssuer::start().await;
+        let pods = pods(4).await;
+        let router = three_pools(&issuer, &pods.iter().collect::<Vec<_>>(), shared_idle).await;
+        Pools {
+            issuer,
+            router,
+            _pods: pods,
+        }
+    }
+}
+
 /// Three profiles on stand-in pods: `sd15` (the default, `a` and `b`),
 /// `sdxl` (`c`, only for corp.example people) and `shared` (`d`, two users
 /// at once, idle after `shared_idle`).
@@ -120,10 +141,10 @@ async fn post_form(
     request.send().await.unwrap()
 }
 
-/// The profiles the chooser's JSON lists for `token`'s user.
-async fn listed(router: &TestRouter, token: &str) -> Value {
+/// The JSON `token`'s user gets from `path`.
+async fn json_of(router: &TestRouter, token: &str, path: &str) -> Value {
     client()
-        .get(router.url("/_router/profiles"))
+        .get(router.url(path))
         .header(ASSERTION, token)
         .send()
         .await
@@ -131,6 +152,11 @@ async fn listed(router: &TestRouter, token: &str) -> Value {
         .json()
         .await
         .unwrap()
+}
+
+/// The profiles the chooser's JSON lists for `token`'s user.
+async fn listed(router: &TestRouter, token: &str) -> Value {
+    json_of(router, token, "/_router/profiles").await
 }
 
 fn names(listing: &Value) -> Vec<String> {
@@ -160,9 +186,7 @@ async fn metrics(router: &TestRouter) -> String {
 
 #[tokio::test]
 async fn a_browser_of_a_user_with_several_profiles_is_sent_to_a_chooser_that_lists_only_theirs() {
-    let issuer = IapIssuer::start().await;
-    let pods = pods(4).await;
-    let router = three_pools(&issuer, &pods.iter().collect::<Vec<_>>(), "15m").await;
+    let Pools { issuer, router, _pods } = Pools::start("15m").await;
 
     let first = navigate(&router, &issuer.user("ann"), "/", None).await;
     assert_eq!(first.status(), 303, "no GPU is taken before the user chooses");
@@ -200,9 +224,7 @@ async fn a_browser_of_a_user_with_several_profiles_is_sent_to_a_chooser_that_lis
 
 #[tokio::test]
 async fn start_allocates_from_the_chosen_profile_and_the_cookie_keeps_the_user_there() {
-    let issuer = IapIssuer::start().await;
-    let pods = pods(4).await;
-    let router = three_pools(&issuer, &pods.iter().collect::<Vec<_>>(), "15m").await;
+    let Pools { issuer, router, _pods } = Pools::start("15m").await;
     let ann = issuer.user("ann");
 
     let started = post_form(
@@ -221,24 +243,14 @@ async fn start_allocates_from_the_chosen_profile_and_the_cookie_keeps_the_user_t
     let body: Value = page.json().await.unwrap();
     assert_eq!(body["pod"], "pod-4", "the shared profile's backend");
 
-    let status: Value = client()
-        .get(router.url("/_router/status"))
-        .header(ASSERTION, &ann)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status = json_of(&router, &ann, "/_router/status").await;
     assert_eq!(status["session"]["profile"], "shared");
     assert_eq!(listed(&router, &ann).await["current"], "shared");
 }
 
 #[tokio::test]
 async fn a_profile_the_user_may_not_use_or_that_does_not_exist_is_refused_with_403() {
-    let issuer = IapIssuer::start().await;
-    let pods = pods(4).await;
-    let router = three_pools(&issuer, &pods.iter().collect::<Vec<_>>(), "15m").await;
+    let Pools { issuer, router, _pods } = Pools::start("15m").await;
     let ann = issuer.user("ann");
 
     for profile in ["sdxl", "nope"] {
@@ -268,9 +280,7 @@ async fn a_profile_the_user_may_not_use_or_that_does_not_exist_is_refused_with_4
 
 #[tokio::test]
 async fn api_clients_get_the_default_profile_or_the_one_their_header_names_and_a_link_preselects() {
-    let issuer = IapIssuer::start().await;
-    let pods = pods(4).await;
-    let router = three_pools(&issuer, &pods.iter().collect::<Vec<_>>(), "15m").await;
+    let Pools { issuer, router, _pods } = Pools::start("15m").await;
 
     let (status, pod) = api_whoami(&router, &issuer.user("ann"), None).await;
     assert_eq!(status, 200);
@@ -289,9 +299,7 @@ async fn api_clients_get_the_default_profile_or_the_one_their_header_names_and_a
 
 #[tokio::test]
 async fn a_user_holds_one_backend_across_all_profiles() {
-    let issuer = IapIssuer::start().await;
-    let pods = pods(4).await;
-    let router = three_pools(&issuer, &pods.iter().collect::<Vec<_>>(), "15m").await;
+    let Pools { issuer, router, _pods } = Pools::start("15m").await;
     let ann = issuer.user("ann");
 
     let (_, first) = api_whoami(&router, &ann, Some("sd15")).await;
@@ -320,9 +328,7 @@ async fn a_user_holds_one_backend_across_all_profiles() {
 
 #[tokio::test]
 async fn switch_releases_the_gpu_and_leads_to_the_chooser() {
-    let issuer = IapIssuer::start().await;
-    let pods = pods(4).await;
-    let router = three_pools(&issuer, &pods.iter().collect::<Vec<_>>(), "15m").await;
+    let Pools { issuer, router, _pods } = Pools::start("15m").await;
     let ann = issuer.user("ann");
     let started = post_form(
         &router,
@@ -387,9 +393,7 @@ async fn switch_releases_the_gpu_and_leads_to_the_chooser() {
 
 #[tokio::test]
 async fn each_profile_has_its_own_line_capacity_and_metrics() {
-    let issuer = IapIssuer::start().await;
-    let pods = pods(4).await;
-    let router = three_pools(&issuer, &pods.iter().collect::<Vec<_>>(), "15m").await;
+    let Pools { issuer, router, _pods } = Pools::start("15m").await;
 
     assert_eq!(api_whoami(&router, &corp(&issuer, "cy"), Some("sdxl")).await.0, 200);
     let waiting = client()
@@ -429,15 +433,7 @@ async fn each_profile_has_its_own_line_capacity_and_metrics() {
         assert!(text.contains(line), "{line} in\n{text}");
     }
 
-    let admin: Value = client()
-        .get(router.url("/_router/admin"))
-        .header(ASSERTION, issuer.user("boss"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let admin = json_of(&router, &issuer.user("boss"), "/_router/admin").await;
     let pools = admin["profiles"].as_array().unwrap();
     assert_eq!(pools.len(), 3);
     assert_eq!(pools[1]["name"], "sdxl");
@@ -465,9 +461,7 @@ async fn each_profile_has_its_own_line_capacity_and_metrics() {
 
 #[tokio::test]
 async fn a_profiles_own_idle_timeout_releases_its_users_and_not_the_others() {
-    let issuer = IapIssuer::start().await;
-    let pods = pods(4).await;
-    let router = three_pools(&issuer, &pods.iter().collect::<Vec<_>>(), "1s").await;
+    let Pools { issuer, router, _pods } = Pools::start("1s").await;
     assert_eq!(api_whoami(&router, &issuer.user("ann"), Some("shared")).await.0, 200);
     assert_eq!(api_whoami(&router, &issuer.user("bob"), Some("sd15")).await.0, 200);
     assert!(

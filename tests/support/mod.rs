@@ -5,6 +5,7 @@
 
 pub mod api_pod;
 pub mod browser;
+pub mod demo_process;
 pub mod fake_agones;
 pub mod fake_endpoints;
 pub mod gpu_box;
