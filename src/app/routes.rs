@@ -405,14 +405,7 @@ pub async fn release(State(state): Shared, headers: HeaderMap) -> Result<Respons
     let identity = state.identify(&headers).await?;
     // Held here, or found through the backend system (served by another
     // replica): either way the cookie then says "released by you".
-    let session = match state.registry.get(&identity.sub) {
-        Some(session) => state
-            .registry
-            .release(&session, ReleaseReason::User)
-            .await?
-            .then_some(session),
-        None => state.registry.release_found(&identity, ReleaseReason::User).await?,
-    };
+    let session = state.registry.release_users(&identity, ReleaseReason::User).await?;
     let released = session.is_some();
     let mut response = if crate::util::wants_html(&headers) {
         pages::redirect("/_router/status")
@@ -548,14 +541,7 @@ pub async fn profiles(
 pub async fn switch(State(state): Shared, headers: HeaderMap) -> Result<Response, RouterError> {
     check_origin(&state, &headers)?;
     let identity = state.identify(&headers).await?;
-    let session = match state.registry.get(&identity.sub) {
-        Some(session) => state
-            .registry
-            .release(&session, ReleaseReason::User)
-            .await?
-            .then_some(session),
-        None => state.registry.release_found(&identity, ReleaseReason::User).await?,
-    };
+    let session = state.registry.release_users(&identity, ReleaseReason::User).await?;
     let mut response = if crate::util::wants_html(&headers) {
         pages::redirect(pages::PROFILES)
     } else {

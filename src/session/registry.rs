@@ -385,11 +385,25 @@ impl Registry {
         here.or_else(|| profile.allocator.released(identity, backend))
     }
 
+    /// Releases the user's backend, held here or (served by another
+    /// replica) found through the backend system. The released session, or
+    /// `None`: they hold none.
+    pub async fn release_users(
+        &self,
+        identity: &Identity,
+        reason: ReleaseReason,
+    ) -> Result<Option<Arc<Session>>, SessionError> {
+        match self.get(&identity.sub) {
+            Some(session) => Ok(self.release(&session, reason).await?.then_some(session)),
+            None => self.release_found(identity, reason).await,
+        }
+    }
+
     /// Releases the user's backend when no session here holds it (they
     /// were served through another replica): found through the backend
     /// system, released as [`Registry::release`] does. The released
     /// session, or `None`: they hold none.
-    pub async fn release_found(
+    async fn release_found(
         &self,
         identity: &Identity,
         reason: ReleaseReason,
