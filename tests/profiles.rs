@@ -168,6 +168,24 @@ fn names(listing: &Value) -> Vec<String> {
         .collect()
 }
 
+/// The Fleet size the router's autoscaler webhook answers for an empty
+/// `fleet`.
+async fn desired(router: &TestRouter, fleet: &str) -> i64 {
+    let addr = router.state.autoscaler_addr().unwrap();
+    let review = json!({"request": {"uid": "u-1", "name": fleet, "namespace": "default",
+        "status": {"replicas": 0, "readyReplicas": 0, "reservedReplicas": 0, "allocatedReplicas": 0}}});
+    let answer: Value = client()
+        .post(format!("http://{addr}/scale"))
+        .json(&review)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    answer["response"]["replicas"].as_i64().unwrap()
+}
+
 fn location(response: &reqwest::Response) -> String {
     response.headers()["location"].to_str().unwrap().to_string()
 }
@@ -324,6 +342,27 @@ async fn a_user_holds_one_backend_across_all_profiles() {
     let shared = router.state.registry.profiles().named("shared").unwrap();
     assert_eq!(shared.allocator.capacity().allocated, 0, "no second backend");
     assert_eq!(router.state.registry.len(), 1);
+
+    // Served through another replica (this one forgets her session), her
+    // cookie still pins her backend: Start naming another profile gives
+    // her that one, not a second.
+    let started = post_form(&router, &ann, "/_router/start", &[("profile", "sd15")], None).await;
+    let cookie = set_cookie(&started, COOKIE).unwrap();
+    let session = router.state.registry.get("accounts.google.com:ann").unwrap();
+    router.state.registry.forget(&session);
+    let again = post_form(
+        &router,
+        &ann,
+        "/_router/start",
+        &[("profile", "shared"), ("next", "/")],
+        Some(&cookie),
+    )
+    .await;
+    assert_eq!(again.status(), 303);
+    let held = router.state.registry.get("accounts.google.com:ann").unwrap();
+    assert_eq!(held.profile.name(), "sd15");
+    assert_eq!(held.lease, session.lease);
+    assert_eq!(shared.allocator.capacity().allocated, 0, "still no second backend");
 }
 
 #[tokio::test]
@@ -618,6 +657,12 @@ async fn a_second_replica_refinds_the_users_server_and_its_profile_from_the_labe
         "slow",
         "the chooser of replica b knows what ann holds through replica a"
     );
+    // Her browser without the cookie (another device) opens the WebUI on
+    // replica b: her own server, not the chooser (whose "open it" would
+    // lead back to the chooser).
+    let page = navigate(&b, &ann, "/whoami", None).await;
+    assert_eq!(page.status(), 200);
+    assert_eq!(page.json::<Value>().await.unwrap()["pod"], "pod-2");
     // No cookie, no header: the default profile would be `fast`, but ann
     // holds a server of `slow`, and a user holds one.
     assert_eq!(api_whoami(&b, &ann, None).await, (200, Some("pod-2".to_string())));
@@ -653,6 +698,21 @@ async fn multi_cluster_asks_the_allocator_service_to_place_the_user_by_its_polic
     assert_eq!(requests[0]["multiClusterSetting"], json!({"enabled": true}));
     assert_eq!(requests[0]["metadata"]["labels"]["session-router.dev/profile"], "fast");
     assert_eq!(requests[0]["gameServerSelectors"].as_array().unwrap().len(), 4);
+
+    // Placed in a cluster this router does not manage: refused, not served
+    // from an address nobody can confirm or release.
+    fake.add_ready_in("l4", "gs-remote", pods[0].addr);
+    fake.place_in_cluster("us-east1");
+    let refused = client()
+        .get(router.url("/whoami"))
+        .header(ASSERTION, issuer.user("bob"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 503);
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"], "backend_unavailable", "{body}");
+    assert!(router.state.registry.get("accounts.google.com:bob").is_none());
 }
 
 #[tokio::test]
@@ -669,26 +729,15 @@ async fn the_autoscaler_answers_each_fleet_with_its_own_profiles_line() {
         );
     }
     assert_eq!(api_whoami(&router, &issuer.user("cy"), Some("fast")).await.0, 503);
-    let addr = router.state.autoscaler_addr().unwrap();
-    let desired = |fleet: &'static str| async move {
-        let review = json!({"request": {"uid": "u-1", "name": fleet, "namespace": "default",
-            "status": {"replicas": 0, "readyReplicas": 0, "reservedReplicas": 0, "allocatedReplicas": 0}}});
-        let answer: Value = client()
-            .post(format!("http://{addr}/scale"))
-            .json(&review)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        answer["response"]["replicas"].as_i64().unwrap()
-    };
     // The default buffer is one spare server.
-    assert_eq!(desired("cpu").await, 3, "slow's two waiters + the buffer");
-    assert_eq!(desired("l4").await, 2, "fast's one waiter, on its first-choice fleet");
-    assert_eq!(desired("t4").await, 1, "a fallback fleet: the buffer only");
-    assert_eq!(desired("elsewhere").await, 1, "a fleet of no profile");
+    assert_eq!(desired(&router, "cpu").await, 3, "slow's two waiters + the buffer");
+    assert_eq!(
+        desired(&router, "l4").await,
+        2,
+        "fast's one waiter, on its first-choice fleet"
+    );
+    assert_eq!(desired(&router, "t4").await, 1, "a fallback fleet: the buffer only");
+    assert_eq!(desired(&router, "elsewhere").await, 1, "a fleet of no profile");
 }
 
 #[tokio::test]
@@ -732,4 +781,33 @@ upstreams = [{upstreams}]
         "active a moment ago: not presumed idle by replica b"
     );
     assert_eq!(there.json::<Value>().await.unwrap()["pod"], "pod-1");
+}
+
+#[tokio::test]
+async fn with_one_profile_of_two_fleets_the_autoscaler_counts_the_line_for_the_first_only() {
+    let issuer = IapIssuer::start().await;
+    let fake = FakeAgones::start().await;
+    let text = format!(
+        r#"{head}
+[session]
+retry_after = "2s"
+[backend]
+kind = "agones"
+[backend.agones]
+fleets = ["l4", "t4"]
+kube_api_url = "{api}"
+allocation_retry_window = "300ms"
+"#,
+        head = iap_head(&issuer, "autoscaler_listen = \"127.0.0.1:0\"", ""),
+        api = fake.url(),
+    );
+    let router = TestRouter::start(&text).await;
+    assert_eq!(api_whoami(&router, &issuer.user("ann"), None).await.0, 503);
+    assert_eq!(desired(&router, "l4").await, 2, "the waiter and the buffer");
+    assert_eq!(desired(&router, "t4").await, 1, "the fallback: the buffer only");
+    assert_eq!(
+        desired(&router, "other").await,
+        2,
+        "one profile: its line for any other Fleet, as before"
+    );
 }

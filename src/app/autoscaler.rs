@@ -187,14 +187,16 @@ async fn answer(state: &AppState, body: &[u8]) -> Result<Answer, ReviewError> {
 /// them. A router with one profile counts its line for any Fleet.
 async fn users_waiting(state: &AppState, namespace: &str, fleet: &str) -> usize {
     let profiles = state.registry.profiles();
-    let first_choice = profiles.iter().find(|p| {
+    let listing = profiles.iter().find(|p| {
         let agones = &p.config.backend.agones;
         p.config.backend.kind.is_agones()
-            && agones.fleet() == fleet
+            && agones.fleets.iter().any(|f| f == fleet)
             && (namespace.is_empty() || agones.namespace == namespace)
     });
-    let profile = match first_choice {
-        Some(profile) => profile,
+    let profile = match listing {
+        Some(profile) if profile.config.backend.agones.fleet() == fleet => profile,
+        // A fallback Fleet: its profile's line is its first choice's demand.
+        Some(_) => return 0,
         None if profiles.len() == 1 => profiles.default_profile(),
         None => return 0,
     };

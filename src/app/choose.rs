@@ -10,7 +10,7 @@ use http::{HeaderMap, Uri};
 
 use crate::auth::Identity;
 use crate::session::cookie::Pin;
-use crate::session::{Profile, Profiles, SessionError};
+use crate::session::{Claim, Profile, Profiles, SessionError};
 
 /// The header an API client names its profile with.
 pub const PROFILE_HEADER: &str = "x-session-router-profile";
@@ -28,17 +28,32 @@ pub fn named(headers: &HeaderMap, uri: &Uri) -> Option<String> {
     })
 }
 
-/// The profile to allocate from: `named` (one the user may use, or 403),
-/// else `last` (the user's previous one), else the only one they may use;
-/// with several to choose from a `browser` goes to the chooser (and then
-/// on to `next`), anyone else gets the default.
-pub fn profile_for(
+/// What a request for a new backend claims: a backend of `named` (one the
+/// user may use, or 403), else of `last` (the user's previous profile),
+/// else of the only one they may use; with several to choose from a
+/// `browser` is to choose (and then go on to `next`) unless they hold a
+/// backend already, anyone else gets the default.
+pub fn claim(
     profiles: &Profiles,
     identity: &Identity,
     named: Option<String>,
     last: Option<Arc<Profile>>,
     browser: bool,
     next: impl FnOnce() -> String,
+) -> Result<Claim, SessionError> {
+    if browser && named.is_none() && last.is_none() && profiles.for_user(identity).nth(1).is_some() {
+        return Ok(Claim::Choose { next: next() });
+    }
+    profile_for(profiles, identity, named, last).map(Claim::Allocate)
+}
+
+/// The profile to allocate from: `named` (one the user may use, or 403),
+/// else `last`, else the default (or the first the user may use).
+fn profile_for(
+    profiles: &Profiles,
+    identity: &Identity,
+    named: Option<String>,
+    last: Option<Arc<Profile>>,
 ) -> Result<Arc<Profile>, SessionError> {
     if let Some(name) = named {
         return profiles
@@ -48,9 +63,6 @@ pub fn profile_for(
     }
     if let Some(last) = last {
         return Ok(last);
-    }
-    if browser && profiles.for_user(identity).nth(1).is_some() {
-        return Err(SessionError::ChooseProfile { next: next() });
     }
     profiles
         .default_for(identity)

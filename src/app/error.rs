@@ -122,7 +122,10 @@ pub fn render(error: &RouterError, wants_html: bool, uri: &Uri, settings: &Error
         RouterError::Session(SessionError::Alloc(AllocError::Backend { .. } | AllocError::Conflict)) => {
             pages::backend_unavailable(wants_html, retry)
         }
-        RouterError::Session(SessionError::Waiting(place)) => pages::waiting(wants_html, retry, Some(*place)),
+        RouterError::Session(SessionError::Waiting(place, profile)) => {
+            let pool = profile.as_ref().map(|p| (p.name(), p.config.title.as_str()));
+            pages::waiting(wants_html, retry, Some(*place), pool)
+        }
         RouterError::Session(SessionError::Ended(notice)) => {
             let mut page = pages::session_ended(wants_html, Some(&notice.ended), uri);
             if let Some(cookie) = &notice.cookie {
@@ -136,7 +139,7 @@ pub fn render(error: &RouterError, wants_html: bool, uri: &Uri, settings: &Error
             wants_html,
             "This GPU profile does not exist, or is not one you may use.",
         ),
-        RouterError::Session(_) => pages::waiting(wants_html, retry, None),
+        RouterError::Session(_) => pages::waiting(wants_html, retry, None, None),
         RouterError::UriTooLong(_) | RouterError::Proxy(ProxyError::ClientBody { .. }) => {
             pages::client_error(error.status())
         }

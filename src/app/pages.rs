@@ -91,15 +91,24 @@ fn with_retry_after(mut response: Response, retry: Duration) -> Response {
 }
 
 /// 503 while no backend is free: never a 200, always a `Retry-After`.
-pub fn waiting(wants_html: bool, retry: Duration, place: Option<Place>) -> Response {
+/// `pool`: the profile (name, title) whose line the user is in, when they
+/// had a choice of several.
+pub fn waiting(wants_html: bool, retry: Duration, place: Option<Place>, pool: Option<(&str, &str)>) -> Response {
     let seconds = retry.as_secs().max(1);
     let response = if wants_html {
         let standing = place.map_or_else(String::new, |p| format!("<p><strong>{}</strong></p>", line_sentence(p)));
+        let pool_html = pool.map_or_else(String::new, |(name, title)| {
+            format!(
+                r#"<p id="pool" data-profile="{name}">In line for <strong>{title}</strong>. <a href="{PROFILES}">Choose another pool</a></p>"#,
+                name = escape(name),
+                title = escape(title),
+            )
+        });
         html(
             StatusCode::SERVICE_UNAVAILABLE,
             "Waiting for a free GPU",
             &format!(
-                "{standing}<p>All GPUs are in use right now. This page tries again every {seconds} seconds and \
+                "{standing}{pool_html}<p>All GPUs are in use right now. This page tries again every {seconds} seconds and \
                  opens your WebUI as soon as one is free; keep it open to keep your place.</p>\
                  <p class=\"muted\">GPUs are given back when their users have been idle for a while.</p>"
             ),
@@ -114,6 +123,9 @@ pub fn waiting(wants_html: bool, retry: Duration, place: Option<Place>) -> Respo
         if let Some(p) = place {
             body["position"] = json!(p.position);
             body["waiting"] = json!(p.waiting);
+        }
+        if let Some((name, _)) = pool {
+            body["profile"] = json!(name);
         }
         let mut response = (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
         response
@@ -397,6 +409,7 @@ mod tests {
                     position: 2,
                     waiting: 3,
                 }),
+                None,
             );
             assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
             assert_eq!(r.headers()[RETRY_AFTER], "7");

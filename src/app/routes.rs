@@ -151,8 +151,7 @@ fn claim<B>(
         let browser = Intent::of(request.method(), request.headers()) == Intent::Navigation;
         let next = || request.uri().path_and_query().map_or("/", |p| p.as_str()).to_string();
         let named = choose::named(headers, request.uri());
-        return choose::profile_for(state.registry.profiles(), identity, named, None, browser, next)
-            .map(Claim::Allocate);
+        return choose::claim(state.registry.profiles(), identity, named, None, browser, next);
     };
     if let Some(ended) = pin.ended {
         return Err(SessionError::Ended(Box::new(Notice { ended, cookie: None })));
@@ -258,18 +257,29 @@ pub async fn healthz() -> &'static str {
     "ok\n"
 }
 
-/// Ready once tokens can be verified and the backend can be asked. The
+/// Ready once tokens can be verified and a profile's backend can be asked. The
 /// body names the backends that do not answer (by their ids only): one
 /// dead box among several is news for the operator, not a reason to take
 /// this replica out of the load balancer.
 pub async fn readyz(State(state): Shared) -> Response {
     let profiles = state.registry.profiles();
-    let ready = state.auth.is_ready() && profiles.iter().all(|p| p.allocator.is_ready());
+    // One pool that cannot be asked (its API unreachable, its Service not
+    // listed yet) must not take the others' users out of the load
+    // balancer: ready while any profile is; the rest are named.
+    let unready: Vec<&str> = profiles
+        .iter()
+        .filter(|p| !p.allocator.is_ready())
+        .map(|p| p.name())
+        .collect();
+    let ready = state.auth.is_ready() && unready.len() < profiles.len();
     let (status, mut body) = if ready {
         (StatusCode::OK, "ready\n".to_string())
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".to_string())
     };
+    if ready && !unready.is_empty() {
+        body.push_str(&format!("profiles not ready: {}\n", unready.join(" ")));
+    }
     let down: Vec<Lease> = profiles.iter().flat_map(|p| p.allocator.down()).collect();
     if !down.is_empty() {
         let names: Vec<&str> = down.iter().map(|lease| &*lease.backend).collect();
@@ -453,25 +463,34 @@ pub async fn start(
     let wants_html = crate::util::wants_html(&headers);
     let now = SystemTime::now();
     let profiles = state.registry.profiles();
-    let last = state
+    let pinned = state
         .cookies
         .read(&headers, &identity.sub, now)
-        .and_then(|pin| choose::pinned(state.registry.profiles(), &identity, &pin));
-    let profile = choose::profile_for(profiles, &identity, named, last, wants_html, || next.clone())?;
-    let chosen = profile.clone();
-    let session = match state
-        .registry
-        .get_or_allocate(&identity, || Ok(Claim::Allocate(chosen)))
-        .await
-    {
+        .and_then(|pin| Some((choose::pinned(profiles, &identity, &pin)?, pin)));
+    // A backend the cookie says the user still holds is theirs, whatever
+    // they name: one backend a user. Else the profile named, or the one of
+    // their last backend.
+    let claim = match pinned {
+        Some((profile, pin)) if released(&state, &identity, &profile, &pin, now).is_none() => Claim::Adopt {
+            pin: pin.backend,
+            profile,
+            or_allocate: true,
+        },
+        Some((profile, _)) => choose::claim(profiles, &identity, named, Some(profile), wants_html, || next.clone())?,
+        None => choose::claim(profiles, &identity, named, None, wants_html, || next.clone())?,
+    };
+    // Where a browser whose start did not succeed goes: `next`, naming the
+    // profile it asked for when there is a choice, so its reloads ask again.
+    let retry = match (&claim, profiles.len() > 1) {
+        (Claim::Allocate(profile), true) => with_profile(&next, profile.name()),
+        (Claim::Adopt { profile, .. }, true) => with_profile(&next, profile.name()),
+        _ => next.clone(),
+    };
+    let session = match state.registry.get_or_allocate(&identity, || Ok(claim)).await {
         Ok(session) => session,
+        Err(e @ SessionError::ChooseProfile { .. }) => return Err(e.into()),
         Err(_) if wants_html => {
-            let next = if profiles.len() > 1 {
-                with_profile(&next, profile.name())
-            } else {
-                next
-            };
-            let mut response = pages::redirect(&next);
+            let mut response = pages::redirect(&retry);
             response.headers_mut().append(SET_COOKIE, state.cookies.clear());
             return Ok(response);
         }

@@ -1446,6 +1446,60 @@ name = "sd15"
     }
 
     #[test]
+    fn a_backend_fleet_or_service_belongs_to_one_profile() {
+        let text = format!(
+            r#"{DEV}
+[[profiles]]
+name = "a"
+[profiles.backend.static]
+upstreams = ["http://10.0.0.5:7860"]
+[[profiles]]
+name = "b"
+[profiles.backend]
+kind = "shared"
+[profiles.backend.shared]
+upstreams = ["http://10.0.0.5:7860/"]
+[[profiles]]
+name = "c"
+[profiles.backend]
+kind = "shared"
+[profiles.backend.shared]
+service = "sd15"
+namespace = "models"
+[[profiles]]
+name = "d"
+[profiles.backend]
+kind = "shared"
+[profiles.backend.shared]
+service = "sd15"
+namespace = "models"
+[[profiles]]
+name = "e"
+[profiles.backend]
+kind = "agones"
+[profiles.backend.agones]
+fleet = "webui"
+[[profiles]]
+name = "f"
+[profiles.backend]
+kind = "agones"
+[profiles.backend.agones]
+fleet = "webui"
+kube_api_url = "https://other-cluster:443"
+"#
+        );
+        let found = problems(&text, None);
+        assert_eq!(
+            found,
+            [
+                "profiles.b.backend.shared.upstreams: \"http://10.0.0.5:7860\" is already profile \"a\"'s: a backend serves one profile",
+                "profiles.d.backend.shared.service: \"sd15\" is already profile \"c\"'s: a Service's WebUIs serve one profile",
+            ],
+            "the same Fleet name in another cluster is another Fleet"
+        );
+    }
+
+    #[test]
     fn profiles_and_a_backend_section_do_not_go_together() {
         let text = format!(
             "{DEV}[backend.static]\nupstreams = [\"http://127.0.0.1:1\"]\n[[profiles]]\nname = \"a\"\n[profiles.backend.static]\nupstreams = [\"http://127.0.0.1:2\"]\n"

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use super::backend::{read_backend, BackendConfig};
+use super::backend::{read_backend, BackendConfig, BackendKind};
 use super::reader::Section;
 use super::{as_duration, Problem, SessionConfig};
 
@@ -108,6 +108,7 @@ pub(super) fn read_profiles(root: &mut Section<'_>, session: &SessionConfig, pro
         }
     }
     check_fleets_apart(&list, problems);
+    check_backends_apart(&list, problems);
     Profiles { list, listed }
 }
 
@@ -188,23 +189,86 @@ fn check_name(name: &str) -> Result<(), String> {
     }
 }
 
+/// What a profile claims as its own: `id` names it across profiles,
+/// `shown` is how a problem names it, `key` where the profile sets it.
+struct Claimed<'a> {
+    id: (String, String, String),
+    shown: String,
+    profile: &'a ProfileConfig,
+    key: &'static str,
+}
+
 /// A Fleet is one profile's: its servers, line and autoscaling answer
-/// belong to the profile that allocates from it.
+/// belong to the profile that allocates from it. (The same name in another
+/// cluster, another `kube_api_url`, is another Fleet.)
 fn check_fleets_apart(list: &[ProfileConfig], problems: &mut Vec<Problem>) {
-    let mut owners: Vec<(&str, &str, &str)> = Vec::new();
-    for profile in list.iter().filter(|p| p.backend.kind.is_agones()) {
+    let fleets = list.iter().filter(|p| p.backend.kind.is_agones()).flat_map(|profile| {
         let agones = &profile.backend.agones;
-        for fleet in &agones.fleets {
-            match owners
-                .iter()
-                .find(|(namespace, name, _)| *namespace == agones.namespace && name == fleet)
-            {
-                Some((_, _, owner)) => problems.push(Problem::new(
-                    &format!("profiles.{}.backend.agones.fleets", profile.name),
-                    format!("{fleet:?} is already profile {owner:?}'s: a Fleet serves one profile"),
-                )),
-                None => owners.push((&agones.namespace, fleet, &profile.name)),
-            }
+        let cluster = agones.kube_api_url.clone().unwrap_or_default();
+        agones.fleets.iter().map(move |fleet| Claimed {
+            id: (cluster.clone(), agones.namespace.clone(), fleet.clone()),
+            shown: fleet.clone(),
+            profile,
+            key: "backend.agones.fleets",
+        })
+    });
+    report_twice_claimed(fleets, "a Fleet serves one profile", problems);
+}
+
+/// A fixed backend, or a Service, is one profile's: in two, one WebUI
+/// would be counted twice (a "dedicated" box handed to two users at once,
+/// a shared one given twice its users).
+fn check_backends_apart(list: &[ProfileConfig], problems: &mut Vec<Problem>) {
+    let listed = list.iter().flat_map(|profile| {
+        let backend = &profile.backend;
+        let (key, upstreams) = match backend.kind {
+            BackendKind::Static => ("backend.static.upstreams", &backend.static_pool.upstreams[..]),
+            BackendKind::Shared => ("backend.shared.upstreams", &backend.shared.upstreams[..]),
+            _ => ("", &[][..]),
+        };
+        upstreams.iter().map(move |uri| Claimed {
+            id: (
+                uri.authority()
+                    .map_or_else(String::new, |a| a.as_str().to_ascii_lowercase()),
+                String::new(),
+                String::new(),
+            ),
+            shown: uri.to_string().trim_end_matches('/').to_string(),
+            profile,
+            key,
+        })
+    });
+    report_twice_claimed(listed, "a backend serves one profile", problems);
+    let services = list
+        .iter()
+        .filter(|p| p.backend.kind == BackendKind::Shared)
+        .filter_map(|profile| {
+            let shared = &profile.backend.shared;
+            let service = shared.service.clone()?;
+            Some(Claimed {
+                id: (
+                    shared.kube_api_url.clone().unwrap_or_default(),
+                    shared.namespace.clone().unwrap_or_default(),
+                    service.clone(),
+                ),
+                shown: service,
+                profile,
+                key: "backend.shared.service",
+            })
+        });
+    report_twice_claimed(services, "a Service's WebUIs serve one profile", problems);
+}
+
+/// A problem for each thing a second profile claims.
+fn report_twice_claimed<'a>(claimed: impl Iterator<Item = Claimed<'a>>, rule: &str, problems: &mut Vec<Problem>) {
+    let mut owners: Vec<((String, String, String), &str)> = Vec::new();
+    for item in claimed {
+        match owners.iter().find(|(id, _)| *id == item.id) {
+            Some((_, owner)) => problems.push(Problem::new(
+                &format!("profiles.{}.{}", item.profile.name, item.key),
+                format!("{:?} is already profile {owner:?}'s: {rule}", item.shown),
+            )),
+            None => owners.push((item.id, &item.profile.name)),
         }
     }
 }

@@ -39,6 +39,12 @@ pub enum Outcome {
     Error,
 }
 
+impl std::fmt::Debug for Profile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Profile").field(&self.config.name).finish()
+    }
+}
+
 impl Profile {
     pub fn new(
         config: ProfileConfig,

@@ -61,9 +61,10 @@ pub enum SessionError {
     /// The user's backend is being given back right now.
     #[error("session is being released")]
     Releasing,
-    /// No backend for the user now: they stand in the waiting line.
+    /// No backend for the user now: they stand in the waiting line (of
+    /// this profile, when the user had a choice of several).
     #[error("no backend free; number {} of {} in line", .0.position, .0.waiting)]
-    Waiting(Place),
+    Waiting(Place, Option<Arc<Profile>>),
     /// The backend the user's cookie names was released; nothing was
     /// allocated.
     #[error("session ended ({})", .0.ended.reason.as_str())]
@@ -96,6 +97,10 @@ pub enum Claim {
     /// Get the user a backend from this profile (the request shows they
     /// want one), unless they hold one already, in any profile.
     Allocate(Arc<Profile>),
+    /// The user wants a backend but has a choice of profiles to make: the
+    /// one they hold (through another replica), else
+    /// [`SessionError::ChooseProfile`] with `next`.
+    Choose { next: String },
 }
 
 pub struct Registry {
@@ -170,6 +175,7 @@ impl Registry {
             .get_or_try_init(|| async {
                 let user_id = telemetry::user_id(&identity.sub);
                 let email = telemetry::email(&identity.email);
+                let mut choose = None;
                 let (profile, adopted, pinned_since, may_allocate) = match claim()? {
                     Claim::Adopt {
                         pin,
@@ -184,6 +190,10 @@ impl Registry {
                         }
                     }
                     Claim::Allocate(profile) => (profile, None, None, true),
+                    Claim::Choose { next } => {
+                        choose = Some(next);
+                        (self.profiles.default_profile().clone(), None, None, false)
+                    }
                 };
                 let pinned = adopted.is_some();
                 // Their own server, held through another replica (in any
@@ -205,7 +215,9 @@ impl Registry {
                     }
                     // Only an intent allocates: an open tab's background
                     // request must not take a GPU back.
-                    None if !may_allocate => return Err(SessionError::NoSession),
+                    None if !may_allocate => {
+                        return Err(choose.map_or(SessionError::NoSession, |next| SessionError::ChooseProfile { next }))
+                    }
                     None => {
                         let lease = self.allocate(identity, &profile).await?;
                         tracing::info!(%user_id, %email, profile = profile.name(), backend = %lease.backend, upstream = %lease.upstream, "session allocated");
@@ -252,10 +264,10 @@ impl Registry {
 
     /// A new backend from `profile`, when its line lets the user try; when
     /// none is free the user takes (or keeps) their place in its line.
-    async fn allocate(&self, identity: &Identity, profile: &Profile) -> Result<Lease, SessionError> {
+    async fn allocate(&self, identity: &Identity, profile: &Arc<Profile>) -> Result<Lease, SessionError> {
         // Fair: nobody overtakes the line for a free backend.
         if let Admission::Wait(place) = profile.line.admit(identity, &*profile.allocator).await? {
-            return Err(SessionError::Waiting(place));
+            return Err(self.waiting(place, profile));
         }
         let started = Instant::now();
         let allocated = profile.allocator.allocate(identity).await;
@@ -268,9 +280,15 @@ impl Registry {
         self.metrics.allocations.with_label_values(&[outcome]).inc();
         profile.count_allocation(counted);
         match allocated {
-            Err(AllocError::NoCapacity) => Err(SessionError::Waiting(profile.line.join(identity).await?)),
+            Err(AllocError::NoCapacity) => Err(self.waiting(profile.line.join(identity).await?, profile)),
             other => Ok(other?),
         }
+    }
+
+    /// The user waits at `place` in `profile`'s line: named when there are
+    /// several lines to wait in.
+    fn waiting(&self, place: Place, profile: &Arc<Profile>) -> SessionError {
+        SessionError::Waiting(place, (self.profiles.len() > 1).then(|| profile.clone()))
     }
 
     /// The user's own backend, held through another replica: looked for in
@@ -551,10 +569,13 @@ mod tests {
             registry
                 .get_or_allocate(&user("b"), || Ok(Claim::Allocate(profile.clone())))
                 .await,
-            Err(SessionError::Waiting(Place {
-                position: 1,
-                waiting: 1
-            }))
+            Err(SessionError::Waiting(
+                Place {
+                    position: 1,
+                    waiting: 1
+                },
+                None
+            ))
         ));
         assert_eq!(registry.len(), 1);
         let a = registry.get("a").unwrap();

@@ -99,6 +99,9 @@ struct Inner {
     stall: Option<(String, Duration)>,
     /// The body of every allocation request (either API), in order.
     allocations: Vec<Value>,
+    /// The cluster the allocator service says it placed servers in
+    /// (`source`); unset: `local`.
+    placed_in: Option<String>,
 }
 
 struct World {
@@ -447,6 +450,12 @@ impl FakeAgones {
     /// handler holds it back for a minute, so the caller times out.
     pub fn lose_allocation_responses(&self, n: u32) {
         self.inner().lose_allocations = n;
+    }
+
+    /// From now on the allocator service answers that it placed servers
+    /// in cluster `name` (multi-cluster allocation), as its `source` says.
+    pub fn place_in_cluster(&self, name: &str) {
+        self.inner().placed_in = Some(name.to_string());
     }
 
     /// The body of every allocation request so far (either API), in order.
@@ -885,7 +894,7 @@ async fn service_allocation(State(world): State<Arc<World>>, body: Bytes) -> Res
                 "ports": gs["status"]["ports"],
                 "address": gs["status"]["address"],
                 "nodeName": gs["status"]["nodeName"],
-                "source": "local",
+                "source": world.inner.lock().unwrap().placed_in.clone().unwrap_or_else(|| "local".into()),
             });
             if let Some(addresses) = gs["status"].get("addresses") {
                 answer["addresses"] = addresses.clone();

@@ -623,6 +623,20 @@ impl Allocator for Agones {
         }
         let status = self.allocate_with_retries(user).await?;
         let name = status.game_server_name.clone();
+        if let Some(cluster) = status.remote_cluster() {
+            // multi_cluster: the policy placed the user in a cluster whose
+            // API this router does not reach, so it could neither confirm,
+            // watch nor release the server. Said loudly, never served.
+            tracing::error!(
+                user_id = %crate::telemetry::user_id(&user.sub),
+                gameserver = %name,
+                cluster,
+                "allocated in another cluster, which this router does not manage: the server stays Allocated there until released in that cluster; point the GameServerAllocationPolicy only at clusters whose routers serve these users"
+            );
+            return Err(backend_error(format!(
+                "GameServer {name} was placed in cluster {cluster:?}, which this router does not manage"
+            )));
+        }
         let gs = match self.cached(&name) {
             Some(gs) => (*gs).clone(),
             None => self

@@ -255,6 +255,18 @@ pub struct AllocationStatus {
     pub addresses: Vec<NodeAddress>,
     #[serde(default, deserialize_with = "nullable")]
     pub node_name: String,
+    /// The allocator service's cluster that placed it: `local`, or with
+    /// multi-cluster allocation another cluster's name. (Absent from the
+    /// Kubernetes API's answer: always this cluster.)
+    #[serde(default, deserialize_with = "nullable")]
+    pub source: String,
+}
+
+impl AllocationStatus {
+    /// The other cluster the server was placed in, if not this one.
+    pub fn remote_cluster(&self) -> Option<&str> {
+        Some(self.source.as_str()).filter(|source| !source.is_empty() && *source != "local")
+    }
 }
 
 impl kube::Resource for GameServerAllocation {
