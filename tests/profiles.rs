@@ -811,3 +811,35 @@ allocation_retry_window = "300ms"
         "one profile: its line for any other Fleet, as before"
     );
 }
+
+#[tokio::test]
+async fn a_profile_that_cannot_be_asked_keeps_the_others_in_service() {
+    let issuer = IapIssuer::start().await;
+    let pods = pods(1).await;
+    let text = format!(
+        r#"{head}
+[[profiles]]
+name = "boxes"
+[profiles.backend.static]
+upstreams = [{upstreams}]
+[[profiles]]
+name = "models"
+[profiles.backend]
+kind = "shared"
+[profiles.backend.shared]
+service = "sd15"
+namespace = "default"
+kube_api_url = "http://127.0.0.1:9"
+"#,
+        head = iap_head(&issuer, "", ""),
+        upstreams = upstream_list(&[&pods[0]]),
+    );
+    let router = TestRouter::start(&text).await;
+    let ready = client().get(router.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 200, "the boxes still serve");
+    assert_eq!(ready.text().await.unwrap(), "ready\nprofiles not ready: models\n");
+    assert_eq!(
+        api_whoami(&router, &issuer.user("ann"), Some("boxes")).await,
+        (200, Some("pod-1".to_string()))
+    );
+}
