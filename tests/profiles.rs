@@ -1,8 +1,9 @@
 //! Profiles: several GPU pools behind one front end, chosen by the user.
 //! Static and shared pools of stand-in pods for the choosing, the access
 //! rules, the per-profile lines and the one-backend-a-user rule; the fake
-//! Agones API for ordered fleets, the profile label a second replica
-//! re-finds, `multi_cluster` and the autoscaler answering per fleet.
+//! Agones API for ordered fleets, the profile label, the user's server and
+//! profile a second replica re-finds, `multi_cluster` and the autoscaler
+//! answering per fleet.
 
 mod support;
 
@@ -620,7 +621,7 @@ async fn ordered_fleets_are_one_allocation_whose_selectors_prefer_the_first_flee
 }
 
 #[tokio::test]
-async fn a_second_replica_refinds_the_users_server_and_its_profile_from_the_label() {
+async fn a_second_replica_refinds_the_users_server_and_its_profile() {
     let issuer = IapIssuer::start().await;
     let fake = FakeAgones::start().await;
     let pods = pods(2).await;
