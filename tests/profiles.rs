@@ -844,3 +844,34 @@ kube_api_url = "http://127.0.0.1:9"
         (200, Some("pod-1".to_string()))
     );
 }
+
+#[tokio::test]
+async fn a_user_waits_in_one_line_at_a_time() {
+    let Pools { issuer, router, _pods } = Pools::start("15m").await;
+    for name in ["ann", "bob"] {
+        assert_eq!(api_whoami(&router, &issuer.user(name), Some("shared")).await.0, 200);
+    }
+    assert_eq!(api_whoami(&router, &corp(&issuer, "cy"), Some("sdxl")).await.0, 200);
+    let dee = corp(&issuer, "dee");
+    assert_eq!(api_whoami(&router, &dee, Some("sdxl")).await.0, 503);
+    let waiting = |listing: &Value, name: &str| {
+        let profiles = listing["profiles"].as_array().unwrap();
+        profiles.iter().find(|p| p["name"] == name).unwrap()["waiting"].clone()
+    };
+    let before = listed(&router, &dee).await;
+    assert_eq!(
+        (waiting(&before, "sdxl"), waiting(&before, "shared")),
+        (json!(1), json!(0))
+    );
+
+    // Full too: she waits there now, and sdxl's line (its autoscaling
+    // demand) no longer counts her.
+    assert_eq!(api_whoami(&router, &dee, Some("shared")).await.0, 503);
+    let after = listed(&router, &dee).await;
+    assert_eq!(
+        (waiting(&after, "sdxl"), waiting(&after, "shared")),
+        (json!(0), json!(1))
+    );
+    let status = json_of(&router, &dee, "/_router/status").await;
+    assert_eq!(status["line"]["profile"], "shared");
+}

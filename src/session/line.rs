@@ -47,6 +47,15 @@ struct Waiter {
     last_asked: Instant,
 }
 
+/// Why a user leaves a line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Leaving {
+    /// They got a backend.
+    Served,
+    /// They wait in another profile's line now: one place a user.
+    Moved,
+}
+
 /// What the line says to a user without a backend.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Admission {
@@ -206,10 +215,11 @@ impl Line {
         })
     }
 
-    /// The user got a backend: they leave the line.
-    pub async fn leave(&self, user: &Identity) {
+    /// The user leaves the line: they got a backend, or wait in another
+    /// profile's line now.
+    pub async fn leave(&self, user: &Identity, why: Leaving) {
         let Some(shared) = &self.shared else {
-            return self.leave_here(&user.sub);
+            return self.leave_here(&user.sub, why);
         };
         let key = shared.line.key(user);
         if !locked(&shared.seen).remove(&key) {
@@ -218,7 +228,7 @@ impl Line {
         match shared.line.leave(&key).await {
             Ok(Some(joined)) => {
                 let waited = SystemTime::now().duration_since(joined).unwrap_or_default();
-                self.served(&user.sub, &user.email, waited);
+                self.left(&user.sub, &user.email, waited, why);
             }
             Ok(None) => {}
             Err(e) => tracing::warn!(error = %e, "cannot leave the waiting line; it lapses after queue_timeout"),
@@ -283,9 +293,16 @@ impl Line {
         Ok(order)
     }
 
-    fn served(&self, sub: &str, email: &str, waited: Duration) {
-        self.metrics.wait_seconds.observe(waited.as_secs_f64());
-        dequeued(Some((sub, email)), "", waited, "served");
+    /// Logs a user leaving; a wait that ended with a backend is measured.
+    fn left(&self, sub: &str, email: &str, waited: Duration, why: Leaving) {
+        let reason = match why {
+            Leaving::Served => {
+                self.metrics.wait_seconds.observe(waited.as_secs_f64());
+                "served"
+            }
+            Leaving::Moved => "moved",
+        };
+        dequeued(Some((sub, email)), "", waited, reason);
     }
 
     /// Whether the user may try to allocate now, with `free` backends free:
@@ -346,7 +363,7 @@ impl Line {
         })
     }
 
-    fn leave_here(&self, sub: &str) {
+    fn leave_here(&self, sub: &str, why: Leaving) {
         let mut waiters = locked(&self.waiters);
         let Some(index) = waiters.iter().position(|w| &*w.sub == sub) else {
             return;
@@ -354,7 +371,7 @@ impl Line {
         let waiter = waiters.remove(index);
         self.waiting.set(waiters.len() as i64);
         drop(waiters);
-        self.served(&waiter.sub, &waiter.email, waiter.joined.elapsed());
+        self.left(&waiter.sub, &waiter.email, waiter.joined.elapsed(), why);
     }
 
     fn len_here(&self) -> usize {
@@ -454,7 +471,7 @@ mod tests {
             },
             "asking again"
         );
-        line.leave_here(&a.sub);
+        line.leave_here(&a.sub, Leaving::Served);
         assert_eq!(
             line.place_here(&c.sub),
             Some(Place {

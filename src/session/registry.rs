@@ -19,7 +19,7 @@ use tokio::sync::OnceCell;
 use tokio::time::Instant;
 
 use super::ended::Notice;
-use super::line::{Admission, Place};
+use super::line::{Admission, Leaving, Place};
 use super::profile::{Outcome, Profile, Profiles};
 use super::Session;
 use crate::allocator::{AllocError, Lease, PinnedBackend};
@@ -247,7 +247,7 @@ impl Registry {
                 // Out of every line: they may have waited in another
                 // profile's before choosing this one.
                 for profile in self.profiles.iter() {
-                    profile.line.leave(identity).await;
+                    profile.line.leave(identity, Leaving::Served).await;
                 }
                 self.count_sessions();
                 Ok(session.clone())
@@ -267,7 +267,7 @@ impl Registry {
     async fn allocate(&self, identity: &Identity, profile: &Arc<Profile>) -> Result<Lease, SessionError> {
         // Fair: nobody overtakes the line for a free backend.
         if let Admission::Wait(place) = profile.line.admit(identity, &*profile.allocator).await? {
-            return Err(self.waiting(place, profile));
+            return Err(self.waiting(identity, place, profile).await);
         }
         let started = Instant::now();
         let allocated = profile.allocator.allocate(identity).await;
@@ -280,14 +280,22 @@ impl Registry {
         self.metrics.allocations.with_label_values(&[outcome]).inc();
         profile.count_allocation(counted);
         match allocated {
-            Err(AllocError::NoCapacity) => Err(self.waiting(profile.line.join(identity).await?, profile)),
+            Err(AllocError::NoCapacity) => {
+                let place = profile.line.join(identity).await?;
+                Err(self.waiting(identity, place, profile).await)
+            }
             other => Ok(other?),
         }
     }
 
     /// The user waits at `place` in `profile`'s line: named when there are
     /// several lines to wait in.
-    fn waiting(&self, place: Place, profile: &Arc<Profile>) -> SessionError {
+    async fn waiting(&self, identity: &Identity, place: Place, profile: &Arc<Profile>) -> SessionError {
+        // One place a user: out of any other profile's line (a tab still
+        // asking for the first choice takes its place there again).
+        for other in self.profiles.iter().filter(|p| !Arc::ptr_eq(p, profile)) {
+            other.line.leave(identity, Leaving::Moved).await;
+        }
         SessionError::Waiting(place, (self.profiles.len() > 1).then(|| profile.clone()))
     }
 
