@@ -116,7 +116,12 @@ fn serve(path: &std::path::Path, format_override: Option<LogFormat>) -> anyhow::
             .await
             .with_context(|| format!("cannot listen on {}", config.server.listen))?;
         let bound = listener.local_addr().context("cannot read the bound address")?;
-        tracing::info!(listen = %bound, auth = ?config.auth.mode, backend = ?config.backend.kind, "session-router listening");
+        let profiles: Vec<String> = config
+            .profiles
+            .iter()
+            .map(|p| format!("{}={}", p.name, p.backend.kind.label()))
+            .collect();
+        tracing::info!(listen = %bound, auth = ?config.auth.mode, backend = ?config.backend.kind, profiles = %profiles.join(" "), "session-router listening");
         session_router::run(listener, config, shutdown_signal()).await?;
         Ok(())
     })
