@@ -362,7 +362,11 @@ pub fn chooser(cards: &[Card], next: &str, current: Option<&str>) -> Response {
         ),
         None => String::new(),
     };
-    let body = format!("<p>Choose the GPU pool for your WebUI.</p>\n{cards_html}\n{switch}");
+    let body = if cards.is_empty() {
+        "<p>No GPU pool is open to your account. Ask the administrator for access.</p>".to_string()
+    } else {
+        format!("<p>Choose the GPU pool for your WebUI.</p>\n{cards_html}\n{switch}")
+    };
     html(StatusCode::OK, "Choose a GPU", &body, None)
 }
 
@@ -397,6 +401,36 @@ mod tests {
     #[test]
     fn html_is_escaped() {
         assert_eq!(escape("<a href=\"x\">&'"), "&lt;a href=&quot;x&quot;&gt;&amp;&#39;");
+    }
+
+    async fn body_of(response: Response) -> String {
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 20).await.unwrap();
+        String::from_utf8(bytes.to_vec()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_chooser_escapes_what_it_shows_and_says_so_when_no_pool_is_open() {
+        let card = Card {
+            name: "sdxl".into(),
+            title: "<b>SDXL</b>".into(),
+            description: "\"quoted\" & more".into(),
+            default: true,
+            backend: "agones",
+            free: 2,
+            waiting: 1,
+        };
+        let page = body_of(chooser(&[card], "/?a=\"><script>", None)).await;
+        assert!(
+            page.contains("&lt;b&gt;SDXL&lt;/b&gt;") && page.contains("&quot;quoted&quot; &amp; more"),
+            "{page}"
+        );
+        assert!(page.contains(r#"value="/?a=&quot;&gt;&lt;script&gt;""#), "{page}");
+        assert!(page.contains(r#"<span class="free">2</span> free now · <span class="waiting">1</span> waiting"#));
+        let none = body_of(chooser(&[], "/", None)).await;
+        assert!(
+            none.contains("No GPU pool is open to your account") && !none.contains("<form"),
+            "{none}"
+        );
     }
 
     #[test]
