@@ -155,6 +155,18 @@ async fn json_of(router: &TestRouter, token: &str, path: &str) -> Value {
         .unwrap()
 }
 
+/// A browser's Start of `profile`, going on to `next` (no cookie).
+async fn start(router: &TestRouter, token: &str, profile: &str, next: &str) -> reqwest::Response {
+    post_form(
+        router,
+        token,
+        "/_router/start",
+        &[("profile", profile), ("next", next)],
+        None,
+    )
+    .await
+}
+
 /// The profiles the chooser's JSON lists for `token`'s user.
 async fn listed(router: &TestRouter, token: &str) -> Value {
     json_of(router, token, "/_router/profiles").await
@@ -246,14 +258,7 @@ async fn start_allocates_from_the_chosen_profile_and_the_cookie_keeps_the_user_t
     let Pools { issuer, router, _pods } = Pools::start("15m").await;
     let ann = issuer.user("ann");
 
-    let started = post_form(
-        &router,
-        &ann,
-        "/_router/start",
-        &[("profile", "shared"), ("next", "/whoami")],
-        None,
-    )
-    .await;
+    let started = start(&router, &ann, "shared", "/whoami").await;
     assert_eq!(started.status(), 303);
     assert_eq!(location(&started), "/whoami");
     let cookie = set_cookie(&started, COOKIE).expect("the pin");
@@ -273,16 +278,9 @@ async fn a_profile_the_user_may_not_use_or_that_does_not_exist_is_refused_with_4
     let ann = issuer.user("ann");
 
     for profile in ["sdxl", "nope"] {
-        let start = post_form(
-            &router,
-            &ann,
-            "/_router/start",
-            &[("profile", profile), ("next", "/")],
-            None,
-        )
-        .await;
-        assert_eq!(start.status(), 403, "start {profile}");
-        let html = start.text().await.unwrap();
+        let refused = start(&router, &ann, profile, "/").await;
+        assert_eq!(refused.status(), 403, "start {profile}");
+        let html = refused.text().await.unwrap();
         assert!(html.contains("not one you may use"), "{html}");
         let link = navigate(&router, &ann, &format!("/?profile={profile}"), None).await;
         assert_eq!(link.status(), 403, "a link to {profile}");
@@ -370,14 +368,7 @@ async fn a_user_holds_one_backend_across_all_profiles() {
 async fn switch_releases_the_gpu_and_leads_to_the_chooser() {
     let Pools { issuer, router, _pods } = Pools::start("15m").await;
     let ann = issuer.user("ann");
-    let started = post_form(
-        &router,
-        &ann,
-        "/_router/start",
-        &[("profile", "sd15"), ("next", "/")],
-        None,
-    )
-    .await;
+    let started = start(&router, &ann, "sd15", "/").await;
     let cookie = set_cookie(&started, COOKIE).unwrap();
 
     let status = navigate(&router, &ann, "/_router/status", Some(&cookie))
@@ -410,14 +401,7 @@ async fn switch_releases_the_gpu_and_leads_to_the_chooser() {
         "/_router/profiles",
         "next time: the chooser, not the released page"
     );
-    let started = post_form(
-        &router,
-        &ann,
-        "/_router/start",
-        &[("profile", "shared"), ("next", "/")],
-        None,
-    )
-    .await;
+    let started = start(&router, &ann, "shared", "/").await;
     assert_eq!(started.status(), 303);
     assert_eq!(
         router
