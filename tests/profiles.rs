@@ -433,6 +433,14 @@ async fn each_profile_has_its_own_line_capacity_and_metrics() {
         (body["position"].clone(), body["waiting"].clone()),
         (json!(1), json!(1))
     );
+    assert_eq!(body["profile"], "sdxl", "the waiting answer names the line");
+    let page = navigate(&router, &corp(&issuer, "dee"), "/?profile=sdxl", None).await;
+    assert_eq!(page.status(), 503);
+    let html = page.text().await.unwrap();
+    assert!(
+        html.contains(r#"id="pool" data-profile="sdxl""#) && html.contains("In line for <strong>SDXL on L4</strong>"),
+        "the waiting page names the pool: {html}"
+    );
     // sdxl's line does not hold up sd15's free GPUs.
     assert_eq!(api_whoami(&router, &issuer.user("ann"), Some("sd15")).await.0, 200);
 
