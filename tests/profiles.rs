@@ -867,3 +867,38 @@ async fn a_user_waits_in_one_line_at_a_time() {
     let status = json_of(&router, &dee, "/_router/status").await;
     assert_eq!(status["line"]["profile"], "shared");
 }
+
+#[tokio::test]
+async fn a_user_allowed_one_profile_of_several_goes_straight_in() {
+    let issuer = IapIssuer::start().await;
+    let pods = pods(3).await;
+    let text = format!(
+        r#"{head}
+[[profiles]]
+name = "design"
+default = true
+allowed_domains = ["corp.example"]
+[profiles.backend.static]
+upstreams = [{design}]
+[[profiles]]
+name = "everyone"
+allowed_domains = ["example.com"]
+[profiles.backend.static]
+upstreams = [{everyone}]
+"#,
+        head = iap_head(&issuer, "", ""),
+        design = upstream_list(&[&pods[0]]),
+        everyone = upstream_list(&[&pods[1], &pods[2]]),
+    );
+    let router = TestRouter::start(&text).await;
+    let page = navigate(&router, &issuer.user("ann"), "/whoami", None).await;
+    assert_eq!(page.status(), 200, "no chooser for one choice");
+    assert_eq!(page.json::<Value>().await.unwrap()["pod"], "pod-2");
+    assert_eq!(
+        api_whoami(&router, &issuer.user("bob"), None).await,
+        (200, Some("pod-3".to_string())),
+        "an API client that may not use the default gets the profile it may use"
+    );
+    let status = json_of(&router, &issuer.user("ann"), "/_router/status").await;
+    assert_eq!(status["profiles"], 1);
+}
