@@ -317,7 +317,7 @@ fn read_shared(backend: &mut Section<'_>, kind: BackendKind, problems: &mut Vec<
 
 /// An RFC 1123 label as Kubernetes names Services and namespaces: at most
 /// 63 lower-case letters, digits and '-', neither first nor last a '-'.
-fn is_dns_label(name: &str) -> bool {
+pub(super) fn is_dns_label(name: &str) -> bool {
     name.len() <= 63
         && !name.starts_with('-')
         && !name.ends_with('-')

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use super::backend::{read_backend, BackendConfig, BackendKind};
+use super::backend::{is_dns_label, read_backend, BackendConfig, BackendKind};
 use super::reader::Section;
 use super::{as_duration, Problem, SessionConfig};
 
@@ -171,14 +171,7 @@ fn read_profile(
 }
 
 fn check_name(name: &str) -> Result<(), String> {
-    let slug = !name.is_empty()
-        && name.len() <= MAX_NAME_BYTES
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !name.starts_with('-')
-        && !name.ends_with('-');
-    if slug {
+    if name.len() <= MAX_NAME_BYTES && is_dns_label(name) {
         Ok(())
     } else if name.is_empty() {
         Err("required: the profile's slug, e.g. \"sdxl-l4\"".into())
