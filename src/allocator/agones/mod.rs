@@ -71,6 +71,8 @@ pub struct Agones {
     config: AgonesConfig,
     /// The profile this backend serves, written on each server it allocates.
     profile: String,
+    /// The profile's Fleets as a label selector (`agones.dev/fleet in (…)`).
+    fleets: String,
     gameservers: Api<GameServer>,
     transport: Transport,
     cache: Store<GameServer>,
@@ -168,15 +170,13 @@ impl Agones {
             _ => Transport::kubernetes(client, config),
         };
 
-        let (cache, view, watch) = watch::start(
-            gameservers.clone(),
-            fleets_selector(config),
-            config.api_timeout,
-            metrics.clone(),
-        );
+        let fleets = fleets_selector(config);
+        let (cache, view, watch) =
+            watch::start(gameservers.clone(), fleets.clone(), config.api_timeout, metrics.clone());
         Ok(Agones {
             config: config.clone(),
             profile: profile.to_string(),
+            fleets,
             gameservers,
             transport,
             line,
@@ -295,7 +295,7 @@ impl Agones {
     /// label values of two emails can coincide — are neither.
     async fn holdings(&self, email: &str) -> Result<Holdings, AllocError> {
         let label = label::user_label_value(email);
-        let selector = format!("{},{}={label}", fleets_selector(&self.config), self.config.user_label);
+        let selector = format!("{},{}={label}", self.fleets, self.config.user_label);
         let list = self
             .call(
                 "list",
@@ -685,12 +685,11 @@ impl Allocator for Agones {
     }
 
     async fn ready_now(&self) -> Result<usize, AllocError> {
-        let selector = fleets_selector(&self.config);
         let list = self
             .call(
                 "list",
                 "count the Ready GameServers",
-                self.gameservers.list(&ListParams::default().labels(&selector)),
+                self.gameservers.list(&ListParams::default().labels(&self.fleets)),
             )
             .await?;
         Ok(list.items.iter().filter(|gs| gs.state() == "Ready").count())
