@@ -255,9 +255,8 @@ pub struct AllocationStatus {
     pub addresses: Vec<NodeAddress>,
     #[serde(default, deserialize_with = "nullable")]
     pub node_name: String,
-    /// The allocator service's cluster that placed it: `local`, or with
-    /// multi-cluster allocation another cluster's name. (Absent from the
-    /// Kubernetes API's answer: always this cluster.)
+    /// The cluster that placed it: `local` (both APIs say so), or with
+    /// multi-cluster allocation another cluster's name.
     #[serde(default, deserialize_with = "nullable")]
     pub source: String,
 }
