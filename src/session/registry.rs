@@ -318,11 +318,20 @@ impl Registry {
     /// The profile of the backend the user holds, here or (as its backend
     /// system records it) through another replica.
     pub async fn held_profile(&self, identity: &Identity) -> Result<Option<Arc<Profile>>, AllocError> {
+        Ok(self.held(identity).await?.map(|session| session.profile.clone()))
+    }
+
+    /// The user's session here or, served through another replica, one for
+    /// the backend the backend system says they hold. `None`: they hold none.
+    async fn held(&self, identity: &Identity) -> Result<Option<Arc<Session>>, AllocError> {
         if let Some(session) = self.get(&identity.sub) {
-            return Ok(Some(session.profile.clone()));
+            return Ok(Some(session));
         }
-        let first = self.profiles.default_profile();
-        Ok(self.find_own(identity, first).await?.map(|(profile, _)| profile))
+        let Some((profile, lease)) = self.find_own(identity, self.profiles.default_profile()).await? else {
+            return Ok(None);
+        };
+        let since = profile.allocator.held_since(&lease).unwrap_or_else(SystemTime::now);
+        Ok(Some(Arc::new(Session::new(identity.clone(), profile, lease, since))))
     }
 
     /// Where the user waits, if in a line: the profile's, and their place.
@@ -419,26 +428,9 @@ impl Registry {
         identity: &Identity,
         reason: ReleaseReason,
     ) -> Result<Option<Arc<Session>>, SessionError> {
-        match self.get(&identity.sub) {
-            Some(session) => Ok(self.release(&session, reason).await?.then_some(session)),
-            None => self.release_found(identity, reason).await,
-        }
-    }
-
-    /// Releases the user's backend when no session here holds it (they
-    /// were served through another replica): found through the backend
-    /// system, released as [`Registry::release`] does. The released
-    /// session, or `None`: they hold none.
-    async fn release_found(
-        &self,
-        identity: &Identity,
-        reason: ReleaseReason,
-    ) -> Result<Option<Arc<Session>>, SessionError> {
-        let Some((profile, lease)) = self.find_own(identity, self.profiles.default_profile()).await? else {
+        let Some(session) = self.held(identity).await? else {
             return Ok(None);
         };
-        let since = profile.allocator.held_since(&lease).unwrap_or_else(SystemTime::now);
-        let session = Arc::new(Session::new(identity.clone(), profile, lease, since));
         Ok(self.release(&session, reason).await?.then_some(session))
     }
 
