@@ -763,18 +763,7 @@ async fn a_watch_that_cannot_resume_after_compaction_lists_again() {
     fake.allocate_directly("gs-1", "bob@example.com");
     fake.compact();
     fake.break_watches(false);
-    let seen = eventually(Duration::from_secs(10), || async {
-        router
-            .state
-            .registry
-            .profiles()
-            .default_profile()
-            .allocator
-            .capacity()
-            .allocated
-            == 1
-    })
-    .await;
+    let seen = eventually(Duration::from_secs(10), || async { router.capacity().allocated == 1 }).await;
     assert!(seen, "the view never caught up after a 410");
     drop(pods);
 }

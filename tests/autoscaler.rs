@@ -84,10 +84,7 @@ async fn with_nobody_waiting_the_fleet_is_sized_to_its_allocated_servers_plus_th
     let issuer = IapIssuer::start().await;
     let fake = FakeAgones::start().await;
     let router = webhook_router(&issuer, &fake, "buffer = 2").await;
-    assert_eq!(
-        router.state.registry.profiles().default_profile().line.waiting().await,
-        0
-    );
+    assert_eq!(router.waiting().await, 0);
     let response = decide(&router, review("u-1", 3, 2)).await;
     assert_eq!(response["replicas"], 4, "2 allocated + 2 spare: {response}");
     assert_eq!(response["scale"], true);
@@ -125,10 +122,7 @@ async fn a_waiting_user_makes_the_fleet_grow_and_then_gets_a_server() {
     })
     .await;
     assert!(served, "the waiting user never got the new server");
-    assert_eq!(
-        router.state.registry.profiles().default_profile().line.waiting().await,
-        0
-    );
+    assert_eq!(router.waiting().await, 0);
     let settled = decide(&router, review("u-2", 1, 1)).await;
     assert_eq!(
         (settled["scale"].as_bool(), settled["replicas"].as_u64()),
@@ -157,10 +151,7 @@ async fn each_user_on_the_waiting_page_adds_one_replica() {
     let router = webhook_router(&issuer, &fake, "buffer = 1").await;
     wait_for_a_server(&router, &issuer, "alice").await;
     wait_for_a_server(&router, &issuer, "bob").await;
-    assert_eq!(
-        router.state.registry.profiles().default_profile().line.waiting().await,
-        2
-    );
+    assert_eq!(router.waiting().await, 2);
 
     let response = decide(&router, review("u-1", 1, 0)).await;
     assert_eq!(response["replicas"], 3, "0 allocated + 2 waiting + 1 spare: {response}");

@@ -242,17 +242,7 @@ async fn the_same_user_through_another_replica_reaches_the_same_pod(cluster: &dy
     assert_eq!(pod_of(&a, &issuer.user("alice")).await, "pod-2");
     // b learns of a's allocations from its watch, a moment later; until
     // then, with no server Ready, it would send alice to the line.
-    let seen = eventually(Duration::from_secs(5), || async {
-        b.state
-            .registry
-            .profiles()
-            .default_profile()
-            .allocator
-            .capacity()
-            .allocated
-            == 2
-    })
-    .await;
+    let seen = eventually(Duration::from_secs(5), || async { b.capacity().allocated == 2 }).await;
     assert!(seen, "b's view never showed both servers allocated");
     assert_eq!(
         pod_of(&b, &issuer.user("alice")).await,
@@ -319,18 +309,7 @@ async fn a_server_added_while_the_router_runs_enters_its_view(cluster: &dyn Clus
     let pods = pods(1).await;
     let router = agones(&issuer, cluster).await;
     cluster.add_ready("gs-1", pods[0].addr).await;
-    let seen = eventually(Duration::from_secs(10), || async {
-        router
-            .state
-            .registry
-            .profiles()
-            .default_profile()
-            .allocator
-            .capacity()
-            .ready
-            == 1
-    })
-    .await;
+    let seen = eventually(Duration::from_secs(10), || async { router.capacity().ready == 1 }).await;
     assert!(seen, "the router's view never counted the new Ready server");
 }
 
@@ -499,18 +478,7 @@ async fn the_router_keeps_its_view_after_the_api_server_drops_its_connections(cl
     assert_eq!(pod_of(&router, &issuer.user("alice")).await, "pod-1");
     cluster.drop_connections().await;
     cluster.add_ready("gs-2", pods[1].addr).await;
-    let seen = eventually(Duration::from_secs(10), || async {
-        router
-            .state
-            .registry
-            .profiles()
-            .default_profile()
-            .allocator
-            .capacity()
-            .ready
-            == 1
-    })
-    .await;
+    let seen = eventually(Duration::from_secs(10), || async { router.capacity().ready == 1 }).await;
     assert!(seen, "the router's view never saw the server added after the cut");
     assert_eq!(pod_of(&router, &issuer.user("bob")).await, "pod-2");
 }
@@ -675,8 +643,7 @@ async fn the_head_of_the_line_gets_the_next_ready_server(cluster: &dyn Cluster) 
     assert_eq!(position(&b, &carol).await, (503, Some(2)));
     cluster.add_ready("gs-2", pods[1].addr).await;
     let seen = eventually(Duration::from_secs(10), || async {
-        a.state.registry.profiles().default_profile().allocator.capacity().ready == 1
-            && b.state.registry.profiles().default_profile().allocator.capacity().ready == 1
+        a.capacity().ready == 1 && b.capacity().ready == 1
     })
     .await;
     assert!(seen, "the replicas never saw the new server");

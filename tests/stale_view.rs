@@ -153,7 +153,7 @@ async fn a_replica_started_while_gameservers_are_stuck_starting_or_not_understoo
         metrics.contains(r#"session_router_kube_objects_skipped_total{kind="GameServer"} 1"#),
         "{metrics}"
     );
-    let capacity = router.state.registry.profiles().default_profile().allocator.capacity();
+    let capacity = router.capacity();
     assert_eq!((capacity.ready, capacity.allocated, capacity.total), (0, 1, 4));
 }
 
@@ -216,7 +216,7 @@ async fn a_released_server_that_lingers_behind_its_finalizer_is_nobodys() {
     let deletes = fake.calls().iter().filter(|c| c.starts_with("DELETE")).count();
     assert_eq!(deletes, 1, "{:?}", fake.calls());
     for replica in [&router, &other] {
-        let capacity = replica.state.registry.profiles().default_profile().allocator.capacity();
+        let capacity = replica.capacity();
         assert_eq!(
             (capacity.allocated, capacity.total),
             (1, 1),

@@ -132,18 +132,7 @@ async fn on_agones_the_first_in_line_take_the_free_servers_in_order() {
     release(&router, &bob).await;
     fake.add_ready("gs-3", pods[0].addr);
     fake.add_ready("gs-4", pods[1].addr);
-    let seen = eventually(Duration::from_secs(3), || async {
-        router
-            .state
-            .registry
-            .profiles()
-            .default_profile()
-            .allocator
-            .capacity()
-            .ready
-            == 2
-    })
-    .await;
+    let seen = eventually(Duration::from_secs(3), || async { router.capacity().ready == 2 }).await;
     assert!(seen, "the cache never saw the new servers");
     assert_eq!(
         position(&router, &erin).await,
@@ -183,14 +172,13 @@ async fn two_replicas_share_one_line_through_kubernetes_leases() {
         "Bob's place holds on the other replica"
     );
     assert_eq!(fake.line().len(), 3, "one Lease per waiter: {:?}", fake.line());
-    assert_eq!(b.state.registry.profiles().default_profile().line.waiting().await, 3);
+    assert_eq!(b.waiting().await, 3);
 
     // Alice's server goes back; the Fleet brings a fresh one.
     release(&a, &alice).await;
     fake.add_ready("gs-2", pods[1].addr);
     let ready = eventually(Duration::from_secs(3), || async {
-        a.state.registry.profiles().default_profile().allocator.capacity().ready == 1
-            && b.state.registry.profiles().default_profile().allocator.capacity().ready == 1
+        a.capacity().ready == 1 && b.capacity().ready == 1
     })
     .await;
     assert!(ready, "the caches never saw the new server");

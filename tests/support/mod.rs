@@ -89,6 +89,16 @@ upstreams = [{upstreams}]
         format!("http://{}{}", self.addr, path)
     }
 
+    /// The backends of the router's default (or only) profile.
+    pub fn capacity(&self) -> session_router::allocator::Capacity {
+        self.state.registry.profiles().default_profile().allocator.capacity()
+    }
+
+    /// How many wait in the default (or only) profile's line.
+    pub async fn waiting(&self) -> usize {
+        self.state.registry.profiles().default_profile().line.waiting().await
+    }
+
     pub fn ws_url(&self, path: &str) -> String {
         format!("ws://{}{}", self.addr, path)
     }
